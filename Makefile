@@ -1,0 +1,34 @@
+# Everything a fresh machine needs: `make run` (main job) and `make test` (test suite).
+# Both create .venv and install kd with its pinned dependencies on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kd-installed
+
+.PHONY: install run test test-all bench clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default (offline).
+run: $(STAMP)
+	$(VENV)/bin/kd run --task toy --plugin vanilla
+
+# The CI suite: everything except tests marked slow. pytest's exit code 5
+# ("no tests collected") fails the target like any other failure.
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks/ --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,14 @@
+"""kd: plug-in knowledge distillation for speech and text.
+
+The core defines the roles (:mod:`kdcore.interfaces`), the plugin hooks
+(:mod:`kdcore.hookspecs`), the registry (:mod:`kdcore.registry`), the typed
+config (:mod:`kdcore.config`), the engine (:mod:`kdcore.engine`), the
+objectives library (:mod:`kdcore.objectives`) and the fused path
+(:mod:`kdcore.fused`).
+"""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("kd")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,194 @@
+"""The ``kd`` command: run, list, eval, --version.
+
+User errors (unknown names, bad config values, malformed YAML, missing files)
+print one paragraph and exit with code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kdcore.errors import EXIT_USER_ERROR, KDUserError
+
+log = logging.getLogger("kd")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: same exit code, no traceback
+        self.print_usage(sys.stderr)
+        raise KDUserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from kdcore import __version__
+
+    parser = _Parser(prog="kd", description="Plug-in knowledge distillation for speech and text.")
+    parser.add_argument("--version", action="version", version=f"kd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="distil a student (or --dry-run to plan)")
+    run.add_argument("--task", help="registered task name (kd list)")
+    run.add_argument("--plugin", help="registered plugin (method) name (kd list)")
+    run.add_argument("--preset", help="a named preset of the task or plugin")
+    run.add_argument("--config", help="YAML file with config values")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config value, e.g. trainer.lr=3e-4 (repeatable)")
+    run.add_argument("--out", help="output directory (default runs/<task>-<plugin>-<time>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out (or the newest matching run)")
+    run.add_argument("--dry-run", action="store_true", help="build teacher, student and data, write plan.json, exit")
+    run.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="device (overrides the config)")
+
+    listing = commands.add_parser("list", help="show registered plugins, tasks, objectives, teachers, students")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    evaluate = commands.add_parser("eval", help="evaluate the saved student of a run again")
+    evaluate.add_argument("--run", required=True, help="the run directory (a kd run --out)")
+    evaluate.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _latest_run(task: str | None, plugin: str | None) -> Path:
+    runs = Path("runs")
+    pattern = f"{task or '*'}-{plugin or '*'}-*"
+    candidates = sorted((p for p in runs.glob(pattern) if (p / "config.yaml").exists()), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise KDUserError(f"--resume without --out found no run matching runs/{pattern}. Pass --out DIR of the run "
+                          f"to continue.")
+    return candidates[-1]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kdcore import runner
+    from kdcore.registry import Registry
+    from kdcore.resolve import resolve_run, resolve_saved_run
+
+    registry = Registry.discover()
+    _warn_failures(registry)
+    if args.resume:
+        out_dir = Path(args.out) if args.out else _latest_run(args.task, args.plugin)
+        if not (out_dir / "config.yaml").exists():
+            raise KDUserError(f"--resume: '{out_dir}' holds no kd run (no config.yaml). Start it without --resume.")
+        extra = list(args.sets)
+        if args.seed is not None or args.device is not None or args.preset or args.config:
+            raise KDUserError("--resume continues a run with its saved config.yaml; only --set may be combined with "
+                              "it (e.g. --set trainer.max_steps=2000), not --preset/--config/--seed/--device.")
+        resolved = resolve_saved_run(registry, out_dir, extra)
+        for flag, saved in (("task", resolved.config.task), ("plugin", resolved.config.plugin)):
+            given = getattr(args, flag)
+            if given and given != saved:
+                raise KDUserError(f"--resume: the run in '{out_dir}' has {flag} '{saved}', not '{given}'.")
+    else:
+        resolved = resolve_run(registry, task=args.task, plugin=args.plugin, preset=args.preset,
+                               config_file=args.config, sets=args.sets, seed=args.seed, device=args.device)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path(args.out) if args.out else Path("runs") / f"{resolved.config.task}-{resolved.config.plugin}-{stamp}"
+        if not args.dry_run and (out_dir / "checkpoints").exists():
+            raise KDUserError(f"'{out_dir}' already holds a run with checkpoints. Pass --resume to continue it, or "
+                              f"choose another --out.")
+    _ensure_writable(out_dir)
+    if args.dry_run:
+        summary = runner.plan(resolved, out_dir)
+        print(f"Plan for task '{summary['task']}' with plugin '{summary['plugin']}' on {summary['device']}:")
+        print(f"  teacher parameters: {summary['params']['teacher']:,}")
+        print(f"  student parameters: {summary['params']['student']:,} "
+              f"({summary['params']['student'] / max(1, summary['params']['teacher']):.1%} of the teacher)")
+        print(f"  data: {summary['data']}")
+        print(f"  objectives: {summary['objectives']}")
+        print(f"Wrote {out_dir / 'plan.json'} (dry run: nothing trained).")
+        return 0
+    metrics = runner.run(resolved, registry, out_dir, resume=args.resume)
+    print(f"Done in {metrics['train_seconds']:.1f} s. Test {metrics['metric']}: student "
+          f"{metrics['student'][metrics['metric']]:.4g}"
+          + (f", teacher {metrics['teacher'][metrics['metric']]:.4g}" if metrics["teacher"] else "")
+          + f". Results: {out_dir / 'metrics.json'}, {out_dir / 'report.md'}")
+    return 0
+
+
+def _ensure_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".kd-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise KDUserError(f"The output directory '{out_dir}' is not writable ({error.strerror or error}). "
+                          f"Choose another --out.") from None
+
+
+def _warn_failures(registry: "object") -> None:
+    for failure in getattr(registry, "failures", []):
+        log.warning("Plugin '%s' (%s) failed to load: %s. The other plugins keep working.",
+                    failure.name, failure.source, failure.error)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from kdcore.registry import KINDS, Registry
+
+    registry = Registry.discover()
+    if args.json:
+        data = {kind.section: [{"name": e.name, "description": e.description, "source": e.source}
+                               for e in sorted(registry.entries[key].values(), key=lambda e: e.name)]
+                for key, kind in KINDS.items()}
+        data["failures"] = [vars(f) for f in registry.failures]
+        print(json.dumps(data, indent=2))
+        return 0
+    for key, kind in KINDS.items():
+        entries = sorted(registry.entries[key].values(), key=lambda e: e.name)
+        print(f"{kind.section} ({len(entries)}):")
+        width = max((len(e.name) for e in entries), default=0)
+        for entry in entries:
+            print(f"  {entry.name.ljust(width)}  {entry.description}  [{entry.source}]")
+        print()
+    if registry.failures:
+        print("plugins that failed to load:")
+        for failure in registry.failures:
+            print(f"  {failure.name}  [{failure.source}]  {failure.error}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from kdcore import runner
+    from kdcore.io import atomic_write_json
+    from kdcore.registry import Registry
+    from kdcore.resolve import resolve_saved_run
+
+    run_dir = Path(args.run)
+    registry = Registry.discover()
+    resolved = resolve_saved_run(registry, run_dir, args.sets)
+    metrics = runner.evaluate_saved(resolved, run_dir)
+    atomic_write_json(run_dir / "eval.json", {"split": "test", "student": metrics})
+    for name, value in metrics.items():
+        print(f"{name}: {value:.6g}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kd`` console script; returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USER_ERROR
+        handler = {"run": _cmd_run, "list": _cmd_list, "eval": _cmd_eval}[args.command]
+        return handler(args)
+    except KDUserError as error:
+        print(f"kd: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,336 @@
+"""The one training engine every plugin uses.
+
+AdamW with warm-up and decay, gradient accumulation and clipping, mixed
+precision where the device supports it, seeded and resumable data order,
+evaluation in the loop with the best student kept, checkpoints, log.jsonl,
+and at the end metrics.json and report.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdcore.checkpoint import LoadedCheckpoint, load_latest_checkpoint, load_weights, restore_rng, save_checkpoint, save_weights
+from kdcore.config import TrainerConfig, dump_yaml_atomic
+from kdcore.errors import KDUserError
+from kdcore.interfaces import Batch, DataSplits, Model
+from kdcore.io import atomic_write_json, read_jsonl, rewrite_jsonl
+from kdcore.registry import Registry
+from kdcore.resolve import BuiltRun
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def lr_factor(step: int, config: TrainerConfig) -> float:
+    """Multiplier of the base learning rate after ``step`` optimiser steps."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    if config.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for full fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None  # CPU autocast is slower than fp32 for most small models; opt in with bf16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise KDUserError("trainer.precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU.")
+        return torch.float16
+    return torch.bfloat16
+
+
+@dataclass
+class RunContext:
+    """What lifecycle hooks see of a run."""
+
+    out_dir: Path
+    built: BuiltRun
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:
+        return self.built.resolved.config
+
+
+class EpochSampler:
+    """A seeded permutation per epoch; its position is part of the checkpoint."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        if size == 0:
+            raise KDUserError("The training set is empty: there is nothing to distil on. Check the task's data config.")
+        self.size = size
+        self.batch_size = min(batch_size, size)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def next_indices(self) -> list[int]:
+        if self.position + self.batch_size > self.size:  # drop the ragged tail: equal-sized steps
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation()
+        indices = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return indices
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()
+
+
+def evaluate_model(built: BuiltRun, model: Model, dataset: Sequence[Any], batch_size: int) -> dict[str, float]:
+    """The task's metrics for ``model``, without touching the training RNG streams."""
+    was_training = model.training
+    model.eval()
+    try:
+        devices = [built.device] if built.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            metrics = built.task.evaluate(model, dataset, built.device, batch_size)
+    finally:
+        model.train(was_training)
+    if built.task.metric not in metrics:
+        raise RuntimeError(f"task '{built.task.name}' did not report its metric '{built.task.metric}'")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+class Trainer:
+    """Trains ``built.method``'s student; owns the output directory layout."""
+
+    def __init__(self, built: BuiltRun, splits: DataSplits, out_dir: Path, registry: Registry) -> None:
+        self.built = built
+        self.splits = splits
+        self.out_dir = Path(out_dir)
+        self.registry = registry
+        self.config = built.resolved.config
+        self.trainer_config = self.config.trainer
+        self.context = RunContext(self.out_dir, built)
+        self.log_path = self.out_dir / "log.jsonl"
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.best_dir = self.out_dir / "best"
+        self.autocast = autocast_dtype(self.trainer_config.precision, built.device)
+
+    # ------------------------------------------------------------------ setup
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for parameter in self.built.method.trainable_modules().parameters():
+            if not parameter.requires_grad:
+                continue
+            # Biases and norm scales are 1-D; weight decay on them only hurts (standard AdamW practice).
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": self.trainer_config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.trainer_config.lr, betas=self.trainer_config.betas)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+            stream.flush()
+
+    def _batches(self, sampler: EpochSampler) -> Iterator[Batch]:
+        while True:
+            indices = sampler.next_indices()
+            items = [self.splits.train[i] for i in indices]
+            yield move_to_device(self.built.task.collate(items), self.built.device)
+
+    def _eval_batch_size(self) -> int:
+        return self.trainer_config.eval_batch_size or self.trainer_config.batch_size
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        config, trainer_config, built = self.config, self.trainer_config, self.built
+        student, method = built.student, built.method
+        optimizer = self._optimizer()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, trainer_config))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.autocast == torch.float16)
+        sampler = EpochSampler(len(self.splits.train), trainer_config.batch_size, config.seed)
+        state: dict[str, Any] = {"best_metric": None, "best_step": None, "train_seconds": 0.0,
+                                 "nonfinite_steps": 0, "consecutive_nonfinite": 0}
+        step = 0
+        checkpoint = load_latest_checkpoint(self.checkpoint_dir) if resume else None
+        if resume and checkpoint is None:
+            log.warning("No complete checkpoint in %s: starting from step 0.", self.checkpoint_dir)
+        if checkpoint is not None:
+            step = self._restore(checkpoint, optimizer, scheduler, scaler, sampler, state)
+        else:
+            seed_everything(config.seed)
+            self.log_path.unlink(missing_ok=True)
+        self.context.state = state
+        method.on_train_start(trainer_config.max_steps)
+        self.registry.hook.kd_on_train_start(context=self.context)
+
+        show = {"on": True, "off": False}.get(trainer_config.progress, sys.stderr.isatty())
+        progress = tqdm(total=trainer_config.max_steps, initial=step, disable=not show, unit="step",
+                        dynamic_ncols=True, desc=f"{config.task}/{config.plugin}")
+        batches = self._batches(sampler)
+        student.train()
+        started = time.perf_counter()
+        seconds_before = state["train_seconds"]
+        try:
+            while step < trainer_config.max_steps:
+                parts_sum: dict[str, float] = {}
+                loss_sum = 0.0
+                finite = True
+                for _ in range(trainer_config.grad_accum):
+                    batch = next(batches)
+                    with self._autocast():
+                        output = method.training_step(batch, step)
+                    loss = output.loss / trainer_config.grad_accum
+                    if not torch.isfinite(loss.detach()):
+                        finite = False
+                        break
+                    scaler.scale(loss).backward()
+                    loss_sum += float(loss.detach())
+                    for key, value in output.parts.items():
+                        parts_sum[key] = parts_sum.get(key, 0.0) + float(value) / trainer_config.grad_accum
+                if not finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    state["nonfinite_steps"] += 1
+                    state["consecutive_nonfinite"] += 1
+                    self._log({"type": "skip", "step": step, "reason": "non-finite loss"})
+                    log.warning("Step %d: non-finite loss, step skipped (%d in a row).", step,
+                                state["consecutive_nonfinite"])
+                    if state["consecutive_nonfinite"] >= trainer_config.max_nonfinite_steps:
+                        raise KDUserError(
+                            f"The loss was NaN or infinite for {state['consecutive_nonfinite']} consecutive steps "
+                            f"(trainer.max_nonfinite_steps = {trainer_config.max_nonfinite_steps}), stopping at step "
+                            f"{step}. The last checkpoint in {self.checkpoint_dir} is intact; lower trainer.lr, "
+                            f"check the data, or use trainer.precision fp32.")
+                    step += 1  # a skipped step still advances the schedule so resumed runs stay aligned
+                    scheduler.step()
+                    continue
+                state["consecutive_nonfinite"] = 0
+                scaler.unscale_(optimizer)
+                grad_norm = None
+                if trainer_config.clip_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        method.trainable_modules().parameters(), trainer_config.clip_norm))
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                logs = {"loss": loss_sum, **parts_sum}
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
+                if step % trainer_config.log_every == 0 or step == trainer_config.max_steps:
+                    record = {"type": "train", "step": step, "epoch": sampler.epoch, "lr": scheduler.get_last_lr()[0],
+                              **logs}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    self._log(record)
+                self.registry.hook.kd_on_step_end(context=self.context, step=step, logs=logs)
+                if step % trainer_config.eval_every == 0 or step == trainer_config.max_steps:
+                    self._evaluate_in_loop(step, state)
+                if step % trainer_config.checkpoint_every == 0 or step == trainer_config.max_steps:
+                    state["train_seconds"] = seconds_before + time.perf_counter() - started
+                    self._checkpoint(step, optimizer, scheduler, scaler, sampler, state)
+        except KeyboardInterrupt:
+            state["train_seconds"] = seconds_before + time.perf_counter() - started
+            path = self._checkpoint(step, optimizer, scheduler, scaler, sampler, state)
+            progress.close()
+            raise KDUserError(f"Interrupted at step {step}; checkpoint saved in {path}. "
+                              f"Continue with: kd run ... --out {self.out_dir} --resume") from None
+        finally:
+            progress.close()
+        state["train_seconds"] = seconds_before + time.perf_counter() - started
+        return state
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.autocast is None:
+            yield
+            return
+        with torch.autocast(device_type=self.built.device.type, dtype=self.autocast):
+            yield
+
+    def _evaluate_in_loop(self, step: int, state: dict[str, Any]) -> None:
+        metrics = evaluate_model(self.built, self.built.student, self.splits.valid, self._eval_batch_size())
+        self._log({"type": "eval", "step": step, "split": "valid", **metrics})
+        self.registry.hook.kd_on_evaluation_end(context=self.context, step=step, metrics=metrics)
+        value = metrics[self.built.task.metric]
+        best = state["best_metric"]
+        better = best is None or (value > best if self.built.task.greater_is_better else value < best)
+        if better:
+            state["best_metric"], state["best_step"] = value, step
+            self.best_dir.mkdir(parents=True, exist_ok=True)
+            save_weights(self.built.student, self.best_dir / "student.safetensors")
+            atomic_write_json(self.best_dir / "info.json", {"step": step, "metric": self.built.task.metric,
+                                                            "value": value})
+
+    def _checkpoint(self, step: int, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                    sampler: EpochSampler, state: dict[str, Any]) -> Path:
+        trainer_state = {"sampler": sampler.state(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), **state}
+        path = save_checkpoint(self.checkpoint_dir, step, self.built.student, optimizer, trainer_state,
+                               self.trainer_config.keep_checkpoints)
+        self.registry.hook.kd_on_checkpoint_saved(context=self.context, step=step, path=path)
+        return path
+
+    def _restore(self, checkpoint: LoadedCheckpoint, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                 sampler: EpochSampler, state: dict[str, Any]) -> int:
+        load_weights(self.built.student, checkpoint.path / "student.safetensors")
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        saved = checkpoint.trainer_state
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        sampler.restore(saved["sampler"])
+        for key in state:
+            state[key] = saved.get(key, state[key])
+        restore_rng(checkpoint.rng_tensors, saved["rng"])
+        # Entries written after the checkpoint belong to steps that will be redone.
+        rewrite_jsonl(self.log_path, [r for r in read_jsonl(self.log_path) if int(r.get("step", 0)) <= checkpoint.step])
+        log.info("Resumed from %s (step %d).", checkpoint.path, checkpoint.step)
+        return checkpoint.step
+
+
+def write_resolved_config(out_dir: Path, resolved_dict: dict[str, Any]) -> None:
+    dump_yaml_atomic(resolved_dict, out_dir / "config.yaml")

@@ -1,0 +1,266 @@
+"""The four roles of a distillation run, and the method that combines them.
+
+Data flows one way: a :class:`Task` yields batches, the :class:`Teacher` turns a
+batch into :class:`~kdcore.signals.Signals`, each :class:`Objective` turns
+teacher and student signals into a loss, and the engine steps the optimiser.
+A :class:`Method` (what ``kd run --plugin NAME`` names) decides how a batch
+becomes a loss: which signals to ask for, whether the student generates, etc.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from kdcore.signals import Signal, SignalRequest, Signals
+
+Batch = Mapping[str, Any]
+
+
+class EmptyConfig(BaseModel):
+    """Config of a component that takes no options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Model(nn.Module, abc.ABC):
+    """A network that answers :class:`SignalRequest`s (shared by teachers and students)."""
+
+    @abc.abstractmethod
+    def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        """Run the model on ``batch`` and return the requested signals."""
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (all of them, or only the trainable ones)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+class Teacher(Model):
+    """A frozen model: eval mode, no gradients, signals returned detached."""
+
+    def freeze(self) -> "Teacher":
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":  # noqa: ARG002 - a teacher never trains
+        return super().train(False)
+
+    @torch.no_grad()
+    def signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        """The requested signals for ``batch``, without autograd history."""
+        return self.forward_signals(batch, request).detached()
+
+
+class Student(Model):
+    """A trainable model. Its ``state_dict`` is what checkpoints store (safetensors)."""
+
+    def parameter_count_excluding(self) -> int:
+        """Parameters that count towards the deployed size (override to exclude e.g. training-only heads)."""
+        return self.num_parameters()
+
+
+@dataclass
+class BuildContext:
+    """What a teacher or student factory may use while building a model."""
+
+    task: "Task"
+    cache_dir: Path
+    device: torch.device
+    seed: int
+    teacher: Teacher | None = None  # set when building a student
+
+
+class ModelFactory(abc.ABC):
+    """Builds a teacher or a student from a typed config (registered by name)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = EmptyConfig
+
+    @abc.abstractmethod
+    def build(self, config: BaseModel, context: BuildContext) -> Model:
+        """Return the model; teachers are frozen by the caller."""
+
+
+@dataclass
+class ObjectiveOutput:
+    """A loss and the named parts to log (plain floats)."""
+
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(abc.ABC):
+    """Turns student and teacher signals (and the batch) into a loss.
+
+    Subclasses set ``name``, a pydantic ``Config`` and the signals they need.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = EmptyConfig
+
+    def __init__(self, config: BaseModel | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @abc.abstractmethod
+    def student_request(self) -> SignalRequest:
+        """Signals the objective needs from the student."""
+
+    @abc.abstractmethod
+    def teacher_request(self) -> SignalRequest:
+        """Signals the objective needs from the teacher."""
+
+    @abc.abstractmethod
+    def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
+        """The loss for one batch."""
+
+
+@dataclass
+class WeightedObjective:
+    """An objective with its label in the config and its weight."""
+
+    label: str
+    objective: Objective
+    weight: float
+
+
+def combine_objectives(
+    objectives: Sequence[WeightedObjective], student: Signals, teacher: Signals, batch: Batch
+) -> ObjectiveOutput:
+    """Weighted sum of the objectives; each unweighted loss is logged as ``<label>``."""
+    total: torch.Tensor | None = None
+    parts: dict[str, float] = {}
+    for item in objectives:
+        output = item.objective(student, teacher, batch)
+        parts[item.label] = float(output.loss.detach())
+        for key, value in output.parts.items():
+            parts[f"{item.label}/{key}"] = value
+        weighted = item.weight * output.loss
+        total = weighted if total is None else total + weighted
+    if total is None:
+        raise ValueError("a method needs at least one objective")
+    return ObjectiveOutput(total, parts)
+
+
+@dataclass
+class DataSplits:
+    """Train, validation and test datasets (anything indexable with ``len``)."""
+
+    train: Sequence[Any]
+    valid: Sequence[Any]
+    test: Sequence[Any]
+
+
+class Task(abc.ABC):
+    """Data, evaluation with named metrics, and default teacher/student presets.
+
+    ``defaults()`` and ``presets`` return run-config fragments (plain dicts) that
+    the config layering merges below the user's ``--preset``/``--config``/``--set``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    DataConfig: ClassVar[type[BaseModel]] = EmptyConfig
+    metric: ClassVar[str]  # the metric that selects the best checkpoint
+    greater_is_better: ClassVar[bool] = True
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, data_config: BaseModel, cache_dir: Path) -> None:
+        self.data_config = data_config
+        self.cache_dir = Path(cache_dir)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Run-config fragment with this task's default teacher, student and trainer."""
+        return {}
+
+    @abc.abstractmethod
+    def build_data(self, seed: int) -> DataSplits:
+        """Load or make the datasets (deterministic for a seed)."""
+
+    @abc.abstractmethod
+    def collate(self, items: Sequence[Any]) -> Batch:
+        """Turn dataset items into a batch of tensors."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: Model, dataset: Sequence[Any], device: torch.device, batch_size: int) -> dict[str, float]:
+        """Named metrics of ``model`` on ``dataset`` (must include ``self.metric``)."""
+
+
+@dataclass
+class StepOutput:
+    """Loss to back-propagate and parts to log for one micro-batch."""
+
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class Method(abc.ABC):
+    """A distillation algorithm: how a batch becomes a loss.
+
+    The default :meth:`training_step` is classic distillation: ask the teacher
+    and student for what the objectives need, then sum the weighted objectives.
+    Methods where the student generates (ImitKD) or predicts layers
+    (GenDistiller) override it.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = EmptyConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
+                 objectives: Sequence[WeightedObjective]) -> None:
+        self.config = config
+        self.task = task
+        self.teacher = teacher
+        self.student = student
+        self.objectives = list(objectives)
+        self.total_steps = 0
+
+    def on_train_start(self, total_steps: int) -> None:
+        """Called by the engine before the first step (schedules such as ImitKD's beta need T)."""
+        self.total_steps = total_steps
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Run-config fragment with this method's default objectives and options."""
+        return {}
+
+    def student_request(self) -> SignalRequest:
+        request = SignalRequest()
+        for item in self.objectives:
+            request = request | item.objective.student_request()
+        return request
+
+    def teacher_request(self) -> SignalRequest:
+        request = SignalRequest()
+        for item in self.objectives:
+            request = request | item.objective.teacher_request()
+        return request
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        """Loss for one micro-batch at optimiser step ``step`` (0-based)."""
+        teacher_signals = self.teacher.signals(batch, self.teacher_request())
+        student_signals = self.student.forward_signals(batch, self.student_request())
+        combined = combine_objectives(self.objectives, student_signals, teacher_signals, batch)
+        return StepOutput(combined.loss, combined.parts)
+
+    def trainable_modules(self) -> nn.Module:
+        """The module whose parameters the optimiser updates (the student by default)."""
+        return self.student
+
+
+__all__ = [
+    "Batch", "BuildContext", "DataSplits", "EmptyConfig", "Method", "Model", "ModelFactory", "Objective",
+    "ObjectiveOutput", "Signal", "SignalRequest", "Signals", "StepOutput", "Student", "Task", "Teacher",
+    "WeightedObjective", "combine_objectives",
+]

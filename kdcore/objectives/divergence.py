@@ -1,0 +1,385 @@
+"""Divergences between teacher and student output distributions: the one source of this math.
+
+Everything that compares two categorical distributions given by logits goes through
+:func:`divergence_chunk`, which returns, for a block of positions, the per-position loss
+*and* its gradient with respect to the (temperature-scaled) student logits, in closed form.
+:func:`divergence` (dense logits) and :func:`kdcore.fused.fused_linear_divergence` (logits
+produced chunk by chunk from hidden states) both call it, so the two can never disagree.
+
+Why closed-form gradients instead of autograd: the fused path must produce the gradient
+while the logits of a chunk exist and then drop them; autograd would keep every chunk's
+intermediate tensors alive until backward. The dense path uses the same code so that the
+math has one implementation (and it needs less memory than autograd's saved tensors).
+
+Conventions (see docs/objectives.md):
+
+* ``p_S = softmax(student_logits / T)``, ``p_T = softmax(teacher_logits / T)``.
+* The loss of a position is summed over the vocabulary; the result is the mean over the
+  positions whose label is not ``-100`` (all positions when no labels are given). When
+  no position counts, the loss is 0 (not NaN) and so is the gradient.
+* No temperature-squared factor is applied: multiply the objective's weight by ``T**2``
+  if you want Hinton et al.'s gradient scale.
+* Logits equal to ``-inf`` (a masked vocabulary) are allowed: they get probability 0 and
+  contribute 0 to the loss and to the gradient. Internally ``-inf`` is replaced by
+  ``-1e30`` so that ``0 * log 0`` and ``(-inf) - (-inf)`` never produce NaN. Where the
+  teacher puts mass on a token the student gives ``-inf``, forward KL is genuinely
+  infinite and is reported as a huge finite number (about ``1e30``).
+* Computation is in float32 whatever the input dtype (bf16/fp16 inputs are upcast chunk
+  by chunk); the returned loss is float32, gradients come back in the input dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from kdcore.errors import KDUserError
+from kdcore.signals import SparseLogits
+
+DivergenceKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+DIVERGENCE_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+IGNORE_INDEX = -100
+
+# Stand-in for log(0) / -inf logits: exp() of it is exactly 0 in float32, and differences
+# of two such values stay finite, so masked-vocabulary entries never create NaN.
+LOG_FLOOR = -1e30
+# Smallest normal float32: a mixture probability is clamped to it before log() so log M is finite.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+# --------------------------------------------------------------------------- workspace
+class Workspace:
+    """Reusable float32 ``(rows, vocab)`` scratch buffers for one chunked computation.
+
+    Allocating a fresh (rows x vocab) tensor per chunk costs page faults comparable to the
+    arithmetic itself on CPU (measured ~10x slower than writing into a reused buffer), so
+    every chunked loop allocates its buffers once and the chunk math writes into them.
+    """
+
+    def __init__(self, rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.rows, self.vocab, self.device, self.dtype = rows, vocab, device, dtype
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, n: int) -> Tensor:
+        """The buffer called ``name`` restricted to its first ``n`` rows (contents undefined)."""
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = torch.empty(self.rows, self.vocab, device=self.device, dtype=self.dtype)
+            self._buffers[name] = buffer
+        return buffer[:n]
+
+
+def _row_dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
+    """Row-wise dot product ``(a * b).sum(-1)`` using ``scratch`` for the product (no allocation)."""
+    return torch.mul(a, b, out=scratch).sum(-1)
+
+
+def _floored_log_softmax_(logits: Tensor) -> Tensor:
+    """In-place log-softmax over the last dim with -inf replaced by :data:`LOG_FLOOR` first."""
+    logits.clamp_(min=LOG_FLOOR)
+    return torch.log_softmax(logits, -1, out=logits)
+
+
+# --------------------------------------------------------------------------- per-chunk math
+@dataclass
+class ChunkResult:
+    """Per-position loss and gradients for one chunk of positions.
+
+    ``student_grad``/``teacher_grad`` are d loss_i / d (logits_i / T) for each row i
+    (unscaled by 1/T and by the number of positions); they may alias the input buffers.
+    """
+
+    loss: Tensor
+    student_grad: Tensor | None
+    teacher_grad: Tensor | None
+
+
+def _kl(p: Tensor, q: Tensor, need_p: bool, need_q: bool, ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """KL(P || Q) per row, with d/dp = P*(log P - log Q - KL) and d/dq = Q - P."""
+    n = p.shape[0]
+    log_p = _floored_log_softmax_(p)
+    log_q = _floored_log_softmax_(q)
+    prob_p = torch.exp(log_p, out=ws.get("prob_a", n))
+    log_ratio = log_p.sub_(log_q)
+    # an elementwise product may write over one of its operands, so log_ratio is its own scratch
+    # unless the p-gradient still needs it
+    loss = _row_dot(prob_p, log_ratio, ws.get("scratch", n) if need_p else log_ratio)
+    grad_q = log_q.exp_().sub_(prob_p) if need_q else None
+    grad_p = log_ratio.sub_(loss.unsqueeze(-1)).mul_(prob_p) if need_p else None
+    return loss, grad_p, grad_q
+
+
+def _skew_kl(p: Tensor, q: Tensor, alpha: float, need_p: bool, need_q: bool,
+             ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """KL(P || M) with M = alpha*P + (1-alpha)*Q, per row.
+
+    d/dp = P*(u - <P,u>) with u = log P - log M - alpha*P/M;
+    d/dq = (1-alpha)*(Q*sum(w) - w) with w = P*Q/M.
+    """
+    n = p.shape[0]
+    log_p = _floored_log_softmax_(p)
+    prob_q = _floored_log_softmax_(q).exp_()
+    prob_p = torch.exp(log_p, out=ws.get("prob_a", n))
+    mixture = torch.mul(prob_q, 1.0 - alpha, out=ws.get("mixture", n)).add_(prob_p, alpha=alpha).clamp_min_(_TINY)
+    grad_q = None
+    if need_q:
+        weight = torch.mul(prob_p, prob_q, out=ws.get("scratch", n)).div_(mixture)
+        grad_q = prob_q.mul_(weight.sum(-1, keepdim=True)).sub_(weight).mul_(1.0 - alpha)
+    p_over_m = torch.div(prob_p, mixture, out=ws.get("ratio", n)) if need_p else None
+    log_ratio = log_p.sub_(mixture.log_())
+    loss = _row_dot(prob_p, log_ratio, ws.get("scratch", n) if need_p else log_ratio)
+    grad_p = None
+    if need_p:
+        assert p_over_m is not None
+        u = log_ratio.sub_(p_over_m, alpha=alpha)
+        grad_p = u.sub_(_row_dot(prob_p, u, ws.get("scratch", n)).unsqueeze(-1)).mul_(prob_p)
+    return loss, grad_p, grad_q
+
+
+def _jsd(student: Tensor, teacher: Tensor, beta: float, need_s: bool, need_t: bool,
+         ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Generalized JSD of GKD: beta*KL(P_T||M) + (1-beta)*KL(P_S||M), M = beta*P_T + (1-beta)*P_S.
+
+    d/ds = (1-beta)*P_S*(a_S - KL(P_S||M)) with a_S = log P_S - log M (and symmetrically for t):
+    the terms from M's dependence on p_S cancel, leaving only this.
+    """
+    n = student.shape[0]
+    log_s = _floored_log_softmax_(student)
+    log_t = _floored_log_softmax_(teacher)
+    prob_s = torch.exp(log_s, out=ws.get("prob_a", n))
+    prob_t = torch.exp(log_t, out=ws.get("prob_b", n))
+    log_m = torch.mul(prob_s, 1.0 - beta, out=ws.get("mixture", n)).add_(prob_t, alpha=beta).clamp_min_(_TINY).log_()
+    a_s = log_s.sub_(log_m)
+    a_t = log_t.sub_(log_m)
+    kl_s = _row_dot(prob_s, a_s, log_m)  # log_m is no longer needed: reuse it as scratch
+    kl_t = _row_dot(prob_t, a_t, log_m)
+    loss = kl_t.mul(beta).add_(kl_s, alpha=1.0 - beta)
+    grad_s = a_s.sub_(kl_s.unsqueeze(-1)).mul_(prob_s).mul_(1.0 - beta) if need_s else None
+    grad_t = a_t.sub_(kl_t.unsqueeze(-1)).mul_(prob_t).mul_(beta) if need_t else None
+    return loss, grad_s, grad_t
+
+
+def _tvd(student: Tensor, teacher: Tensor, need_s: bool, need_t: bool,
+         ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """1/2 sum |P_T - P_S|; d/ds = P_S*(g - <P_S,g>) with g = sign(P_S - P_T)/2 (0 at ties, as autograd)."""
+    prob_s = _floored_log_softmax_(student).exp_()
+    prob_t = _floored_log_softmax_(teacher).exp_()
+    n = student.shape[0]
+    difference = torch.sub(prob_s, prob_t, out=ws.get("mixture", n))
+    loss = torch.linalg.vector_norm(difference, 1, dim=-1).mul_(0.5)
+    half_sign = difference.sign_().mul_(0.5)
+    grad_t = None
+    if need_t:
+        # g_T = -half_sign: P_T*(g_T - <P_T,g_T>) = -P_T*(half_sign - <P_T,half_sign>)
+        dot_t = _row_dot(prob_t, half_sign, ws.get("scratch", n))
+        grad_t = torch.sub(half_sign, dot_t.unsqueeze(-1), out=ws.get("ratio", n)).mul_(prob_t).neg_()
+    grad_s = None
+    if need_s:
+        dot_s = _row_dot(prob_s, half_sign, ws.get("scratch", n))
+        grad_s = half_sign.sub_(dot_s.unsqueeze(-1)).mul_(prob_s)
+    return loss, grad_s, grad_t
+
+
+def divergence_chunk(student: Tensor, teacher: Tensor, kind: str, *, beta: float = 0.5, skew: float = 0.1,
+                     student_grad: bool = True, teacher_grad: bool = False,
+                     workspace: Workspace | None = None) -> ChunkResult:
+    """Per-position divergence and its closed-form gradients for one chunk.
+
+    ``student`` and ``teacher`` are float32 ``(n, V)`` logits already divided by the
+    temperature; they are used as scratch space and overwritten. Every position counts
+    (the caller drops ignored positions first). Used by :func:`divergence` and by the
+    fused path, so both compute exactly the same thing.
+    """
+    if student.dtype != torch.float32 or teacher.dtype != torch.float32:
+        raise TypeError("divergence_chunk expects float32 scratch tensors")
+    ws = workspace or Workspace(student.shape[0], student.shape[1], student.device)
+    if kind == "forward_kl":
+        loss, grad_t, grad_s = _kl(teacher, student, teacher_grad, student_grad, ws)
+    elif kind == "reverse_kl":
+        loss, grad_s, grad_t = _kl(student, teacher, student_grad, teacher_grad, ws)
+    elif kind == "jsd":
+        loss, grad_s, grad_t = _jsd(student, teacher, beta, student_grad, teacher_grad, ws)
+    elif kind == "skew_forward_kl":
+        loss, grad_t, grad_s = _skew_kl(teacher, student, skew, teacher_grad, student_grad, ws)
+    elif kind == "skew_reverse_kl":
+        loss, grad_s, grad_t = _skew_kl(student, teacher, skew, student_grad, teacher_grad, ws)
+    elif kind == "tvd":
+        loss, grad_s, grad_t = _tvd(student, teacher, student_grad, teacher_grad, ws)
+    else:
+        raise ValueError(check_kind_message(kind))
+    return ChunkResult(loss, grad_s, grad_t)
+
+
+# --------------------------------------------------------------------------- argument checks
+def check_kind_message(kind: object) -> str:
+    return f"unknown divergence kind {kind!r}; expected one of {', '.join(DIVERGENCE_KINDS)}"
+
+
+def check_divergence_args(kind: str, beta: float, skew: float, temperature: float) -> None:
+    """Raise ``ValueError`` for an unknown kind or an out-of-range parameter."""
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(check_kind_message(kind))
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1), got {skew}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
+def sparse_teacher_logits(teacher: SparseLogits, kind: str) -> Tensor:
+    """Dense teacher logits from top-k values: renormalised over the top-k support.
+
+    Tokens outside the support get probability 0 (logit -inf). Reverse KL is infinite
+    as soon as the student gives any mass outside the support, so it is refused.
+    """
+    if kind == "reverse_kl":
+        raise KDUserError(
+            "The objective kind 'reverse_kl' cannot use sparse (top-k, e.g. cached) teacher logits: the teacher "
+            "gives probability 0 outside its top-k tokens, so KL(p_S || p_T) is infinite. Use 'skew_reverse_kl' "
+            "(finite for skew > 0), 'jsd' or 'forward_kl' with a cached teacher, or run the teacher live.")
+    return teacher.to_dense(float("-inf"))
+
+
+def valid_positions(labels: Tensor | None, leading_shape: torch.Size, device: torch.device) -> Tensor | None:
+    """Flat indices of positions whose label is not -100, or None when every position counts."""
+    if labels is None:
+        return None
+    if tuple(labels.shape) != tuple(leading_shape):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits' positions are {tuple(leading_shape)}")
+    keep = labels.reshape(-1).to(device) != IGNORE_INDEX
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(-1)
+
+
+def auto_chunk_rows(vocab: int, n_rows: int, device: torch.device, buffers: int = 6) -> int:
+    """Rows per chunk so that ``buffers`` float32 ``(rows, vocab)`` scratch tensors fit a memory budget.
+
+    CPU: 256 MiB in all (bigger chunks do not make the matmuls faster there, and peak memory
+    is the point), at most 1/8 of available RAM. CUDA: a quarter of free device memory, at
+    most 4 GiB, since larger matmuls do use the GPU better. Rounded down to a multiple of 16.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 4, 4 << 30)
+    else:
+        try:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        except Exception:  # psutil is a dependency, but a chunk size must never be the reason to fail
+            available = 8 << 30
+        budget = min(256 << 20, available // 8)
+    rows = max(16, int(budget // (buffers * vocab * 4)) // 16 * 16)
+    return max(1, min(rows, n_rows))
+
+
+# --------------------------------------------------------------------------- dense divergence
+def _chunk_indices(valid: Tensor | None, n_rows: int, chunk: int):
+    """Yield (slice or index tensor, count) over the rows that count, ``chunk`` at a time."""
+    if valid is None:
+        for start in range(0, n_rows, chunk):
+            stop = min(start + chunk, n_rows)
+            yield slice(start, stop), stop - start
+    else:
+        for start in range(0, valid.numel(), chunk):
+            index = valid[start:start + chunk]
+            yield index, index.numel()
+
+
+def _take_rows(flat: Tensor, rows: slice | Tensor) -> Tensor:
+    return flat[rows] if isinstance(rows, slice) else flat.index_select(0, rows)
+
+
+def _put_rows(flat: Tensor, rows: slice | Tensor, values: Tensor) -> None:
+    if isinstance(rows, slice):
+        flat[rows].copy_(values)
+    else:
+        flat.index_copy_(0, rows, values.to(flat.dtype))
+
+
+class _DenseDivergence(torch.autograd.Function):
+    """Dense-logits divergence whose gradient is computed in forward by :func:`divergence_chunk`."""
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, kind: str,  # type: ignore[override]
+                beta: float, skew: float, temperature: float, chunk_size: int | None) -> Tensor:
+        vocab = student_logits.shape[-1]
+        student_flat = student_logits.reshape(-1, vocab)
+        teacher_flat = teacher_logits.reshape(-1, vocab)
+        n_rows = student_flat.shape[0]
+        valid = valid_positions(labels, student_logits.shape[:-1], student_logits.device)
+        n_valid = n_rows if valid is None else valid.numel()
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float64, device=student_logits.device)
+        grad_s_flat = grad_t_flat = None
+        if n_valid:
+            chunk = chunk_size or auto_chunk_rows(vocab, n_valid, student_logits.device)
+            ws = Workspace(min(chunk, n_valid), vocab, student_logits.device)
+            # d loss / d logits = d loss_row / d (logits/T) * 1/T, averaged over the positions that count
+            scale = 1.0 / (temperature * n_valid)
+            new_grad = torch.empty if valid is None else torch.zeros
+            if need_s:
+                grad_s_flat = new_grad(student_flat.shape, dtype=student_logits.dtype, device=student_logits.device)
+            if need_t:
+                grad_t_flat = new_grad(teacher_flat.shape, dtype=teacher_logits.dtype, device=teacher_logits.device)
+            for rows, n in _chunk_indices(valid, n_rows, chunk):
+                student = ws.get("student", n).copy_(_take_rows(student_flat, rows))
+                teacher = ws.get("teacher", n).copy_(_take_rows(teacher_flat, rows))
+                if temperature != 1.0:
+                    student.mul_(1.0 / temperature)
+                    teacher.mul_(1.0 / temperature)
+                result = divergence_chunk(student, teacher, kind, beta=beta, skew=skew, student_grad=need_s,
+                                          teacher_grad=need_t, workspace=ws)
+                total += result.loss.sum(dtype=torch.float64)
+                if grad_s_flat is not None and result.student_grad is not None:
+                    _put_rows(grad_s_flat, rows, result.student_grad.mul_(scale))
+                if grad_t_flat is not None and result.teacher_grad is not None:
+                    _put_rows(grad_t_flat, rows, result.teacher_grad.mul_(scale))
+        elif need_s or need_t:
+            grad_s_flat = torch.zeros_like(student_flat) if need_s else None
+            grad_t_flat = torch.zeros_like(teacher_flat) if need_t else None
+        ctx.save_for_backward(
+            grad_s_flat.view(student_logits.shape) if grad_s_flat is not None else None,
+            grad_t_flat.view(teacher_logits.shape) if grad_t_flat is not None else None,
+        )
+        return (total / max(n_valid, 1)).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        grad_s, grad_t = ctx.saved_tensors
+        out_s = grad_s * grad_output.to(grad_s.dtype) if grad_s is not None else None
+        out_t = grad_t * grad_output.to(grad_t.dtype) if grad_t is not None else None
+        return out_s, out_t, None, None, None, None, None, None
+
+
+def divergence(student_logits: Tensor, teacher_logits: Tensor | SparseLogits, kind: str, *, beta: float = 0.5,
+               skew: float = 0.1, temperature: float = 1.0, labels: Tensor | None = None,
+               chunk_size: int | None = None) -> Tensor:
+    """Divergence between teacher and student distributions, averaged over counted positions.
+
+    Args:
+        student_logits: ``(..., V)`` logits (any float dtype; computed in float32).
+        teacher_logits: ``(..., V)`` logits, or :class:`~kdcore.signals.SparseLogits` (top-k
+            values and ids) which are renormalised over their top-k support.
+        kind: one of :data:`DIVERGENCE_KINDS` (see the module docstring and docs/objectives.md).
+        beta: JSD interpolation weight; ``M = beta*p_T + (1-beta)*p_S``.
+        skew: alpha of the skew KLs.
+        temperature: both logits are divided by it.
+        labels: ``logits.shape[:-1]`` integers; positions equal to -100 are ignored.
+        chunk_size: positions per chunk (memory), automatic when None.
+
+    Returns:
+        A float32 scalar. Gradients flow to both logits (to the teacher's only if it requires grad).
+    """
+    check_divergence_args(kind, beta, skew, temperature)
+    if isinstance(teacher_logits, SparseLogits):
+        teacher_logits = sparse_teacher_logits(teacher_logits, kind).to(student_logits.device)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (same vocabulary)")
+    return _DenseDivergence.apply(student_logits, teacher_logits, labels, kind, beta, skew, temperature, chunk_size)

@@ -1,0 +1,391 @@
+"""Registered objectives (``objectives: {label: {name: ..., weight: ..., args: {...}}}`` in a run config).
+
+Each class is a thin adapter from :class:`~kdcore.signals.Signals` to one function of the
+objectives library; the math lives in :mod:`kdcore.objectives.divergence`,
+:mod:`kdcore.objectives.hidden`, :mod:`kdcore.objectives.uld`, :mod:`kdcore.objectives.nll`
+and :mod:`kdcore.fused`. Formulas, use cases and config keys: docs/objectives.md.
+
+Contract with models:
+
+* logit objectives read ``student.logits`` (dense ``(..., V)``) and ``teacher.logits``
+  (dense or :class:`~kdcore.signals.SparseLogits`) and ``batch.get("labels")``
+  (``logits.shape[:-1]``, -100 ignored; absent: every position counts). With ``fused``
+  not false they also request ``Signal.FINAL_HIDDEN`` and, when both models return
+  ``final_hidden`` + ``output_weight`` (+ ``output_bias``), use
+  :func:`~kdcore.fused.fused_linear_divergence`; otherwise they fall back to the logits.
+  If a model answered FINAL_HIDDEN but left ``logits`` empty, the logits are computed
+  from the final hidden state and the projection.
+* hidden-state objectives read ``student.hidden_states`` and ``teacher.hidden_states``
+  (tuples of ``(B, T, D)``) and use ``batch["attention_mask"]`` as the position mask when
+  its shape is ``(B, T)``.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from kdcore.errors import KDUserError
+from kdcore.fused import fused_linear_divergence
+from kdcore.interfaces import Batch, Objective, ObjectiveOutput
+from kdcore.objectives.divergence import IGNORE_INDEX, divergence
+from kdcore.objectives.hidden import hidden_state_positions, masked_mean
+from kdcore.objectives.nll import token_nll
+from kdcore.objectives.uld import uld_loss
+from kdcore.signals import Signal, SignalRequest, Signals, SparseLogits
+
+# Below this vocabulary size full logits are small and the plain path is as fast: "auto" stays dense.
+FUSED_AUTO_MIN_VOCAB = 8192
+
+
+# --------------------------------------------------------------------------- configs
+class _LogitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, gt=0, description="both logits are divided by it")
+    fused: bool | Literal["auto"] = Field(
+        "auto", description="true: fused projection+divergence when the models expose final hidden states; "
+                            "auto: the same, for vocabularies >= 8192; false: always dense logits")
+    chunk_size: int | None = Field(None, ge=1, description="positions per chunk (memory); automatic when unset")
+
+
+class KLConfig(_LogitConfig):
+    """Config of forward KL, reverse KL and TVD."""
+
+
+class JSDConfig(_LogitConfig):
+    """Config of the generalized JSD."""
+
+    beta: float = Field(0.5, gt=0, lt=1, description="M = beta*p_T + (1-beta)*p_S; use forward_kl/reverse_kl "
+                                                       "for the limits (the JSD itself is 0 at beta = 0 or 1)")
+
+
+class SkewConfig(_LogitConfig):
+    """Config of the skew KLs."""
+
+    skew: float = Field(0.1, ge=0, lt=1, description="alpha: weight of the first distribution in the mixture")
+
+
+class NLLConfig(BaseModel):
+    """Token NLL takes no options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HiddenConfig(BaseModel):
+    """Config of the hidden-state objectives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_layers: list[int] | None = Field(
+        None, description="student hidden_states[i] is compared with teacher hidden_states[teacher_layers[i]]; "
+                          "unset: pair them in order (same count required)")
+
+
+class DistilHubertConfig(HiddenConfig):
+    """Config of DistilHuBERT's loss."""
+
+    cos_weight: float = Field(1.0, ge=0, description="lambda in L1 - lambda * log sigmoid(cos)")
+
+
+class ULDConfig(BaseModel):
+    """Config of Universal Logit Distillation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, gt=0, description="both logits are divided by it")
+    teacher_labels_key: str = Field(
+        "teacher_labels", description="batch key of the teacher-tokenized labels (-100 = not a target); "
+                                      "when absent from the batch every teacher position counts")
+
+
+# --------------------------------------------------------------------------- helpers
+def _logits_of(signals: Signals, role: str, objective: str) -> Tensor | SparseLogits:
+    """The model's logits, or the projection of its final hidden state when only that was returned."""
+    if signals.logits is not None:
+        return signals.logits
+    if signals.final_hidden is not None and signals.output_weight is not None:
+        return F.linear(signals.final_hidden, signals.output_weight.to(signals.final_hidden.dtype),
+                        None if signals.output_bias is None else signals.output_bias.to(signals.final_hidden.dtype))
+    raise KDUserError(
+        f"The objective {objective!r} needs the {role}'s logits, but the {role} model returned neither 'logits' nor "
+        f"'final_hidden' with 'output_weight'. Use a {role} that produces logits (a classifier or language model), "
+        f"or remove this objective from the config's 'objectives'.")
+
+
+def _labels_for(batch: Batch, logits_shape: Sequence[int], objective: str) -> Tensor | None:
+    labels = batch.get("labels")
+    if labels is None:
+        return None
+    if tuple(labels.shape) != tuple(logits_shape[:-1]):
+        raise KDUserError(
+            f"The objective {objective!r} found batch['labels'] of shape {tuple(labels.shape)}, but the logits have "
+            f"positions {tuple(logits_shape[:-1])}: labels must give one id (or -100) per logit position. The task's "
+            f"collate or the model must align them (e.g. shift labels for a causal LM).")
+    return labels
+
+
+def _counted(labels: Tensor | None, positions: int) -> float:
+    return float(positions) if labels is None else float((labels != IGNORE_INDEX).sum())
+
+
+def _fused_ready(signals: Signals) -> bool:
+    return signals.final_hidden is not None and signals.output_weight is not None
+
+
+# --------------------------------------------------------------------------- logit divergences
+class _DivergenceObjective(Objective):
+    """Shared adapter for the divergence kinds; subclasses set ``name`` (= the kind) and ``Config``."""
+
+    Config: ClassVar[type[BaseModel]] = KLConfig
+
+    def _request(self) -> SignalRequest:
+        if self.config.fused is False:
+            return SignalRequest(frozenset({Signal.LOGITS}))
+        return SignalRequest(frozenset({Signal.LOGITS, Signal.FINAL_HIDDEN}))
+
+    def student_request(self) -> SignalRequest:
+        return self._request()
+
+    def teacher_request(self) -> SignalRequest:
+        return self._request()
+
+    def _parameters(self) -> dict[str, float]:
+        return {key: getattr(self.config, key) for key in ("beta", "skew") if hasattr(self.config, key)}
+
+    def use_fused(self, student: Signals, teacher: Signals) -> bool:
+        """Whether this batch goes through the fused path (config ``fused`` and what the models returned)."""
+        mode = self.config.fused
+        if mode is False:
+            return False
+        ready = _fused_ready(student) and _fused_ready(teacher) and not isinstance(teacher.logits, SparseLogits)
+        if mode is True:
+            if not ready and not getattr(self, "_warned_fallback", False):
+                self._warned_fallback = True
+                warnings.warn(f"objective {self.name!r}: fused=true but the models did not return final hidden "
+                              f"states and output weights (or the teacher logits are cached top-k); using logits",
+                              stacklevel=2)
+            return ready
+        return ready and student.output_weight is not None and student.output_weight.shape[0] >= FUSED_AUTO_MIN_VOCAB
+
+    def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
+        config = self.config
+        if self.use_fused(student, teacher):
+            assert student.final_hidden is not None and student.output_weight is not None
+            assert teacher.final_hidden is not None and teacher.output_weight is not None
+            labels = _labels_for(batch, (*student.final_hidden.shape[:-1], 0), self.name)
+            loss = fused_linear_divergence(
+                student.final_hidden, student.output_weight, teacher.final_hidden.to(student.final_hidden.device),
+                teacher.output_weight.to(student.final_hidden.device), self.name,
+                student_bias=student.output_bias, teacher_bias=teacher.output_bias, labels=labels,
+                temperature=config.temperature, chunk_size=config.chunk_size, **self._parameters())
+            positions = student.final_hidden[..., 0].numel()
+            return ObjectiveOutput(loss, {"fused": 1.0, "positions": _counted(labels, positions)})
+        student_logits = _logits_of(student, "student", self.name)
+        teacher_logits = _logits_of(teacher, "teacher", self.name)
+        assert isinstance(student_logits, Tensor)
+        labels = _labels_for(batch, student_logits.shape, self.name)
+        if isinstance(teacher_logits, Tensor):
+            teacher_logits = teacher_logits.to(student_logits.device)
+        loss = divergence(student_logits, teacher_logits, self.name, labels=labels, temperature=config.temperature,
+                          chunk_size=config.chunk_size, **self._parameters())
+        positions = student_logits[..., 0].numel()
+        return ObjectiveOutput(loss, {"fused": 0.0, "positions": _counted(labels, positions)})
+
+
+class ForwardKLObjective(_DivergenceObjective):
+    name: ClassVar[str] = "forward_kl"
+    description: ClassVar[str] = "Forward KL(p_T || p_S) with temperature; masks, sparse teacher logits, fused path"
+    Config: ClassVar[type[BaseModel]] = KLConfig
+
+
+class ReverseKLObjective(_DivergenceObjective):
+    name: ClassVar[str] = "reverse_kl"
+    description: ClassVar[str] = "Reverse KL(p_S || p_T): mode-seeking (MiniLLM-style)"
+    Config: ClassVar[type[BaseModel]] = KLConfig
+
+
+class JSDObjective(_DivergenceObjective):
+    name: ClassVar[str] = "jsd"
+    description: ClassVar[str] = "Generalized JSD(beta) of GKD: beta->0 forward KL, beta->1 reverse KL"
+    Config: ClassVar[type[BaseModel]] = JSDConfig
+
+
+class SkewForwardKLObjective(_DivergenceObjective):
+    name: ClassVar[str] = "skew_forward_kl"
+    description: ClassVar[str] = "Skew forward KL of DistiLLM: KL(p_T || a p_T + (1-a) p_S)"
+    Config: ClassVar[type[BaseModel]] = SkewConfig
+
+
+class SkewReverseKLObjective(_DivergenceObjective):
+    name: ClassVar[str] = "skew_reverse_kl"
+    description: ClassVar[str] = "Skew reverse KL of DistiLLM: KL(p_S || a p_S + (1-a) p_T)"
+    Config: ClassVar[type[BaseModel]] = SkewConfig
+
+
+class TVDObjective(_DivergenceObjective):
+    name: ClassVar[str] = "tvd"
+    description: ClassVar[str] = "Total variation distance 1/2 sum |p_T - p_S|"
+    Config: ClassVar[type[BaseModel]] = KLConfig
+
+
+# --------------------------------------------------------------------------- NLL
+class TokenNLLObjective(Objective):
+    """Cross-entropy of the student on ``batch["labels"]`` (teacher not needed)."""
+
+    name: ClassVar[str] = "nll"
+    description: ClassVar[str] = "Cross-entropy of the student on the data labels (-100 ignored)"
+    Config: ClassVar[type[BaseModel]] = NLLConfig
+
+    def student_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.LOGITS}))
+
+    def teacher_request(self) -> SignalRequest:
+        return SignalRequest()
+
+    def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
+        labels = batch.get("labels")
+        if labels is None:
+            raise KDUserError("The objective 'nll' needs batch['labels'] (the target ids, -100 = ignore), but the "
+                              "task's batches have no 'labels'. Remove 'nll' from the config's 'objectives' or use a "
+                              "task with labels.")
+        logits = _logits_of(student, "student", self.name)
+        assert isinstance(logits, Tensor)
+        labels = _labels_for(batch, logits.shape, self.name)
+        assert labels is not None
+        return ObjectiveOutput(token_nll(logits, labels), {"positions": _counted(labels, 0)})
+
+
+# --------------------------------------------------------------------------- hidden states
+class _HiddenObjective(Objective):
+    """Shared adapter for the hidden-state kinds; ``name`` is the kind."""
+
+    Config: ClassVar[type[BaseModel]] = HiddenConfig
+
+    def student_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.HIDDEN_STATES}))
+
+    def teacher_request(self) -> SignalRequest:
+        # All layers (None): teacher_layers index into the full tuple, so a subset would shift the indices.
+        return SignalRequest(frozenset({Signal.HIDDEN_STATES}))
+
+    def _cos_weight(self) -> float:
+        return 1.0
+
+    def pairs(self, student_states: Sequence[Tensor], teacher_states: Sequence[Tensor]) -> list[tuple[int, int]]:
+        """(student index, teacher index) pairs from ``teacher_layers``."""
+        teacher_layers = self.config.teacher_layers
+        if teacher_layers is None:
+            if len(student_states) != len(teacher_states):
+                raise KDUserError(
+                    f"The objective {self.name!r} pairs student and teacher hidden states in order, but the student "
+                    f"returned {len(student_states)} and the teacher {len(teacher_states)}. Set "
+                    f"args.teacher_layers to a list of {len(student_states)} teacher layer indices (0..."
+                    f"{len(teacher_states) - 1}), e.g. every k-th layer.")
+            return [(i, i) for i in range(len(student_states))]
+        if len(teacher_layers) != len(student_states):
+            raise KDUserError(
+                f"The objective {self.name!r} has args.teacher_layers = {teacher_layers} ({len(teacher_layers)} "
+                f"entries), but the student returned {len(student_states)} hidden states: give one teacher layer "
+                f"index per student hidden state.")
+        for layer in teacher_layers:
+            if not -len(teacher_states) <= layer < len(teacher_states):
+                raise KDUserError(
+                    f"The objective {self.name!r} has teacher layer {layer} in args.teacher_layers, but the teacher "
+                    f"returned {len(teacher_states)} hidden states (valid indices 0...{len(teacher_states) - 1}).")
+        return list(enumerate(teacher_layers))
+
+    def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
+        for role, signals in (("student", student), ("teacher", teacher)):
+            if not signals.hidden_states:
+                raise KDUserError(
+                    f"The objective {self.name!r} compares hidden states, but the {role} model returned none. Use a "
+                    f"{role} that exposes hidden states or remove this objective from the config's 'objectives'.")
+        assert student.hidden_states is not None and teacher.hidden_states is not None
+        total: Tensor | None = None
+        parts: dict[str, float] = {}
+        attention_mask = batch.get("attention_mask")
+        for student_index, teacher_index in self.pairs(student.hidden_states, teacher.hidden_states):
+            student_hidden = student.hidden_states[student_index]
+            teacher_hidden = teacher.hidden_states[teacher_index].to(student_hidden.device)
+            if student_hidden.shape != teacher_hidden.shape:
+                raise KDUserError(
+                    f"The objective {self.name!r} compares student hidden state {student_index} of shape "
+                    f"{tuple(student_hidden.shape)} with teacher layer {teacher_index} of shape "
+                    f"{tuple(teacher_hidden.shape)}; they must have the same shape. Pick matching layers in "
+                    f"args.teacher_layers, or use a method that projects the student (e.g. prediction heads).")
+            mask = attention_mask if attention_mask is not None and \
+                tuple(attention_mask.shape) == tuple(student_hidden.shape[:-1]) else None
+            per_position = hidden_state_positions(student_hidden, teacher_hidden, self.name,
+                                                  cos_weight=self._cos_weight())
+            layer_loss = masked_mean(per_position, mask)
+            parts[f"layer{student_index}"] = float(layer_loss.detach())
+            total = layer_loss if total is None else total + layer_loss
+        assert total is not None
+        return ObjectiveOutput(total, parts)
+
+
+class HiddenL1Objective(_HiddenObjective):
+    name: ClassVar[str] = "l1"
+    description: ClassVar[str] = "L1 between student and teacher hidden states"
+
+
+class HiddenMSEObjective(_HiddenObjective):
+    name: ClassVar[str] = "mse"
+    description: ClassVar[str] = "MSE between student and teacher hidden states"
+
+
+class HiddenCosineObjective(_HiddenObjective):
+    name: ClassVar[str] = "cosine"
+    description: ClassVar[str] = "1 - cosine similarity between student and teacher hidden states"
+
+
+class DistilHubertObjective(_HiddenObjective):
+    name: ClassVar[str] = "l1_logsigmoid_cos"
+    description: ClassVar[str] = "DistilHuBERT's L1 - log sigmoid(cos) per predicted layer"
+    Config: ClassVar[type[BaseModel]] = DistilHubertConfig
+
+    def _cos_weight(self) -> float:
+        return float(self.config.cos_weight)
+
+
+# --------------------------------------------------------------------------- cross-tokenizer
+class ULDObjective(Objective):
+    """ULD: L1 between sorted probability vectors; student and teacher may use different tokenizers."""
+
+    name: ClassVar[str] = "uld"
+    description: ClassVar[str] = "Universal Logit Distillation: L1 of sorted probabilities, for different tokenizers"
+    Config: ClassVar[type[BaseModel]] = ULDConfig
+
+    def student_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.LOGITS}))
+
+    def teacher_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.LOGITS}))
+
+    def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
+        student_logits = _logits_of(student, "student", self.name)
+        teacher_logits = _logits_of(teacher, "teacher", self.name)
+        assert isinstance(student_logits, Tensor)
+        if student_logits.dim() != 3:
+            raise KDUserError(f"The objective 'uld' expects (batch, time, vocab) logits, got student logits of shape "
+                              f"{tuple(student_logits.shape)}; use it with sequence models.")
+        student_labels = batch.get("labels")
+        if student_labels is not None:
+            student_labels = _labels_for(batch, student_logits.shape, self.name)
+        teacher_labels: Any = batch.get(self.config.teacher_labels_key)
+        loss = uld_loss(student_logits, teacher_logits, temperature=self.config.temperature,
+                        student_labels=student_labels, teacher_labels=teacher_labels)
+        return ObjectiveOutput(loss)
+
+
+__all__ = [
+    "DistilHubertObjective", "ForwardKLObjective", "HiddenCosineObjective", "HiddenL1Objective", "HiddenMSEObjective",
+    "JSDObjective", "ReverseKLObjective", "SkewForwardKLObjective", "SkewReverseKLObjective", "TVDObjective",
+    "TokenNLLObjective", "ULDObjective", "FUSED_AUTO_MIN_VOCAB",
+]

@@ -1,0 +1,196 @@
+"""From CLI flags and files to a validated run and its built components."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from kdcore.config import (
+    Layer, LayeredConfig, RunConfig, load_yaml_file, parse_set_option, validate_model,
+)
+from kdcore.errors import KDUserError, did_you_mean
+from kdcore.interfaces import (
+    BuildContext, Method, Model, ModelFactory, Objective, Student, Task, Teacher, WeightedObjective,
+)
+from kdcore.registry import Registry
+
+
+@dataclass
+class ResolvedObjective:
+    label: str
+    cls: type[Objective]
+    config: BaseModel
+    weight: float
+
+
+@dataclass
+class ResolvedRun:
+    """A run config with every section validated by the class it configures."""
+
+    config: RunConfig
+    task_cls: type[Task]
+    method_cls: type[Method]
+    data_config: BaseModel
+    method_config: BaseModel
+    teacher_factory: type[ModelFactory]
+    teacher_config: BaseModel
+    student_factory: type[ModelFactory]
+    student_config: BaseModel
+    objectives: list[ResolvedObjective]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved config (defaults filled in), as saved with the run."""
+        data = self.config.model_dump(mode="json")
+        data["data"] = self.data_config.model_dump(mode="json")
+        data["method"] = self.method_config.model_dump(mode="json")
+        data["objectives"] = {k: v for k, v in data["objectives"].items() if v is not None}
+        data["teacher"]["args"] = self.teacher_config.model_dump(mode="json")
+        data["student"]["args"] = self.student_config.model_dump(mode="json")
+        for item in self.objectives:
+            data["objectives"][item.label]["name"] = item.cls.name
+            data["objectives"][item.label]["args"] = item.config.model_dump(mode="json")
+        return data
+
+
+def _pick_name(kind: str, flag: str | None, layers: LayeredConfig) -> str:
+    if flag:
+        return flag
+    value = layers.values.get(kind)
+    if isinstance(value, str) and value:
+        return value
+    raise KDUserError(f"No {kind} given. Pass --{kind} NAME (run 'kd list' to see the available {kind}s).")
+
+
+def resolve_run(
+    registry: Registry,
+    *,
+    task: str | None,
+    plugin: str | None,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    sets: list[str] | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> ResolvedRun:
+    """Layer defaults < preset < config file < --set/--seed/--device, then validate."""
+    user_layers = LayeredConfig()
+    if config_file is not None:
+        user_layers.apply(Layer(f"--config {config_file}", load_yaml_file(config_file)))
+    set_layers = [Layer(f"--set {option}", parse_set_option(option)) for option in sets or []]
+    for layer in set_layers:
+        user_layers.apply(layer)
+
+    task_name = _pick_name("task", task, user_layers)
+    plugin_name = _pick_name("plugin", plugin, user_layers)
+    task_cls = registry.load("task", task_name)
+    method_cls = registry.load("plugin", plugin_name)
+
+    layers = LayeredConfig()
+    layers.apply(Layer(f"defaults of task '{task_name}'", task_cls.defaults()))
+    layers.apply(Layer(f"defaults of plugin '{plugin_name}'", method_cls.defaults()))
+    if preset is not None:
+        found = False
+        for owner, presets in ((f"task '{task_name}'", task_cls.presets), (f"plugin '{plugin_name}'", method_cls.presets)):
+            if preset in presets:
+                layers.apply(Layer(f"--preset {preset} of {owner}", presets[preset]))
+                found = True
+        if not found:
+            available = sorted(set(task_cls.presets) | set(method_cls.presets))
+            raise KDUserError(
+                f"Unknown --preset '{preset}' for task '{task_name}' with plugin '{plugin_name}'."
+                f"{did_you_mean(preset, available)} Available presets: {', '.join(available) or '(none)'}."
+            )
+    if config_file is not None:
+        layers.apply(Layer(f"--config {config_file}", load_yaml_file(config_file)))
+    for layer in set_layers:
+        layers.apply(layer)
+    flags: dict[str, Any] = {"task": task_name, "plugin": plugin_name}
+    if seed is not None:
+        flags["seed"] = seed
+    if device is not None:
+        flags["device"] = device
+    layers.apply(Layer("command-line flags", flags))
+    return validate_layers(registry, layers)
+
+
+def validate_layers(registry: Registry, layers: LayeredConfig) -> ResolvedRun:
+    """Validate the merged dict: the fixed schema first, then each class-specific section."""
+    config = validate_model(RunConfig, layers.values, "", layers)
+    task_cls = registry.load("task", config.task)
+    method_cls = registry.load("plugin", config.plugin)
+    data_config = validate_model(task_cls.DataConfig, config.data, "data", layers)
+    method_config = validate_model(method_cls.Config, config.method, "method", layers)
+    teacher_factory = registry.load("teacher", config.teacher.name)
+    student_factory = registry.load("student", config.student.name)
+    teacher_config = validate_model(teacher_factory.Config, config.teacher.args, "teacher.args", layers)
+    student_config = validate_model(student_factory.Config, config.student.args, "student.args", layers)
+    objectives = []
+    for label, spec in config.objectives.items():
+        if spec is None:  # removed by a higher layer (e.g. --set objectives.nll=null)
+            continue
+        cls = registry.load("objective", spec.name or label)
+        objective_config = validate_model(cls.Config, spec.args, f"objectives.{label}.args", layers)
+        objectives.append(ResolvedObjective(label, cls, objective_config, spec.weight))
+    return ResolvedRun(config, task_cls, method_cls, data_config, method_config, teacher_factory, teacher_config,
+                       student_factory, student_config, objectives)
+
+
+def resolve_saved_run(registry: Registry, run_dir: Path, sets: list[str] | None = None) -> ResolvedRun:
+    """Re-validate the config a run saved (``<run>/config.yaml``), optionally with --set on top."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise KDUserError(f"'{run_dir}' is not a kd run directory: {path} does not exist. Pass the --out of a run.")
+    layers = LayeredConfig()
+    layers.apply(Layer(str(path), load_yaml_file(path)))
+    for option in sets or []:
+        layers.apply(Layer(f"--set {option}", parse_set_option(option)))
+    return validate_layers(registry, layers)
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise KDUserError("--device cuda was requested, but no CUDA device is available. Use --device cpu or auto.")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class BuiltRun:
+    """The components of a run, ready for the engine."""
+
+    resolved: ResolvedRun
+    task: Task
+    teacher: Teacher
+    student: Student
+    method: Method
+    device: torch.device
+
+
+def _build_model(factory_cls: type[ModelFactory], config: BaseModel, context: BuildContext, role: str,
+                 expected: type[Model]) -> Any:
+    model = factory_cls().build(config, context)
+    if not isinstance(model, expected):
+        raise TypeError(f"{role} factory '{factory_cls.name}' returned {type(model).__name__}, "
+                        f"not a kdcore.interfaces.{expected.__name__}")
+    return model
+
+
+def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Path | None = None) -> BuiltRun:
+    """Task, teacher (frozen), student and method for a resolved run."""
+    config = resolved.config
+    cache = Path(cache_dir) if cache_dir is not None else config.resolved_cache_dir()
+    task = resolved.task_cls(resolved.data_config, cache)
+    context = BuildContext(task=task, cache_dir=cache, device=device, seed=config.seed)
+    teacher = _build_model(resolved.teacher_factory, resolved.teacher_config, context, "teacher", Teacher)
+    teacher.freeze()
+    teacher.to(device)
+    context.teacher = teacher
+    student = _build_model(resolved.student_factory, resolved.student_config, context, "student", Student)
+    student.to(device)
+    objectives = [WeightedObjective(o.label, o.cls(o.config), o.weight) for o in resolved.objectives]
+    method = resolved.method_cls(resolved.method_config, task, teacher, student, objectives)
+    return BuiltRun(resolved, task, teacher, student, method, device)

@@ -1,0 +1,116 @@
+"""One run end to end: build, (dry-run plan | train), final evaluation, reports."""
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcore.checkpoint import load_weights
+from kdcore.engine import Trainer, evaluate_model, seed_everything, write_resolved_config
+from kdcore.io import atomic_write_json
+from kdcore.registry import Registry
+from kdcore.report import write_metrics, write_report
+from kdcore.resolve import BuiltRun, ResolvedRun, build_components, select_device
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import kdcore
+
+    return {"kd": kdcore.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def parameter_counts(built: BuiltRun) -> dict[str, int]:
+    """Teacher parameters and the student's deployed parameters (training-only heads excluded)."""
+    return {"teacher": built.teacher.num_parameters(), "student": built.student.parameter_count_excluding()}
+
+
+def build(resolved: ResolvedRun) -> tuple[BuiltRun, Any]:
+    device = select_device(resolved.config.device)
+    seed_everything(resolved.config.seed)
+    built = build_components(resolved, device)
+    splits = built.task.build_data(resolved.config.seed)
+    return built, splits
+
+
+def plan(resolved: ResolvedRun, out_dir: Path) -> dict[str, Any]:
+    """Build everything, write ``plan.json`` and return it (``kd run --dry-run``)."""
+    built, splits = build(resolved)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out_dir, resolved.to_dict())
+    summary = {
+        "task": resolved.config.task,
+        "plugin": resolved.config.plugin,
+        "device": str(built.device),
+        "params": parameter_counts(built),
+        "student_trainable_params": built.student.num_parameters(trainable_only=True),
+        "data": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
+        "objectives": {o.label: {"name": o.cls.name, "weight": o.weight} for o in resolved.objectives},
+        "trainer": resolved.config.trainer.model_dump(mode="json"),
+    }
+    atomic_write_json(out_dir / "plan.json", summary)
+    return summary
+
+
+def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate teacher and best student on the test split, write metrics.json and report.md."""
+    built, splits = build(resolved)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out_dir, resolved.to_dict())
+    trainer = Trainer(built, splits, out_dir, registry)
+    state = trainer.fit(resume=resume)
+    return finish(built, splits, out_dir, registry, state, trainer)
+
+
+def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, state: dict[str, Any],
+           trainer: Trainer) -> dict[str, Any]:
+    best = out_dir / "best" / "student.safetensors"
+    if best.exists():
+        load_weights(built.student, best)
+    batch_size = trainer._eval_batch_size()
+    student_metrics = evaluate_model(built, built.student, splits.test, batch_size)
+    teacher_metrics = (evaluate_model(built, built.teacher, splits.test, batch_size)
+                       if built.resolved.config.trainer.evaluate_teacher else {})
+    registry.hook.kd_on_evaluation_end(context=trainer.context, step=-1, metrics=student_metrics)
+    metrics = {
+        "task": built.resolved.config.task,
+        "plugin": built.resolved.config.plugin,
+        "params": parameter_counts(built),
+        "teacher": teacher_metrics,
+        "student": student_metrics,
+        "metric": built.task.metric,
+        "best_step": state.get("best_step"),
+        "train_seconds": round(float(state["train_seconds"]), 3),
+        "nonfinite_steps": state.get("nonfinite_steps", 0),
+        "device": str(built.device),
+        "seed": built.resolved.config.seed,
+        "versions": versions(),
+    }
+    write_metrics(out_dir, metrics)
+    write_report(out_dir, metrics, built.task.metric)
+    registry.hook.kd_on_train_end(context=trainer.context, metrics=metrics)
+    return metrics
+
+
+def evaluate_saved(resolved: ResolvedRun, run_dir: Path) -> dict[str, float]:
+    """Evaluate the saved (best, else last) student of ``run_dir`` on the test split again."""
+    from kdcore.checkpoint import list_checkpoints
+    from kdcore.errors import KDUserError
+
+    built, splits = build(resolved)
+    weights = run_dir / "best" / "student.safetensors"
+    if not weights.exists():
+        checkpoints = list_checkpoints(run_dir / "checkpoints")
+        if not checkpoints:
+            raise KDUserError(f"'{run_dir}' has no saved student (no best/student.safetensors and no checkpoints).")
+        weights = checkpoints[-1] / "student.safetensors"
+    load_weights(built.student, weights)
+    batch_size = resolved.config.trainer.eval_batch_size or resolved.config.trainer.batch_size
+    return evaluate_model(built, built.student, splits.test, batch_size)

@@ -1,0 +1,1 @@
+"""Built-in kd tasks (installed as ``kd_tasks``; the folder is ``tasks/``)."""

@@ -1,0 +1,199 @@
+"""A small synthetic classification task, to try kd in seconds and to test the engine.
+
+Inputs are Gaussian; labels come from a fixed random two-layer network plus
+noise, so the mapping is nonlinear and a wide teacher clearly beats a narrow
+student trained from scratch. Data depend only on ``data.seed`` (not the run
+seed) so runs with different seeds are compared on the same data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from kdcore.checkpoint import load_weights, save_weights
+from kdcore.config import StrictModel
+from kdcore.interfaces import (
+    Batch, BuildContext, DataSplits, Model, ModelFactory, Signal, SignalRequest, Signals, Student, Task, Teacher,
+)
+
+
+class ToyDataConfig(StrictModel):
+    n_train: PositiveInt = 4000
+    n_valid: PositiveInt = 500
+    n_test: PositiveInt = 1000
+    n_features: PositiveInt = 16
+    n_classes: int = Field(8, ge=2)
+    label_noise: float = Field(0.2, ge=0.0, description="std of the noise added to the labelling network's logits")
+    seed: int = 0
+
+
+class ToyClassificationTask(Task):
+    """Synthetic nonlinear classification (accuracy)."""
+
+    name: ClassVar[str] = "toy"
+    description: ClassVar[str] = "Synthetic nonlinear classification: try kd in seconds, test the engine (accuracy)"
+    DataConfig = ToyDataConfig
+    metric: ClassVar[str] = "accuracy"
+    greater_is_better: ClassVar[bool] = True
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {"data": {"n_train": 512, "n_valid": 128, "n_test": 256},
+                 "teacher": {"args": {"train_steps": 150}},
+                 "trainer": {"max_steps": 40, "eval_every": 20, "checkpoint_every": 10, "log_every": 5}},
+    }
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {
+            "teacher": {"name": "toy-mlp-teacher", "args": {"hidden": 256, "layers": 3}},
+            "student": {"name": "toy-mlp", "args": {"hidden": 32, "layers": 1}},
+            "trainer": {"max_steps": 300, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
+                        "checkpoint_every": 100, "log_every": 10},
+        }
+
+    def build_data(self, seed: int) -> DataSplits:  # noqa: ARG002 - data depend on data.seed only
+        config: ToyDataConfig = self.data_config  # type: ignore[assignment]
+        generator = torch.Generator().manual_seed(config.seed)
+        total = config.n_train + config.n_valid + config.n_test
+        inputs = torch.randn(total, config.n_features, generator=generator)
+        first = torch.randn(config.n_features, 64, generator=generator) / config.n_features**0.5
+        second = torch.randn(64, config.n_classes, generator=generator) / 8.0
+        logits = torch.tanh(inputs @ first * 2.0) @ second * 4.0
+        logits = logits + config.label_noise * torch.randn(logits.shape, generator=generator)
+        labels = logits.argmax(-1)
+        items = [(inputs[i], int(labels[i])) for i in range(total)]
+        a, b = config.n_train, config.n_train + config.n_valid
+        return DataSplits(train=items[:a], valid=items[a:b], test=items[b:])
+
+    def collate(self, items: Sequence[Any]) -> Batch:
+        return {"inputs": torch.stack([x for x, _ in items]), "labels": torch.tensor([y for _, y in items])}
+
+    def evaluate(self, model: Model, dataset: Sequence[Any], device: torch.device, batch_size: int) -> dict[str, float]:
+        correct, nll, count = 0, 0.0, 0
+        request = SignalRequest(frozenset({Signal.LOGITS}))
+        for start in range(0, len(dataset), batch_size):
+            batch = self.collate(dataset[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model.forward_signals(batch, request).logits.float()
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            nll += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            count += len(batch["labels"])
+        return {"accuracy": correct / max(1, count), "nll": nll / max(1, count)}
+
+
+class _MLP(nn.Module):
+    def __init__(self, n_features: int, n_classes: int, hidden: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        blocks, width = [], n_features
+        for _ in range(layers):
+            blocks.append(nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)))
+            width = hidden
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(width, n_classes)
+
+    def signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        hidden = batch["inputs"]
+        states = []
+        for block in self.blocks:
+            hidden = block(hidden)
+            states.append(hidden)
+        signals = Signals()
+        if request.wants(Signal.HIDDEN_STATES):
+            signals.hidden_states = tuple(states)
+        if request.wants(Signal.FINAL_HIDDEN):
+            signals.final_hidden, signals.output_weight, signals.output_bias = hidden, self.head.weight, self.head.bias
+        if request.wants(Signal.LOGITS) or not request.signals:
+            signals.logits = self.head(hidden)
+        return signals
+
+
+class ToyMLPTeacher(Teacher):
+    def __init__(self, network: _MLP) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        return self.network.signals(batch, request)
+
+
+class ToyMLPStudent(Student):
+    def __init__(self, network: _MLP) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        return self.network.signals(batch, request)
+
+
+class ToyMLPConfig(StrictModel):
+    hidden: PositiveInt = 32
+    layers: PositiveInt = 1
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class ToyTeacherConfig(ToyMLPConfig):
+    hidden: PositiveInt = 256
+    layers: PositiveInt = 3
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    train_steps: PositiveInt = 400
+    lr: float = Field(3e-3, gt=0)
+
+
+def _shape(context: BuildContext) -> tuple[int, int]:
+    data_config = context.task.data_config
+    return int(getattr(data_config, "n_features")), int(getattr(data_config, "n_classes"))
+
+
+class ToyMLPStudentFactory(ModelFactory):
+    """A small MLP student for the toy task."""
+
+    name: ClassVar[str] = "toy-mlp"
+    description: ClassVar[str] = "MLP student for the toy task (random init)"
+    Config = ToyMLPConfig
+
+    def build(self, config: ToyMLPConfig, context: BuildContext) -> Student:  # type: ignore[override]
+        n_features, n_classes = _shape(context)
+        return ToyMLPStudent(_MLP(n_features, n_classes, config.hidden, config.layers, config.dropout))
+
+
+class ToyMLPTeacherFactory(ModelFactory):
+    """Teacher stage for the toy task: trains a wide MLP on the labels once and caches it."""
+
+    name: ClassVar[str] = "toy-mlp-teacher"
+    description: ClassVar[str] = "Wide MLP teacher for the toy task, trained on first use and cached"
+    Config = ToyTeacherConfig
+
+    def build(self, config: ToyTeacherConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
+        n_features, n_classes = _shape(context)
+        network = _MLP(n_features, n_classes, config.hidden, config.layers, config.dropout)
+        key = json.dumps({"data": context.task.data_config.model_dump(), "teacher": config.model_dump()},
+                         sort_keys=True)
+        path = context.cache_dir / "toy" / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+        teacher = ToyMLPTeacher(network)
+        if path.exists():
+            load_weights(teacher, path)
+            return teacher
+        splits = context.task.build_data(context.seed)
+        inputs = torch.stack([x for x, _ in splits.train])
+        labels = torch.tensor([y for _, y in splits.train])
+        generator = torch.Generator().manual_seed(0)  # the cached teacher must not depend on the run seed
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            network = _MLP(n_features, n_classes, config.hidden, config.layers, config.dropout)
+            optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
+            for _ in range(config.train_steps):
+                index = torch.randint(0, len(labels), (128,), generator=generator)
+                loss = nn.functional.cross_entropy(network.signals({"inputs": inputs[index]},
+                                                                   SignalRequest()).logits, labels[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        teacher = ToyMLPTeacher(network)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(teacher, path)
+        return teacher
