@@ -1,0 +1,1 @@
+"""Text teachers, students and methods (ImitKD and baselines)."""

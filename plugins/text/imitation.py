@@ -1,0 +1,280 @@
+"""ImitKD (Lin et al., EMNLP 2020): distillation of an autoregressive model as imitation learning.
+
+The student is trained on prefixes it generated itself and the teacher says what
+the next token should be on those prefixes, so the student learns to recover
+from its own mistakes (exposure bias). One training step (docs/text.md has the box):
+
+1. β ← schedule(t, T)                       (exponential base^(−t/T) by default)
+2. for each sequence i of the batch: keep the data target with probability β,
+   otherwise replace it by the student's own output ŷ_i (greedy or top-k
+   sampling, batched, no_grad, KV cache, student in eval mode)
+3. the teacher reads every prefix ŷ_<t (teacher forcing on the mixed targets)
+   * hard: targets = the teacher's argmax tokens, loss = NLL (kdcore.objectives.token_nll)
+   * full: targets = the teacher's next-token distribution, loss = a divergence
+     (kdcore.objectives.divergence, or kdcore.fused.fused_linear_divergence)
+4. back-propagate through the student only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kdcore.errors import KDUserError
+from kdcore.interfaces import Batch, Method, StepOutput, Student, Task, Teacher, WeightedObjective
+from kd_plugins.text.generation import Generated, Strategy, generate
+from kd_plugins.text.losses import LOGITS, DivergenceOptions, nll_loss, teacher_distribution_loss
+from kd_plugins.text.models import IGNORE_INDEX, HFTextModel, check_vocab_compatible
+from kd_plugins.text.schedules import BetaSchedule
+
+log = logging.getLogger(__name__)
+
+
+class StudentGeneration(BaseModel):
+    """How the student decodes the sequences that replace data targets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy = Field("greedy", description="greedy or top_k sampling")
+    top_k: int = Field(5, ge=1, description="top_k: candidates per step")
+    temperature: float = Field(1.0, gt=0.0, description="top_k: softmax temperature")
+    max_new_tokens: int = Field(128, ge=1, description="hard cap on generated tokens")
+    max_length_ratio: float | None = Field(
+        2.0, gt=0.0, description="also cap at ratio x the longest data target of the batch, plus max_length_offset "
+                                 "(null: only max_new_tokens)")
+    max_length_offset: int = Field(5, ge=0)
+    with_dropout: bool = Field(False, description="generate in train mode (dropout on); the authors' default is off")
+
+    def limit(self, data_labels: torch.Tensor) -> int:
+        """Generation length cap for a batch whose data targets are ``data_labels``."""
+        if self.max_length_ratio is None:
+            return self.max_new_tokens
+        longest = int((data_labels != IGNORE_INDEX).sum(dim=1).max()) if data_labels.numel() else 0
+        return max(1, min(self.max_new_tokens, math.ceil(self.max_length_ratio * longest) + self.max_length_offset))
+
+
+@dataclass
+class MixedBatch:
+    """A batch whose targets are a β-mixture of data and student outputs."""
+
+    # input_ids, attention_mask, labels (the mixed sequences, -100 padded). Seq2seq: the sources are
+    # unchanged and labels are the mixed targets; causal LMs: rows are rebuilt as prompt + target,
+    # right-padded, labels aligned with input_ids (-100 on the prompt).
+    batch: dict[str, Any]
+    replaced: torch.Tensor  # (B,) bool: True where the student's output replaced the data target
+    beta: float
+    generated_length: float  # mean length of the student's outputs (0 when none were generated)
+
+
+class ImitationConfig(DivergenceOptions):
+    """Options of the ``imitation`` plugin (``method.*`` keys)."""
+
+    variant: Literal["hard", "full"] = Field(
+        "full", description="hard: teacher argmax tokens + NLL; full: teacher distribution + divergence")
+    schedule: BetaSchedule = Field(default_factory=BetaSchedule)
+    generation: StudentGeneration = Field(default_factory=StudentGeneration)
+    hard_data_targets: Literal["data", "teacher"] = Field(
+        "data", description="hard variant, sequences that keep their data target: train on the data tokens (as the "
+                            "authors' code) or on the teacher's argmax")
+
+
+def as_text_models(teacher: Teacher, student: Student, plugin: str) -> tuple[HFTextModel, HFTextModel]:
+    if not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
+        raise KDUserError(f"plugin '{plugin}' needs text teacher and student models (teacher/student 'seq2seq'); got "
+                          f"{type(teacher).__name__} and {type(student).__name__}.")
+    return teacher, student
+
+
+def warn_unused_objectives(objectives: Sequence[WeightedObjective], plugin: str) -> None:
+    if objectives:
+        log.warning("plugin '%s' computes its loss from its own method.* options; the configured objectives (%s) are "
+                    "not used.", plugin, ", ".join(item.label for item in objectives))
+
+
+def merge_rows(data_labels: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+    """``data_labels`` with the given rows replaced by ``replacement`` (both -100 padded; widths may differ)."""
+    width = max(data_labels.shape[1], replacement.shape[1])
+    merged = data_labels.new_full((data_labels.shape[0], width), IGNORE_INDEX)
+    merged[:, :data_labels.shape[1]] = data_labels
+    merged[rows] = IGNORE_INDEX
+    merged[rows, :replacement.shape[1]] = replacement
+    return merged
+
+
+def student_generate(student: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     options: StudentGeneration, max_new_tokens: int,
+                     generator: torch.Generator | None = None) -> Generated:
+    """The student's own outputs for a batch of sources, without gradients and (by default) without dropout."""
+    was_training = student.training
+    student.train(options.with_dropout)
+    try:
+        return generate(student, input_ids, attention_mask, strategy=options.strategy, top_k=options.top_k,
+                        temperature=options.temperature, max_new_tokens=max_new_tokens, generator=generator)
+    finally:
+        student.train(was_training)
+
+
+def _split_causal_row(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      labels: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """(tokens, labels) of one right-padded causal-LM row, and its prompt (tokens before the first target)."""
+    attended = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+    row_labels = labels[:attended.shape[0]] if attention_mask is None else labels[attention_mask.bool()]
+    targets = (row_labels != IGNORE_INDEX).nonzero()
+    prompt_length = int(targets[0]) if targets.numel() else attended.shape[0]
+    return attended.tolist(), row_labels.tolist(), attended[:prompt_length].tolist()
+
+
+def _pad_rows(rows: list[list[int]], value: int, left: bool, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(row) for row in rows))
+    padded = torch.full((len(rows), width), value, dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        if row:
+            values = torch.tensor(row, dtype=torch.long, device=device)
+            if left:
+                padded[index, width - len(row):] = values
+            else:
+                padded[index, :len(row)] = values
+    return padded
+
+
+def mix_causal_batch(student: HFTextModel, batch: Batch, rows: torch.Tensor, options: StudentGeneration,
+                     generator: torch.Generator | None) -> tuple[dict[str, Any], float]:
+    """Decoder-only ImitKD: replace the targets of ``rows`` by the student's continuation of their prompts.
+
+    The prompt of a row is its attended tokens before the first label that is not -100.
+    Returns the rebuilt right-padded batch (labels aligned with input_ids, -100 on
+    prompts and padding) and the mean generated length.
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    device = input_ids.device
+    split = [_split_causal_row(input_ids[i], None if attention_mask is None else attention_mask[i], labels[i])
+             for i in range(input_ids.shape[0])]
+    tokens = [row[0] for row in split]
+    row_labels = [row[1] for row in split]
+    chosen = rows.tolist()
+    generated_length = 0.0
+    if chosen:
+        prompts = [split[i][2] for i in chosen]
+        prompt_ids = _pad_rows(prompts, student.pad_token_id, left=True, device=device)
+        prompt_mask = _pad_rows([[1] * len(p) for p in prompts], 0, left=True, device=device)
+        generated = student_generate(student, prompt_ids, prompt_mask, options, options.limit(labels[rows]), generator)
+        for index, prompt, continuation in zip(chosen, prompts, generated.to_lists()):
+            tokens[index] = prompt + continuation
+            row_labels[index] = [IGNORE_INDEX] * len(prompt) + continuation
+        generated_length = float(generated.lengths.float().mean())
+    mixed = {"input_ids": _pad_rows(tokens, student.pad_token_id, left=False, device=device),
+             "attention_mask": _pad_rows([[1] * len(t) for t in tokens], 0, left=False, device=device),
+             "labels": _pad_rows(row_labels, IGNORE_INDEX, left=False, device=device)}
+    return mixed, generated_length
+
+
+class ImitationKD(Method):
+    """ImitKD: train on a β-mixture of data and student-generated prefixes, with the teacher as the oracle."""
+
+    name: ClassVar[str] = "imitation"
+    description: ClassVar[str] = ("ImitKD (Lin et al. 2020): student-generated prefixes, teacher next-token targets "
+                                  "(hard or full), β schedule")
+    Config: ClassVar[type[BaseModel]] = ImitationConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "hard": {"method": {"variant": "hard"}},
+        "full": {"method": {"variant": "full"}},
+        "summarization": {"method": {"schedule": {"kind": "exponential", "base": 10.0}}},
+        "on-policy": {"method": {"schedule": {"kind": "constant", "value": 0.0}}},
+    }
+
+    def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
+                 objectives: Sequence[WeightedObjective]) -> None:
+        super().__init__(config, task, teacher, student, objectives)
+        assert isinstance(config, ImitationConfig)
+        self.config: ImitationConfig = config
+        self.text_teacher, self.text_student = as_text_models(teacher, student, self.name)
+        if self.text_teacher.is_encoder_decoder != self.text_student.is_encoder_decoder:
+            raise KDUserError("plugin 'imitation' needs a teacher and a student of the same kind: both encoder-decoder "
+                              "('seq2seq') or both decoder-only ('causal-lm'); the teacher reads the student's prefixes "
+                              "in the student's batch layout.")
+        check_vocab_compatible(teacher, student, where="plugin 'imitation'")
+        warn_unused_objectives(objectives, self.name)
+        # None: draw from torch's global RNG, which the engine seeds and checkpoints (resumable runs).
+        self.generator: torch.Generator | None = None
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        # The Config's own defaults apply; nothing is layered here so that a task's
+        # defaults (e.g. summarization's schedule base 10) are not overridden.
+        return {}
+
+    def beta(self, step: int) -> float:
+        """β_t for 0-based optimiser step ``step``."""
+        return self.config.schedule.beta(step, self.total_steps)
+
+    def replacement_mask(self, batch_size: int, beta: float) -> torch.Tensor:
+        """Per sequence, True (replace by the student's output) with probability 1 − β."""
+        draws = torch.rand(batch_size, generator=self.generator)
+        return draws >= beta
+
+    def prepare(self, batch: Batch, step: int) -> MixedBatch:
+        """Steps 1-2 of the box: β_t, the per-sequence coin flips, and the student's replacement targets."""
+        config, student = self.config, self.text_student
+        input_ids, attention_mask, data_labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+        beta = self.beta(step)
+        replaced = self.replacement_mask(data_labels.shape[0], beta).to(data_labels.device)
+        rows = replaced.nonzero().squeeze(1)
+        if not student.is_encoder_decoder:
+            mixed, generated_length = mix_causal_batch(student, batch, rows, config.generation, self.generator)
+            return MixedBatch(mixed, replaced, beta, generated_length)
+        sequence_labels = data_labels
+        generated_length = 0.0
+        if rows.numel():
+            sub_mask = attention_mask[rows] if attention_mask is not None else None
+            generated = student_generate(student, input_ids[rows], sub_mask, config.generation,
+                                         config.generation.limit(data_labels[rows]), self.generator)
+            sequence_labels = merge_rows(data_labels, rows, generated.labels())
+            generated_length = float(generated.lengths.float().mean())
+        # Only the sequences go in: each model derives its decoder inputs by its own right shift.
+        mixed = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": sequence_labels}
+        return MixedBatch(mixed, replaced, beta, generated_length)
+
+    def hard_targets(self, mixed: MixedBatch) -> torch.Tensor:
+        """Step 3, hard variant: the teacher's argmax at every target position of the chosen rows.
+
+        The result is aligned with the logits (``model.target_labels``): for seq2seq
+        that is the labels' layout, for causal LMs the labels shifted by one.
+        """
+        aligned = self.text_student.target_labels(mixed.batch)
+        if self.config.hard_data_targets == "data":
+            rows = mixed.replaced.nonzero().squeeze(1)
+        else:
+            rows = torch.arange(aligned.shape[0], device=aligned.device)
+        targets = aligned.clone()
+        if rows.numel():
+            attention_mask = mixed.batch["attention_mask"]
+            teacher_batch = {"input_ids": mixed.batch["input_ids"][rows], "labels": mixed.batch["labels"][rows],
+                             "attention_mask": attention_mask[rows] if attention_mask is not None else None}
+            teacher_logits = self.text_teacher.signals(teacher_batch, LOGITS).logits  # type: ignore[attr-defined]
+            kept = aligned[rows] != IGNORE_INDEX
+            targets[rows] = torch.where(kept, teacher_logits.argmax(dim=-1), aligned[rows])
+        return targets
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        config, teacher, student = self.config, self.text_teacher, self.text_student
+        mixed = self.prepare(batch, step)
+        parts: dict[str, float] = {"beta": mixed.beta, "replaced_fraction": float(mixed.replaced.float().mean()),
+                                   "generated_length": mixed.generated_length}
+        if config.variant == "hard":
+            targets = self.hard_targets(mixed)
+            logits = student.forward_signals(mixed.batch, LOGITS).logits
+            loss = nll_loss(logits, targets)
+            parts["nll"] = float(loss.detach())
+        else:
+            loss, _ = teacher_distribution_loss(config, teacher, student, mixed.batch,
+                                                student.target_labels(mixed.batch))
+            parts[config.divergence] = float(loss.detach())
+        parts["loss"] = float(loss.detach())
+        return StepOutput(loss, parts)
+
+
+__all__ = ["ImitationConfig", "ImitationKD", "MixedBatch", "mix_causal_batch", "as_text_models", "warn_unused_objectives", "StudentGeneration", "merge_rows", "student_generate"]

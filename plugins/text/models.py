@@ -1,0 +1,430 @@
+"""Text teachers and students wrapping Hugging Face transformers models.
+
+Any ``AutoModelForSeq2SeqLM`` (Marian, BART, T5, ...) or ``AutoModelForCausalLM``
+becomes a :class:`~kdcore.interfaces.Teacher` or :class:`~kdcore.interfaces.Student`
+that answers :class:`~kdcore.signals.SignalRequest`s:
+
+* ``Signal.LOGITS``: ``logits`` of shape ``(B, T, V)``; position ``t`` predicts
+  ``target_labels(batch)[:, t]``.
+* ``Signal.HIDDEN_STATES``: the decoder's hidden states (embeddings first).
+* ``Signal.FINAL_HIDDEN``: ``final_hidden`` ``(B, T, H)`` (the decoder output that
+  the LM head reads), ``output_weight`` ``(V, H)`` and ``output_bias`` ``(V,)`` or
+  None, such that ``final_hidden @ output_weight.T + output_bias`` equals the
+  logits. T5's tied-embedding rescaling (``d_model ** -0.5``) is folded into
+  ``output_weight``; Marian/BART's ``final_logits_bias`` into ``output_bias``.
+  When only ``FINAL_HIDDEN`` is requested the LM head is not run at all, so a
+  fused objective never materialises the ``(B, T, V)`` logits.
+
+Batch keys (seq2seq): ``input_ids``, ``attention_mask``, ``labels`` (padded with
+-100) and optionally ``decoder_input_ids`` (otherwise derived from ``labels`` by
+the model's own right shift, as Hugging Face does) and ``decoder_attention_mask``.
+Batch keys (causal LM): ``input_ids``, ``attention_mask``, ``labels`` aligned with
+``input_ids`` (Hugging Face convention, -100 on the prompt and padding); the
+model's :meth:`HFTextModel.target_labels` shifts them to align with the logits.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kdcore.errors import KDUserError
+from kdcore.interfaces import Batch, BuildContext, Model, ModelFactory, Student, Teacher
+from kdcore.signals import Signal, SignalRequest, Signals
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class HFTextModel:
+    """Shared behaviour of the text teacher and student (mixed in before Teacher/Student).
+
+    ``hf_model`` is the wrapped transformers model, ``tokenizer`` an optional
+    Hugging Face tokenizer (kept for decoding and vocabulary checks; not a module).
+    """
+
+    hf_model: Any
+    tokenizer: Any
+
+    def _init_text_model(self, hf_model: Any, tokenizer: Any = None) -> None:
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        config = hf_model.config
+        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        generation = getattr(hf_model, "generation_config", None)
+
+        def pick(name: str) -> int | None:
+            value = getattr(config, name, None)
+            if value is None and generation is not None:
+                value = getattr(generation, name, None)
+            if value is None and tokenizer is not None:
+                value = getattr(tokenizer, name, None)
+            if isinstance(value, (list, tuple)):  # some configs list several eos ids; the first ends a sequence
+                value = value[0] if value else None
+            return None if value is None else int(value)
+
+        self.eos_token_id = pick("eos_token_id")
+        self.pad_token_id = pick("pad_token_id")
+        if self.pad_token_id is None:
+            # GPT-style models have no pad token; any id works as padding because padded
+            # positions are masked everywhere (attention mask, -100 labels).
+            self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
+        start = pick("decoder_start_token_id")
+        self.decoder_start_token_id = start if start is not None else self.pad_token_id
+
+    # ------------------------------------------------------------------ shapes and labels
+    @property
+    def vocab_size(self) -> int:
+        """Size of the output distribution (rows of the LM head)."""
+        return int(self.hf_model.get_output_embeddings().weight.shape[0])
+
+    def decoder_inputs_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for ``labels`` (-100 padded): the model's own right shift (seq2seq only)."""
+        prepare = getattr(self.hf_model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is not None:
+            return prepare(labels=labels)
+        shifted = labels.new_full(labels.shape, self.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == IGNORE_INDEX, self.pad_token_id)
+
+    def target_labels(self, batch: Batch) -> torch.Tensor:
+        """Labels aligned with the logits this model returns (``-100`` = no target)."""
+        labels = batch["labels"]
+        if self.is_encoder_decoder:
+            return labels
+        # Causal LM: logits at position t predict token t+1 (the shift Hugging Face does inside its loss).
+        return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+    # ------------------------------------------------------------------ output projection
+    def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight (V, H), bias (V,) or None)`` with ``logits = final_hidden @ weight.T + bias``."""
+        config = self.hf_model.config
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            raise KDUserError(
+                f"The {type(self.hf_model).__name__} model caps its logits with tanh (final_logit_softcapping = "
+                f"{config.final_logit_softcapping}), so they are not a linear function of the final hidden state and "
+                f"the fused objective path cannot be used. Set the method's 'fused' option to false.")
+        head = self.hf_model.get_output_embeddings()
+        weight = head.weight
+        if getattr(config, "scale_decoder_outputs", False):
+            # T5 with tied embeddings multiplies the decoder output by d_model**-0.5 before the
+            # LM head; (h * s) @ W.T == h @ (s * W).T, so the scale is folded into the weight.
+            weight = weight * (config.d_model ** -0.5)
+        bias = getattr(head, "bias", None)
+        final_logits_bias = getattr(self.hf_model, "final_logits_bias", None)  # Marian, BART, Pegasus, ...
+        if final_logits_bias is not None:
+            final_logits_bias = final_logits_bias.reshape(-1)
+            bias = final_logits_bias if bias is None else bias + final_logits_bias
+        return weight, bias
+
+    def logits_from_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head applied to ``final_hidden`` (what the wrapped model's forward returns as logits)."""
+        weight, bias = self.output_projection()
+        return F.linear(final_hidden, weight.to(final_hidden.dtype), None if bias is None else bias.to(final_hidden.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def _decoder_pass(self, batch: Batch, want_hidden: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Final hidden state (before the LM head) and, if asked, all decoder hidden states."""
+        model = self.hf_model
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        if self.is_encoder_decoder:
+            decoder_input_ids = batch.get("decoder_input_ids")
+            if decoder_input_ids is None:
+                if batch.get("labels") is None:
+                    raise ValueError("a seq2seq batch needs 'labels' or 'decoder_input_ids'")
+                decoder_input_ids = self.decoder_inputs_from_labels(batch["labels"])
+            encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            # The decoder stack alone (not the full model) so the LM head runs only when logits are wanted.
+            decoder_outputs = model.get_decoder()(
+                input_ids=decoder_input_ids,
+                attention_mask=batch.get("decoder_attention_mask"),
+                encoder_hidden_states=encoder_outputs.last_hidden_state,
+                encoder_attention_mask=attention_mask,
+                output_hidden_states=want_hidden,
+                use_cache=False,
+                return_dict=True,
+            )
+            return decoder_outputs.last_hidden_state, decoder_outputs.hidden_states
+        outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden,
+                                   use_cache=False, return_dict=True)
+        return outputs.last_hidden_state, outputs.hidden_states
+
+    def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        """Logits / decoder hidden states / final hidden + output projection, as requested."""
+        want_hidden = request.wants(Signal.HIDDEN_STATES)
+        final_hidden, hidden_states = self._decoder_pass(batch, want_hidden)
+        signals = Signals()
+        if request.wants(Signal.LOGITS):
+            signals.logits = self.logits_from_hidden(final_hidden)
+        if want_hidden and hidden_states is not None:
+            layers = request.hidden_layers
+            signals.hidden_states = tuple(hidden_states) if layers is None else tuple(hidden_states[i] for i in layers)
+        if request.wants(Signal.FINAL_HIDDEN):
+            signals.final_hidden = final_hidden
+            signals.output_weight, signals.output_bias = self.output_projection()
+        return signals
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        """sha256 over parameter names, shapes and values: identifies the weights (cache keys)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.hf_model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save the transformers model (and tokenizer, when there is one) in Hugging Face layout."""
+        self.hf_model.save_pretrained(str(directory))
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(directory))
+
+
+class TextTeacher(HFTextModel, Teacher):
+    """A frozen transformers seq2seq or causal LM."""
+
+    def __init__(self, hf_model: Any, tokenizer: Any = None) -> None:
+        super().__init__()
+        self._init_text_model(hf_model, tokenizer)
+
+
+class TextStudent(HFTextModel, Student):
+    """A trainable transformers seq2seq or causal LM."""
+
+    def __init__(self, hf_model: Any, tokenizer: Any = None) -> None:
+        super().__init__()
+        self._init_text_model(hf_model, tokenizer)
+
+
+# ---------------------------------------------------------------------- vocabulary checks
+
+
+def _vocab_of(model: HFTextModel) -> dict[str, int] | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return None
+    return dict(tokenizer.get_vocab())
+
+
+def check_vocab_compatible(teacher: Model, student: Model, *, cross_tokenizer: bool = False, where: str = "") -> None:
+    """Raise :class:`KDUserError` when teacher and student do not share a vocabulary.
+
+    Token-level objectives compare distributions id by id, so both models need the
+    same output size and, when both carry a tokenizer, the same token -> id map.
+    ``cross_tokenizer=True`` (an objective that aligns different vocabularies) skips
+    the check. ``where`` names the config key for the message.
+    """
+    if cross_tokenizer or not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
+        return
+    context = f" ({where})" if where else ""
+    if teacher.vocab_size != student.vocab_size:
+        raise KDUserError(
+            f"Teacher and student vocabularies differ{context}: the teacher predicts {teacher.vocab_size} tokens, the "
+            f"student {student.vocab_size}. Token-level distillation compares the two distributions id by id, so build "
+            f"the student with the teacher's tokenizer (student.args.tokenizer = the teacher's directory) or use a "
+            f"cross-tokenizer objective.")
+    teacher_vocab, student_vocab = _vocab_of(teacher), _vocab_of(student)
+    if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
+        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:3]
+        raise KDUserError(
+            f"Teacher and student tokenizers differ{context}: same size ({teacher.vocab_size}) but different token ids, "
+            f"e.g. {differing}. Build the student with the teacher's tokenizer (student.args.tokenizer) or use a "
+            f"cross-tokenizer objective.")
+
+
+# ---------------------------------------------------------------------- factories
+
+
+class TextModelConfig(BaseModel):
+    """Where a text model comes from: pretrained weights (``source``) or an architecture (``config``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(None, description="local directory or hub id of pretrained weights")
+    config: dict[str, Any] | None = Field(
+        None, description="transformers config dict with 'model_type' (e.g. marian, bart, t5, gpt2): random init")
+    tokenizer: str | None = Field(
+        None, description="tokenizer directory, tokenizer.json file or hub id; default: the source's, else the task's")
+    local_files_only: bool = Field(True, description="never download (set false to allow hub downloads)")
+    trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "TextModelConfig":
+        if (self.source is None) == (self.config is None):
+            raise ValueError("give exactly one of 'source' (pretrained weights) or 'config' (an architecture to "
+                             "initialise randomly)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("'config' needs a 'model_type' key (e.g. 'marian', 'bart', 't5', 'gpt2')")
+        return self
+
+
+def load_tokenizer(spec: str, *, local_files_only: bool = True, trust_remote_code: bool = False,
+                   revision: str | None = None) -> Any:
+    """A Hugging Face tokenizer from a directory, a ``tokenizer.json`` file or a hub id."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        return AutoTokenizer.from_pretrained(spec, local_files_only=local_files_only,
+                                             trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as error:
+        raise KDUserError(
+            f"Could not load the tokenizer '{spec}': {error}. Give a directory with tokenizer files, a "
+            f"tokenizer.json file, or (with local_files_only: false) a hub id.") from error
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _special_ids_from_tokenizer(tokenizer: Any) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            ids[name] = int(value)
+    return ids
+
+
+def _build_hf_model(config: TextModelConfig, context: BuildContext, causal: bool, key: str) -> tuple[Any, Any]:
+    """The transformers model and its tokenizer (or None) for ``config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
+    role = key.split(".")[0]
+    other = (f" If it is an encoder-decoder model, use the 'seq2seq' {role} instead." if causal
+             else f" If it is a decoder-only model, use the 'causal-lm' {role} instead.")
+    tokenizer = None
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer, local_files_only=config.local_files_only,
+                                   trust_remote_code=config.trust_remote_code, revision=config.revision)
+    if config.source is not None:
+        try:
+            model = auto.from_pretrained(config.source, local_files_only=config.local_files_only,
+                                         trust_remote_code=config.trust_remote_code, revision=config.revision,
+                                         dtype=_DTYPES[config.dtype])
+        except (OSError, ValueError) as error:
+            hint = (" It is not in the local Hugging Face cache; set local_files_only: false to download it, or give a "
+                    "local directory." if config.local_files_only else "")
+            raise KDUserError(f"Could not load the model {key}.source = '{config.source}' with {auto.__name__}: "
+                              f"{error}.{hint}{other}") from error
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(config.source, local_files_only=config.local_files_only,
+                                           trust_remote_code=config.trust_remote_code, revision=config.revision)
+            except KDUserError:
+                log.info("No tokenizer found with %s; the task's tokenizer is used.", config.source)
+        return model, tokenizer or getattr(context.task, "tokenizer", None)
+
+    tokenizer = tokenizer or getattr(context.task, "tokenizer", None)
+    values = dict(config.config or {})
+    model_type = values.pop("model_type")
+    if tokenizer is not None:
+        # The architecture follows the tokenizer unless the config says otherwise.
+        values.setdefault("vocab_size", len(tokenizer))
+        for name, value in _special_ids_from_tokenizer(tokenizer).items():
+            values.setdefault(name, value)
+        if not causal:
+            values.setdefault("decoder_start_token_id", values.get("pad_token_id", values.get("bos_token_id")))
+    if "vocab_size" not in values:
+        raise KDUserError(f"{key}.config has no 'vocab_size' and no tokenizer is known (set {key}.tokenizer, or use a "
+                          f"task that provides one).")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **values)
+    except (KeyError, ValueError, TypeError) as error:
+        raise KDUserError(f"Invalid {key}.config for model_type '{model_type}': {error}") from error
+    if bool(getattr(hf_config, "is_encoder_decoder", False)) == causal:
+        raise KDUserError(f"{key}.config: model_type '{model_type}' is "
+                          f"{'an encoder-decoder' if causal else 'a decoder-only'} architecture.{other}")
+    # Seeded initialisation: the same run seed gives the same student.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(context.seed)
+        try:
+            model = auto.from_config(hf_config, trust_remote_code=config.trust_remote_code, dtype=_DTYPES[config.dtype])
+        except ValueError as error:
+            raise KDUserError(f"{key}.config: model_type '{model_type}' cannot be built with {auto.__name__}: "
+                              f"{error}{other}") from error
+    return model, tokenizer
+
+
+class _TextModelFactory(ModelFactory):
+    """Builds a :class:`TextTeacher` or :class:`TextStudent` (the role follows the registry kind)."""
+
+    Config: ClassVar[type[BaseModel]] = TextModelConfig
+    causal: ClassVar[bool] = False
+    role: ClassVar[Literal["teacher", "student"] | None] = None  # None: student iff context.teacher is set
+
+    def build(self, config: BaseModel, context: BuildContext) -> Model:
+        assert isinstance(config, TextModelConfig)
+        role = self.role or ("student" if context.teacher is not None else "teacher")
+        model, tokenizer = _build_hf_model(config, context, self.causal, f"{role}.args")
+        if bool(getattr(model.config, "is_encoder_decoder", False)) == self.causal:
+            kind = "an encoder-decoder" if self.causal else "a decoder-only"
+            raise KDUserError(f"{role}.args describes {kind} model ({type(model).__name__}); use the "
+                              f"'{'seq2seq' if self.causal else 'causal-lm'}' {role} instead of '{self.name}'.")
+        wrapper: Model = TextTeacher(model, tokenizer) if role == "teacher" else TextStudent(model, tokenizer)
+        return wrapper
+
+
+class Seq2SeqFactory(_TextModelFactory):
+    """Any ``AutoModelForSeq2SeqLM`` (Marian, BART, T5, ...) from weights or a config."""
+
+    name: ClassVar[str] = "seq2seq"
+    description: ClassVar[str] = "Encoder-decoder transformers model (Marian, BART, T5): local dir, hub id or config"
+
+
+class CausalLMFactory(_TextModelFactory):
+    """Any ``AutoModelForCausalLM`` from weights or a config."""
+
+    name: ClassVar[str] = "causal-lm"
+    description: ClassVar[str] = "Decoder-only transformers model (GPT-2, Llama, ...): local dir, hub id or config"
+    causal: ClassVar[bool] = True
+
+
+class Seq2SeqTeacherFactory(Seq2SeqFactory):
+    role: ClassVar[Literal["teacher", "student"] | None] = "teacher"
+
+
+class Seq2SeqStudentFactory(Seq2SeqFactory):
+    role: ClassVar[Literal["teacher", "student"] | None] = "student"
+
+
+class CausalLMTeacherFactory(CausalLMFactory):
+    role: ClassVar[Literal["teacher", "student"] | None] = "teacher"
+
+
+class CausalLMStudentFactory(CausalLMFactory):
+    role: ClassVar[Literal["teacher", "student"] | None] = "student"
+
+
+def marian_config(vocab_size: int | None = None, *, layers: tuple[int, int] = (2, 2), d_model: int = 256,
+                  heads: int = 4, ffn_dim: int | None = None, max_positions: int = 512, **extra: Any) -> dict[str, Any]:
+    """A ``config`` dict for a Marian model with ``layers = (encoder, decoder)`` (e.g. a 2+2 student, 6+6 teacher)."""
+    values: dict[str, Any] = {
+        "model_type": "marian", "d_model": d_model, "encoder_layers": layers[0], "decoder_layers": layers[1],
+        "encoder_attention_heads": heads, "decoder_attention_heads": heads,
+        "encoder_ffn_dim": ffn_dim or 4 * d_model, "decoder_ffn_dim": ffn_dim or 4 * d_model,
+        "max_position_embeddings": max_positions, "scale_embedding": True, "share_encoder_decoder_embeddings": True,
+    }
+    if vocab_size is not None:
+        values["vocab_size"] = vocab_size
+    values.update(extra)
+    return values
+
+
+__all__ = [
+    "CausalLMFactory", "CausalLMStudentFactory", "CausalLMTeacherFactory", "HFTextModel", "IGNORE_INDEX",
+    "Seq2SeqFactory", "Seq2SeqStudentFactory", "Seq2SeqTeacherFactory", "TextModelConfig", "TextStudent",
+    "TextTeacher", "check_vocab_compatible", "load_tokenizer", "marian_config",
+]
