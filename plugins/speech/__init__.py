@@ -1,0 +1,1 @@
+"""Speech teachers, students and methods (GenDistiller, DistilHuBERT)."""

@@ -1,0 +1,313 @@
+"""GenDistiller (Gao, Zhang, Deng and Feng; arXiv 2310.13418, 2406.09444): generate the teacher's layers.
+
+A small student *generates* the chosen teacher layers (e.g. 4, 8, 12) one
+after another. It has DistilHuBERT's front end (shared code, see
+:mod:`kd_plugins.speech.students`) and a generator: transformer layers over a
+sequence of (layer, time) positions, block by block::
+
+    block 0 input: the front-end features x0        -> predicts teacher layer 4
+    block 1 input: teacher layer 4 (or its prediction) -> predicts layer 8
+    block 2 input: teacher layer 8 (or its prediction) -> predicts layer 12
+
+Each block's input gets a learned layer embedding (which layer to produce).
+Attention is causal across layers and full across time: position (l, t) may
+attend to (l', t') iff l' <= l (the current block sees itself fully, because
+its input - the previous layer - is known in full; ``current_block_attention:
+same_time`` restricts it to (l, t) itself). The prediction of a block is
+``skip + output_projection(generator output)`` where ``skip`` is the block's
+input in teacher space: the generator learns what a layer adds to the previous
+one (the paper's skip connection plus output projection).
+
+Training uses teacher forcing (teacher layers as the inputs: one parallel pass
+with the block-causal mask), optionally with scheduled sampling; inference
+generates autoregressively: block l attends to the cached inputs of blocks
+< l at every generator layer, which gives exactly the teacher-forcing result
+when fed the same inputs (tests/speech_students/test_gendistiller.py).
+Assumptions where the paper is silent are listed in docs/speech-methods.md.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, Field, PositiveInt, model_validator
+from torch import nn
+
+from kdcore.errors import KDUserError
+from kdcore.interfaces import Batch, BuildContext, Method, ModelFactory, StepOutput
+from kdcore.signals import SignalRequest, Signals
+from kd_plugins.speech.distilhubert import seeded
+from kd_plugins.speech.students import (
+    HIDDEN_STATES_REQUEST, PAPER_TRAINER, WAVLM_BASE_PLUS_CONFIG, HiddenLossConfig, SpeechStudent,
+    SpeechStudentConfig, align_frames, frame_signals, init_from_teacher, make_layers,
+    resolve_target_layers, resolve_teacher_dim, teacher_layers, weighted_layer_losses,
+)
+
+CurrentBlockAttention = Literal["full", "same_time"]
+
+
+def block_causal_mask(num_blocks: int, frames: int, current_block: CurrentBlockAttention = "full",
+                      device: torch.device | None = None) -> torch.Tensor:
+    """``(num_blocks * frames)``-square bool matrix, True where query (l, t) may attend to key (l', t').
+
+    Positions are ordered block-major: index ``l * frames + t``. Allowed iff
+    ``l' < l``, or ``l' == l`` and (``current_block == "full"`` or ``t' == t``).
+    """
+    block = torch.arange(num_blocks * frames, device=device) // frames
+    time = torch.arange(num_blocks * frames, device=device) % frames
+    earlier = block[None, :] < block[:, None]
+    same_block = block[None, :] == block[:, None]
+    if current_block == "full":
+        return earlier | same_block
+    return earlier | (same_block & (time[None, :] == time[:, None]))
+
+
+def attention_masks(allowed: torch.Tensor, key_valid: torch.Tensor, num_heads: int
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(attn_mask, key_padding_mask)`` for ``nn.MultiheadAttention`` (True = blocked) from the allowed
+    ``(Tq, Tk)`` pattern and the valid keys ``(B, Tk)``.
+
+    A query left with no valid key (a padding frame that may only see itself,
+    with ``same_time``) would give an all ``-inf`` softmax row, i.e. NaN that
+    then leaks through the values; such rows may see every key instead. Their
+    outputs are padding and never scored.
+    """
+    merged = allowed[None] & key_valid[:, None, :]
+    empty = ~merged.any(-1, keepdim=True)
+    if not bool(empty.any()):
+        return ~allowed, ~key_valid
+    return (~(merged | empty)).repeat_interleave(num_heads, 0), None
+
+
+class GenDistillerStudentConfig(SpeechStudentConfig):
+    """GenDistiller student: the shared front end and a block-causal generator over the target layers."""
+
+    num_layers: PositiveInt = Field(1, description="generator transformer layers")
+    ffn_dim: PositiveInt = Field(2304, description="generator feed-forward width (see docs/speech-methods.md)")
+    skip_connection: bool = Field(True, description="prediction = block input + output projection (paper)")
+    layer_embeddings: bool = Field(True, description="add a learned embedding of the layer being generated")
+    current_block_attention: CurrentBlockAttention = Field(
+        "full", description="'full': (l,t) sees all of block l; 'same_time': only (l,t) in its own block")
+    expose_front_end: bool = Field(
+        True, description="forward_signals also returns the front-end features as layer 0 (when widths match)")
+
+    @model_validator(mode="after")
+    def _check_generated(self) -> "GenDistillerStudentConfig":
+        if self.target_layers is not None and self.target_layers[0] == 0:
+            raise ValueError("GenDistiller generates transformer layers: target_layers must start above 0")
+        return self
+
+
+class GenDistillerStudent(SpeechStudent):
+    """Front end + generator of the teacher's target layers, block by block."""
+
+    def __init__(self, config: GenDistillerStudentConfig, teacher_dim: int,
+                 target_layers: Sequence[int] | None = None) -> None:
+        super().__init__(config, teacher_dim, target_layers)
+        if self.target_layers[0] == 0:
+            raise ValueError("GenDistiller generates transformer layers: target_layers must start above 0")
+        self.config: GenDistillerStudentConfig = config
+        hidden = config.hidden_size
+        self.generator = make_layers(config)
+        self.layer_embedding = nn.Embedding(len(self.target_layers), hidden) if config.layer_embeddings else None
+        widths_match = teacher_dim == hidden
+        # Teacher layers enter the generator through input_projection; x0 enters teacher space through
+        # skip_projection. Both are identities at the paper's sizes (768 = 768) and cost no parameters.
+        self.input_projection: nn.Module = nn.Identity() if widths_match else nn.Linear(teacher_dim, hidden)
+        self.skip_projection: nn.Module = (nn.Identity() if widths_match or not config.skip_connection
+                                           else nn.Linear(hidden, teacher_dim))
+        self.output_projection = nn.Linear(hidden, teacher_dim)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.target_layers)
+
+    def teacher_request(self) -> SignalRequest:
+        return super().teacher_request()  # inputs (all but the last target) are a subset of the targets
+
+    # ----------------------------------------------------------------------- one block's input and output
+
+    def _block_input(self, index: int, front_end: torch.Tensor, previous: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator input of block ``index`` and its skip source (teacher space)."""
+        if index == 0:
+            block, skip = front_end, self.skip_projection(front_end)
+        else:
+            assert previous is not None
+            block, skip = self.input_projection(previous), previous
+        if self.layer_embedding is not None:
+            block = block + self.layer_embedding.weight[index]
+        return block, skip
+
+    def _block_output(self, generated: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        prediction = self.output_projection(generated)
+        return prediction + skip if self.config.skip_connection else prediction
+
+    # ----------------------------------------------------------------------- the two ways to run it
+
+    def teacher_forced(self, front_end: torch.Tensor, frame_mask: torch.Tensor,
+                       previous_layers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Predictions of all target layers in one pass, given the inputs of blocks 1.. (``previous_layers``:
+        the teacher's layers in training, or any other choice of inputs, ``(B, T, teacher_dim)`` each)."""
+        if len(previous_layers) != self.num_blocks - 1:
+            raise ValueError(f"{self.num_blocks - 1} previous layers expected, got {len(previous_layers)}")
+        frames = front_end.shape[1]
+        blocks, skips = zip(*(self._block_input(index, front_end, previous_layers[index - 1] if index else None)
+                              for index in range(self.num_blocks)))
+        hidden = torch.cat(blocks, dim=1)
+        allowed = block_causal_mask(self.num_blocks, frames, self.config.current_block_attention, hidden.device)
+        attn_mask, padding = attention_masks(allowed, frame_mask.repeat(1, self.num_blocks), self.config.num_heads)
+        for layer in self.generator:
+            hidden = layer(hidden, key_padding_mask=padding, attn_mask=attn_mask)
+        return [self._block_output(generated, skip)
+                for generated, skip in zip(hidden.split(frames, dim=1), skips)]
+
+    def generate(self, front_end: torch.Tensor, frame_mask: torch.Tensor,
+                 teacher_inputs: list[torch.Tensor] | None = None, use_teacher: torch.Tensor | None = None
+                 ) -> list[torch.Tensor]:
+        """Autoregressive generation of all target layers.
+
+        Block ``l`` attends, at each generator layer, to that layer's cached
+        inputs of blocks ``< l`` (a cache of layer inputs: keys/values are
+        re-projected from it, which costs little for a handful of blocks).
+        With ``teacher_inputs`` and ``use_teacher`` ``(B, num_blocks - 1)``
+        bool, utterance ``b`` takes the teacher's layer as input of block
+        ``l + 1`` where ``use_teacher[b, l]`` (scheduled sampling).
+        """
+        frames = front_end.shape[1]
+        # Rows of the full mask that belong to one block: what block l's queries may see of blocks 0..l.
+        allowed_all = block_causal_mask(self.num_blocks, frames, self.config.current_block_attention,
+                                        front_end.device)
+        memory: list[torch.Tensor | None] = [None] * len(self.generator)
+        predictions: list[torch.Tensor] = []
+        for index in range(self.num_blocks):
+            previous = None
+            if index:
+                previous = predictions[-1]
+                if teacher_inputs is not None and use_teacher is not None:
+                    choose = use_teacher[:, index - 1].to(previous.device)[:, None, None]
+                    previous = torch.where(choose, teacher_inputs[index - 1].to(previous.dtype), previous)
+            hidden, skip = self._block_input(index, front_end, previous)
+            allowed = allowed_all[index * frames:(index + 1) * frames, :(index + 1) * frames]
+            attn_mask, key_padding = attention_masks(allowed, frame_mask.repeat(1, index + 1), self.config.num_heads)
+            for layer_index, layer in enumerate(self.generator):
+                layer_input = hidden
+                hidden = layer(hidden, memory=memory[layer_index], key_padding_mask=key_padding, attn_mask=attn_mask)
+                cached = memory[layer_index]
+                memory[layer_index] = layer_input if cached is None else torch.cat([cached, layer_input], dim=1)
+            predictions.append(self._block_output(hidden, skip))
+        return predictions
+
+    # ----------------------------------------------------------------------- Model API
+
+    def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        """The generated layers (autoregressive, as deployed), preceded by the front-end features when their
+        width equals the teacher's, and ``frame_mask``; ``extra["teacher_layers"]`` names each entry."""
+        front_end, frame_mask = self.features(batch)
+        generated = self.generate(front_end, frame_mask)
+        if self.config.expose_front_end and front_end.shape[-1] == generated[0].shape[-1]:
+            return frame_signals([front_end, *generated], frame_mask, teacher_layers=(0, *self.target_layers))
+        return frame_signals(generated, frame_mask, teacher_layers=tuple(self.target_layers))
+
+
+class GenDistillerStudentFactory(ModelFactory):
+    """Builds a GenDistiller student sized for the run's teacher, initialised from it when possible."""
+
+    name: ClassVar[str] = "gendistiller-student"
+    description: ClassVar[str] = ("GenDistiller student: HuBERT CNN front end + block-causal generator of the "
+                                  "teacher's layers")
+    Config: ClassVar[type[BaseModel]] = GenDistillerStudentConfig
+
+    def build(self, config: BaseModel, context: BuildContext) -> GenDistillerStudent:
+        assert isinstance(config, GenDistillerStudentConfig)
+        target_layers = resolve_target_layers(config, context.teacher)
+        teacher_dim = resolve_teacher_dim(config, context.teacher)
+        with seeded(context.seed):
+            student = GenDistillerStudent(config, teacher_dim, target_layers)
+        if context.teacher is not None:
+            # The generator's layers start as the teacher's first layers (DistilHuBERT's initialisation).
+            init_from_teacher(student.front_end, student.generator, context.teacher, config.init_from_teacher)
+        return student
+
+
+class GenDistillerConfig(HiddenLossConfig):
+    """Loss per generated layer and the scheduled-sampling schedule."""
+
+    sampling_start: float = Field(0.0, ge=0.0, le=1.0,
+                                  description="probability of feeding the student's own previous layer at step 0")
+    sampling_end: float = Field(0.0, ge=0.0, le=1.0, description="... at the last step")
+    sampling_schedule: Literal["constant", "linear"] = Field(
+        "linear", description="'linear': from sampling_start to sampling_end; 'constant': sampling_start")
+
+
+class GenDistillerMethod(Method):
+    """Teacher-forced generation of the target layers (optionally with scheduled sampling); loss per layer."""
+
+    name: ClassVar[str] = "gendistiller"
+    description: ClassVar[str] = ("GenDistiller (Gao et al. 2023): a small student generates the teacher's layers "
+                                  "autoregressively (causal across layers, full across time)")
+    Config: ClassVar[type[BaseModel]] = GenDistillerConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {
+            "teacher": {"name": "wavlm", "args": {"source": None, "config": dict(WAVLM_BASE_PLUS_CONFIG)}},
+            "student": {"name": "gendistiller-student",
+                        "args": {"hidden_size": 768, "num_layers": 1, "num_heads": 12, "ffn_dim": 2304,
+                                 "target_layers": [4, 8, 12], "init_from_teacher": True}},
+            "method": {"loss": "l1_logsigmoid_cos", "cos_weight": 1.0},
+            "trainer": dict(PAPER_TRAINER),
+        },
+    }
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {"student": {"name": "gendistiller-student"}}
+
+    def _speech_student(self) -> GenDistillerStudent:
+        if not isinstance(self.student, GenDistillerStudent):
+            raise KDUserError(f"--plugin gendistiller needs student 'gendistiller-student', got "
+                              f"{type(self.student).__name__}; set student.name: gendistiller-student.")
+        return self.student
+
+    def teacher_request(self) -> SignalRequest:
+        return self._speech_student().teacher_request()
+
+    def student_request(self) -> SignalRequest:
+        return HIDDEN_STATES_REQUEST
+
+    def sampling_probability(self, step: int) -> float:
+        """Probability that a block's input is the student's own previous layer at ``step``."""
+        config = self.config
+        if config.sampling_schedule == "constant" or self.total_steps <= 1:
+            return config.sampling_start
+        progress = min(1.0, step / (self.total_steps - 1))
+        return config.sampling_start + (config.sampling_end - config.sampling_start) * progress
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        """Teacher forcing: the teacher's layers are the inputs; each block's prediction is scored."""
+        student = self._speech_student()
+        teacher_signals = self.teacher.signals(batch, self.teacher_request())
+        targets = teacher_layers(teacher_signals, student.target_layers)
+        front_end, student_mask = student.features(batch)
+        frames, mask = align_frames(student_mask, teacher_signals.extra.get("frame_mask"), targets[0].shape[1],
+                                    self.config.max_frame_mismatch)
+        # The generator runs on the common frames; the teacher's inputs must have the student's time axis.
+        front_end, frame_mask = front_end[:, :frames], mask
+        inputs = [target[:, :frames].to(front_end.dtype) for target in targets[:-1]]
+        probability = self.sampling_probability(step)
+        if probability > 0 and inputs:
+            own = torch.rand(front_end.shape[0], len(inputs), device=front_end.device) < probability
+            with torch.no_grad():
+                generated = student.generate(front_end.detach(), frame_mask, inputs, use_teacher=~own)
+            inputs = [torch.where(own[:, index, None, None], generated[index], teacher)
+                      for index, teacher in enumerate(inputs)]
+        predictions = student.teacher_forced(front_end, frame_mask, inputs)
+        loss, parts = weighted_layer_losses(predictions, targets, student.target_layers, mask, self.config)
+        parts["sampling_prob"] = probability
+        return StepOutput(loss, parts)
+
+
+__all__ = [
+    "GenDistillerConfig", "GenDistillerMethod", "GenDistillerStudent", "GenDistillerStudentConfig",
+    "GenDistillerStudentFactory", "attention_masks", "block_causal_mask",
+]
