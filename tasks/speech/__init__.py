@@ -1,0 +1,1 @@
+"""Speech data: synthetic espeak-ng corpus, local corpora, audio I/O."""

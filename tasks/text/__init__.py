@@ -1,0 +1,1 @@
+"""Text data: embedded translation and summarization corpora, metrics."""
