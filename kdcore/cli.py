@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate the saved student of a run again")
     evaluate.add_argument("--run", required=True, help="the run directory (a kd run --out)")
     evaluate.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--source", help="your own test set: source text, one sentence per line")
+    evaluate.add_argument("--reference", help="your own test set: reference text, one sentence per line")
+    evaluate.add_argument("--file", dest="files", action="append", default=[], metavar="ROLE=PATH",
+                          help="another evaluation file role the task accepts (repeatable)")
     return parser
 
 
@@ -153,6 +157,25 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_files(args: argparse.Namespace) -> dict[str, Path]:
+    from kdcore.errors import KDUserError
+
+    files: dict[str, Path] = {}
+    pairs = [("source", args.source), ("reference", args.reference)]
+    for option in args.files:
+        role, sep, path = option.partition("=")
+        if not sep or not role or not path:
+            raise KDUserError(f"--file '{option}' is not of the form ROLE=PATH (e.g. --file source=test.en).")
+        pairs.append((role, path))
+    for role, path in pairs:
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise KDUserError(f"--{role} '{path}' does not exist or is not a file; pass a readable text file.")
+        files[role] = Path(path)
+    return files
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from kdcore import runner
     from kdcore.io import atomic_write_json
@@ -162,8 +185,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     registry = Registry.discover()
     resolved = resolve_saved_run(registry, run_dir, args.sets)
-    metrics = runner.evaluate_saved(resolved, run_dir)
-    atomic_write_json(run_dir / "eval.json", {"split": "test", "student": metrics})
+    files = _eval_files(args)
+    metrics = runner.evaluate_saved(resolved, run_dir, files)
+    split = {role: str(path) for role, path in files.items()} if files else "test"
+    name = "eval-files.json" if files else "eval.json"
+    atomic_write_json(run_dir / name, {"split": split, "student": metrics})
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}")
     return 0

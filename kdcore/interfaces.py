@@ -194,6 +194,20 @@ class Task(abc.ABC):
     def evaluate(self, model: Model, dataset: Sequence[Any], device: torch.device, batch_size: int) -> dict[str, float]:
         """Named metrics of ``model`` on ``dataset`` (must include ``self.metric``)."""
 
+    #: Roles of the user files :meth:`load_eval_files` accepts (e.g. ``("source", "reference")``).
+    eval_file_roles: ClassVar[tuple[str, ...]] = ()
+
+    def load_eval_files(self, files: Mapping[str, Path]) -> Sequence[Any]:
+        """Dataset items from a user's own files, for ``kd eval --run DIR --source F --reference F``.
+
+        ``files`` maps a role from :attr:`eval_file_roles` to a path. Tasks that
+        cannot read user files keep this default, which reports that clearly.
+        """
+        from kdcore.errors import KDUserError
+
+        raise KDUserError(f"Task '{self.name}' cannot evaluate on user files (got {sorted(files)}); "
+                          f"run 'kd eval --run DIR' without file options to score its own test split.")
+
 
 @dataclass
 class StepOutput:

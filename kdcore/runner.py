@@ -99,8 +99,12 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
     return metrics
 
 
-def evaluate_saved(resolved: ResolvedRun, run_dir: Path) -> dict[str, float]:
-    """Evaluate the saved (best, else last) student of ``run_dir`` on the test split again."""
+def evaluate_saved(resolved: ResolvedRun, run_dir: Path, files: dict[str, Path] | None = None) -> dict[str, float]:
+    """Evaluate the saved (best, else last) student of ``run_dir`` on the test split again.
+
+    With ``files`` (role -> path, e.g. source/reference), the task reads the user's
+    own evaluation set through :meth:`~kdcore.interfaces.Task.load_eval_files` instead.
+    """
     from kdcore.checkpoint import list_checkpoints
     from kdcore.errors import KDUserError
 
@@ -113,4 +117,11 @@ def evaluate_saved(resolved: ResolvedRun, run_dir: Path) -> dict[str, float]:
         weights = checkpoints[-1] / "student.safetensors"
     load_weights(built.student, weights)
     batch_size = resolved.config.trainer.eval_batch_size or resolved.config.trainer.batch_size
-    return evaluate_model(built, built.student, splits.test, batch_size)
+    unknown = sorted(set(files or {}) - set(built.task.eval_file_roles))
+    if unknown and built.task.eval_file_roles:
+        raise KDUserError(f"Task '{built.task.name}' does not take evaluation files {unknown}; it takes "
+                          f"{', '.join('--' + role for role in built.task.eval_file_roles)}.")
+    dataset = built.task.load_eval_files(files) if files else splits.test
+    if len(dataset) == 0:
+        raise KDUserError(f"The evaluation set is empty (files: {files or 'the task test split'}).")
+    return evaluate_model(built, built.student, dataset, batch_size)

@@ -10,7 +10,6 @@ kdcore's modules are imported when first used, so this module imports without th
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Literal
 
 import torch
@@ -22,9 +21,8 @@ from kd_plugins.text.models import HFTextModel
 
 DivergenceKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
-# With "auto", the fused path is taken from this vocabulary size up: below it the dense
-# (B, T, V) logits are small and the plain path is simpler and at least as fast.
-FUSED_AUTO_MIN_VOCAB = 32_000
+# "auto" takes the fused path from the same vocabulary size as kdcore's objectives (one threshold).
+from kdcore.objectives.library import FUSED_AUTO_MIN_VOCAB  # noqa: E402
 
 LOGITS = SignalRequest(frozenset({Signal.LOGITS}))
 FINAL_HIDDEN = SignalRequest(frozenset({Signal.FINAL_HIDDEN}))
@@ -49,7 +47,7 @@ class DivergenceOptions(BaseModel):
 def use_fused(options: DivergenceOptions, student: HFTextModel) -> bool:
     """Whether ``options`` select the fused path for this student."""
     if options.fused == "auto":
-        return student.vocab_size >= FUSED_AUTO_MIN_VOCAB and importlib.util.find_spec("kdcore.fused") is not None
+        return student.vocab_size >= FUSED_AUTO_MIN_VOCAB
     return bool(options.fused)
 
 

@@ -75,3 +75,11 @@ def test_eval_reproduces_the_final_student_metrics(tmp_path: Path, run_kd) -> No
     assert result.returncode == 0, result.stderr
     again = json.loads((out / "eval.json").read_text())["student"]
     assert again == json.loads((out / "metrics.json").read_text())["student"]
+    # The toy task reads no user files: a clear message, exit 2, nothing written.
+    source = tmp_path / "src.txt"
+    source.write_text("a\n")
+    refused = run_kd("eval", "--run", str(out), "--source", str(source), "--reference", str(source), cwd=tmp_path)
+    assert refused.returncode == 2 and "cannot evaluate on user files" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (out / "eval-files.json").exists()
+    missing = run_kd("eval", "--run", str(out), "--source", str(tmp_path / "nope.txt"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr
