@@ -14,7 +14,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,8 @@ class RunContext:
 class EpochSampler:
     """A seeded permutation per epoch; its position is part of the checkpoint."""
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int,
+                 epoch_batches: Callable[[torch.Generator], list[list[int]] | None] | None = None) -> None:
         if size == 0:
             raise KDUserError("The training set is empty: there is nothing to distil on. Check the task's data config.")
         self.size = size
@@ -104,19 +105,31 @@ class EpochSampler:
         self.seed = seed
         self.epoch = 0
         self.position = 0
-        self._order = self._permutation()
+        self._epoch_batches = epoch_batches
+        self._batches = self._epoch()
 
-    def _permutation(self) -> list[int]:
+    def _epoch(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
+        if self._epoch_batches is not None:
+            batches = self._epoch_batches(generator)
+            if batches is not None:
+                batches = [batch for batch in batches if batch]
+                if not batches:
+                    raise KDUserError("The task's epoch_batches() returned no batches for a non-empty training set.")
+                return batches
+        order = torch.randperm(self.size, generator=generator).tolist()
+        # Drop the ragged tail: every step sees a full batch.
+        return [order[start:start + self.batch_size]
+                for start in range(0, self.size - self.batch_size + 1, self.batch_size)]
 
     def next_indices(self) -> list[int]:
-        if self.position + self.batch_size > self.size:  # drop the ragged tail: equal-sized steps
+        """The next batch's dataset indices (``position`` counts batches within the epoch)."""
+        if self.position >= len(self._batches):
             self.epoch += 1
             self.position = 0
-            self._order = self._permutation()
-        indices = self._order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
+            self._batches = self._epoch()
+        indices = self._batches[self.position]
+        self.position += 1
         return indices
 
     def state(self) -> dict[str, int]:
@@ -124,7 +137,7 @@ class EpochSampler:
 
     def restore(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation()
+        self._batches = self._epoch()
 
 
 def evaluate_model(built: BuiltRun, model: Model, dataset: Sequence[Any], batch_size: int) -> dict[str, float]:
@@ -191,7 +204,10 @@ class Trainer:
         optimizer = self._optimizer()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, trainer_config))
         scaler = torch.amp.GradScaler("cuda", enabled=self.autocast == torch.float16)
-        sampler = EpochSampler(len(self.splits.train), trainer_config.batch_size, config.seed)
+        train = self.splits.train
+        sampler = EpochSampler(
+            len(train), trainer_config.batch_size, config.seed,
+            lambda generator: self.built.task.epoch_batches(train, trainer_config.batch_size, generator))
         state: dict[str, Any] = {"best_metric": None, "best_step": None, "train_seconds": 0.0,
                                  "nonfinite_steps": 0, "consecutive_nonfinite": 0}
         step = 0

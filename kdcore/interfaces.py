@@ -194,6 +194,15 @@ class Task(abc.ABC):
     def evaluate(self, model: Model, dataset: Sequence[Any], device: torch.device, batch_size: int) -> dict[str, float]:
         """Named metrics of ``model`` on ``dataset`` (must include ``self.metric``)."""
 
+    def epoch_batches(self, dataset: Sequence[Any], batch_size: int,
+                      generator: torch.Generator) -> list[list[int]] | None:
+        """One epoch's training batches as lists of dataset indices, or None for a plain shuffle.
+
+        Override for e.g. length-bucketed batches (speech). Use only ``generator``
+        for randomness so the order is reproducible and resumable.
+        """
+        return None
+
     #: Roles of the user files :meth:`load_eval_files` accepts (e.g. ``("source", "reference")``).
     eval_file_roles: ClassVar[tuple[str, ...]] = ()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from kdcore import runner
@@ -48,6 +49,23 @@ def _registry_with(plugin: Any) -> Registry:
     registry = Registry.discover(entry_points=False)
     registry.register_plugin(plugin, name="test-plugin", source="tests")
     return registry
+
+
+def test_task_epoch_batches_drive_the_sampler_and_resume() -> None:
+    def buckets(generator: torch.Generator) -> list[list[int]]:
+        # two "length buckets", shuffled by the generator the sampler seeds per epoch
+        short, long = [0, 1, 2, 3], [4, 5, 6]
+        order = torch.randperm(2, generator=generator).tolist()
+        return [[short, long][i] for i in order]
+
+    sampler = EpochSampler(size=7, batch_size=4, seed=1, epoch_batches=buckets)
+    seen = [sorted(sampler.next_indices()) for _ in range(4)]
+    assert seen[0:2] in ([[0, 1, 2, 3], [4, 5, 6]], [[4, 5, 6], [0, 1, 2, 3]])
+    assert sorted(map(tuple, seen[2:4])) == [(0, 1, 2, 3), (4, 5, 6)]
+    state = sampler.state()
+    resumed = EpochSampler(size=7, batch_size=4, seed=1, epoch_batches=buckets)
+    resumed.restore(state)
+    assert [resumed.next_indices() for _ in range(3)] == [sampler.next_indices() for _ in range(3)]
 
 
 def test_gradient_accumulation_matches_a_large_batch(tmp_path: Path) -> None:
