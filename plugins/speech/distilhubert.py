@@ -99,6 +99,11 @@ def seeded(seed: int):  # noqa: ANN201 - a context manager
         yield
 
 
+#: The paper's student (23.49M without the heads with a WavLM Base+/HuBERT Base teacher).
+PAPER_STUDENT_ARGS: dict[str, Any] = {"hidden_size": 768, "num_layers": 2, "num_heads": 12, "ffn_dim": 3072,
+                                      "target_layers": [4, 8, 12], "init_from_teacher": True}
+
+
 class DistilHubertMethod(Method):
     """Predict the target teacher layers with one head each; sum of per-layer hidden-state losses."""
 
@@ -109,17 +114,20 @@ class DistilHubertMethod(Method):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {
             "teacher": {"name": "wavlm", "args": {"source": None, "config": dict(WAVLM_BASE_PLUS_CONFIG)}},
-            "student": {"name": "distilhubert-student",
-                        "args": {"hidden_size": 768, "num_layers": 2, "num_heads": 12, "ffn_dim": 3072,
-                                 "target_layers": [4, 8, 12], "init_from_teacher": True}},
+            "student": {"name": "distilhubert-student", "args": dict(PAPER_STUDENT_ARGS)},
             "method": {"loss": "l1_logsigmoid_cos", "cos_weight": 1.0},
             "trainer": dict(PAPER_TRAINER),
         },
+        # Real Base teachers (the superb task's presets of the same names pick the checkpoint): paper sizes.
+        "wavlm-base-plus": {"student": {"name": "distilhubert-student", "args": dict(PAPER_STUDENT_ARGS)}},
+        "hubert-base": {"student": {"name": "distilhubert-student", "args": dict(PAPER_STUDENT_ARGS)}},
     }
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"student": {"name": "distilhubert-student"}}
+        # Sized for the superb task's default teacher (Whisper tiny.en encoder, 384 wide): FFN 4x the width as
+        # in DistilHuBERT (3072 = 4 x 768); GenDistiller's default keeps the papers' 2304 : 3072 ratio.
+        return {"student": {"name": "distilhubert-student", "args": {"num_layers": 2, "ffn_dim": 1536}}}
 
     def _speech_student(self) -> DistilHubertStudent:
         if not isinstance(self.student, DistilHubertStudent):

@@ -241,6 +241,11 @@ class GenDistillerConfig(HiddenLossConfig):
         "linear", description="'linear': from sampling_start to sampling_end; 'constant': sampling_start")
 
 
+#: The paper-sized student for a WavLM Base+/HuBERT Base teacher (<= 16.4M, docs/speech-methods.md).
+PAPER_STUDENT_ARGS: dict[str, Any] = {"hidden_size": 768, "num_layers": 1, "num_heads": 12, "ffn_dim": 2304,
+                                      "target_layers": [4, 8, 12], "init_from_teacher": True}
+
+
 class GenDistillerMethod(Method):
     """Teacher-forced generation of the target layers (optionally with scheduled sampling); loss per layer."""
 
@@ -251,17 +256,20 @@ class GenDistillerMethod(Method):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {
             "teacher": {"name": "wavlm", "args": {"source": None, "config": dict(WAVLM_BASE_PLUS_CONFIG)}},
-            "student": {"name": "gendistiller-student",
-                        "args": {"hidden_size": 768, "num_layers": 1, "num_heads": 12, "ffn_dim": 2304,
-                                 "target_layers": [4, 8, 12], "init_from_teacher": True}},
+            "student": {"name": "gendistiller-student", "args": dict(PAPER_STUDENT_ARGS)},
             "method": {"loss": "l1_logsigmoid_cos", "cos_weight": 1.0},
             "trainer": dict(PAPER_TRAINER),
         },
+        # Real Base teachers (the superb task's presets of the same names pick the checkpoint): paper sizes.
+        "wavlm-base-plus": {"student": {"name": "gendistiller-student", "args": dict(PAPER_STUDENT_ARGS)}},
+        "hubert-base": {"student": {"name": "gendistiller-student", "args": dict(PAPER_STUDENT_ARGS)}},
     }
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"student": {"name": "gendistiller-student"}}
+        # Sized for the superb task's default teacher (Whisper tiny.en encoder, 384 wide): FFN 3x the width,
+        # the papers' ratio to DistilHuBERT's FFN (2304 : 3072).
+        return {"student": {"name": "gendistiller-student", "args": {"num_layers": 1, "ffn_dim": 1152}}}
 
     def _speech_student(self) -> GenDistillerStudent:
         if not isinstance(self.student, GenDistillerStudent):

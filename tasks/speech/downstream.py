@@ -209,7 +209,8 @@ def train_utterance_classifier(pooled: torch.Tensor, labels: torch.Tensor, num_c
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.tensor(_subset(pooled.shape[0], config.max_train_items, generator))
     pooled, labels = pooled[chosen], labels[chosen]
-    with torch.random.fork_rng(devices=[]):
+    # enable_grad: the runner evaluates under no_grad, but the heads are trained here.
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         model = UtteranceClassifier(pooled.shape[1], pooled.shape[2], num_classes, config)
         optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -314,7 +315,7 @@ def train_ctc_head(frames: Sequence[torch.Tensor], texts: Sequence[str], config:
     texts = [texts[i] for i in chosen]
     vocabulary = CharVocabulary(texts)
     targets = [torch.tensor(vocabulary.encode(text), dtype=torch.long) for text in texts]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         model = CTCHead(frames[0].shape[0], frames[0].shape[2], len(vocabulary), config)
         optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
