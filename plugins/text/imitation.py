@@ -198,6 +198,12 @@ class ImitationKD(Method):
                               "in the student's batch layout.")
         check_vocab_compatible(teacher, student, where="plugin 'imitation'")
         warn_unused_objectives(objectives, self.name)
+        # A null exponential base is the task's (wmt 200, summarization 10): one default per task, and
+        # the other plugins' configs stay free of ImitKD keys.
+        self.schedule = config.schedule.for_task(task)
+        if self.schedule.kind == "exponential":
+            log.info("ImitKD β schedule: %g^(-t/T)%s.", self.schedule.base,
+                     "" if config.schedule.base is not None else f" (task '{getattr(task, 'name', '?')}' default)")
         # None: draw from torch's global RNG, which the engine seeds and checkpoints (resumable runs).
         self.generator: torch.Generator | None = None
 
@@ -209,7 +215,7 @@ class ImitationKD(Method):
 
     def beta(self, step: int) -> float:
         """β_t for 0-based optimiser step ``step``."""
-        return self.config.schedule.beta(step, self.total_steps)
+        return self.schedule.beta(step, self.total_steps)
 
     def replacement_mask(self, batch_size: int, beta: float) -> torch.Tensor:
         """Per sequence, True (replace by the student's output) with probability 1 − β."""

@@ -20,6 +20,7 @@ package) so that test documents come from packages never seen in training.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -362,8 +363,13 @@ def split_by_unit(records: Sequence[dict[str, str]], valid_size: int, test_size:
     return splits, info
 
 
-def summarization_corpus_dir(cache_dir: Path) -> Path:
-    return cache_dir / "data" / "summarization" / "docstrings"
+def summarization_corpus_dir(cache_dir: Path, packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
+    """Cache folder of the corpus; other package lists get their own folder so they never evict the default."""
+    base = cache_dir / "data" / "summarization"
+    if tuple(packages) == DEFAULT_PACKAGES:
+        return base / "docstrings"
+    key = hashlib.sha256("\0".join(packages).encode("utf-8")).hexdigest()[:12]
+    return base / f"docstrings-{key}"
 
 
 def load_summarization_corpus(cache_dir: str | Path | None = None, *,
@@ -377,7 +383,7 @@ def load_summarization_corpus(cache_dir: str | Path | None = None, *,
     Packages that are not installed are skipped (their version is recorded as null).
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
-    directory = summarization_corpus_dir(cache_dir)
+    directory = summarization_corpus_dir(cache_dir, packages)
     versions = {package: package_version(package) for package in packages}
     if not any(versions.values()):
         raise KDUserError(f"None of the packages {list(packages)} is installed, so there are no docstrings to "

@@ -26,7 +26,17 @@ def test_exponential_base_10_for_summarization(step: int, expected: float) -> No
 
 def test_exponential_is_the_default_with_base_200() -> None:
     schedule = BetaSchedule()
-    assert schedule.kind == "exponential" and schedule.base == 200.0
+    assert schedule.kind == "exponential" and schedule.base is None
+    assert schedule.beta(10, 20) == pytest.approx(200.0 ** -0.5, rel=1e-12)
+
+
+def test_null_base_takes_the_task_default() -> None:
+    class Summarization:
+        imitation_beta_base = 10.0
+
+    assert BetaSchedule().for_task(Summarization()).base == 10.0
+    assert BetaSchedule().for_task(object()).base == 200.0
+    assert BetaSchedule(base=50.0).for_task(Summarization()).base == 50.0
 
 
 def test_linear_and_constant() -> None:

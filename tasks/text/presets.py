@@ -1,0 +1,59 @@
+"""Default run settings and presets of the text tasks (one place, so wmt and summarization stay aligned)."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from kd_plugins.text.models import marian_config
+
+#: The student of every default: a 2+2-layer d=256 Marian (vocabulary from the task's tokenizer).
+STUDENT = {"name": "seq2seq", "args": {"config": marian_config(layers=(2, 2), d_model=256, heads=4)}}
+
+_TRAINER: dict[str, dict[str, Any]] = {
+    "wmt": {"max_steps": 600, "batch_size": 64, "eval_batch_size": 100, "lr": 1e-3, "warmup_steps": 50,
+            "eval_every": 200, "checkpoint_every": 200, "log_every": 20},
+    "summarization": {"max_steps": 400, "batch_size": 32, "eval_batch_size": 50, "lr": 1e-3, "warmup_steps": 40,
+                      "eval_every": 200, "checkpoint_every": 200, "log_every": 20},
+}
+
+_TINY: dict[str, dict[str, Any]] = {
+    "wmt": {"data": {"max_train": 400, "max_valid": 16, "max_test": 24, "vocab_size": 600, "eval_beams": [1, 2]}},
+    "summarization": {"data": {"packages": ["stdlib"], "valid_size": 16, "test_size": 24, "max_train": 300,
+                               "vocab_size": 800, "max_source_tokens": 64, "max_target_tokens": 24,
+                               "eval_beams": [1, 2]}},
+}
+
+_HUB: dict[str, dict[str, dict[str, Any]]] = {
+    "wmt": {"opus-mt-en-de": {"source": "Helsinki-NLP/opus-mt-en-de"}},
+    "summarization": {"bart-base": {"source": "facebook/bart-base"}},
+}
+
+
+def text_task_defaults(task: str) -> dict[str, Any]:
+    """Run-config fragment of a text task: the task-trained teacher, the 2+2 student, the trainer."""
+    return {"teacher": {"name": "task-trained-seq2seq"}, "student": copy.deepcopy(STUDENT),
+            "trainer": dict(_TRAINER[task])}
+
+
+def text_presets(task: str) -> dict[str, dict[str, Any]]:
+    """``tiny`` (CI: well under a minute) and the hub-teacher presets of a text task."""
+    presets: dict[str, dict[str, Any]] = {
+        "tiny": {
+            **copy.deepcopy(_TINY[task]),
+            "teacher": {"args": {"encoder_layers": 1, "decoder_layers": 1, "d_model": 64, "heads": 2, "ffn_dim": 128,
+                                 "train_steps": 40, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5}},
+            "student": {"args": {"config": {"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+                                            "encoder_layers": 1, "decoder_layers": 1,
+                                            "encoder_attention_heads": 2, "decoder_attention_heads": 2}}},
+            "trainer": {"max_steps": 12, "batch_size": 16, "eval_batch_size": 24, "warmup_steps": 2,
+                        "eval_every": 6, "checkpoint_every": 6, "log_every": 3},
+        },
+    }
+    for name, teacher in _HUB[task].items():
+        # A pretrained teacher brings its tokenizer; the task tokenises with it and the student shares it.
+        presets[name] = {"teacher": {"name": "seq2seq", "args": {**teacher, "local_files_only": False}},
+                         "data": {"tokenizer": teacher["source"], "local_files_only": False}}
+    return presets
+
+
+__all__ = ["STUDENT", "text_presets", "text_task_defaults"]

@@ -1,0 +1,90 @@
+"""Task ``summarization``: abstractive summarization scored with rouge-score ROUGE-1/2/L F1 (stemmed).
+
+Data: the embedded docstring corpus (``summarization_data``: a docstring's body is
+the document, its first sentence the summary; split by package), or local files
+(``data.corpus: files``): JSONL/CSV/datasets saved to disk in the CNN/DailyMail
+(``article``/``highlights``) or XSum (``document``/``summary``) layout, TSV, or
+plain-text document/summary pairs. Metrics: ROUGE for greedy decoding and beam
+search (``data.eval_beams``, default 4), plus decoding speed.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from .base import TextDataConfig, TextTask
+from .files import Layout, TextRecord
+from .presets import text_presets, text_task_defaults
+from .summarization_data import DEFAULT_PACKAGES
+
+LAYOUTS: dict[str, Layout] = {
+    "cnn_dailymail": Layout("cnn_dailymail", "article", "highlights", "id"),
+    "xsum": Layout("xsum", "document", "summary", "id"),
+    "source_target": Layout("source/target", "source", "target", "id"),
+    "text_summary": Layout("text/summary", "text", "summary", "id"),
+}
+
+
+class SummarizationDataConfig(TextDataConfig):
+    """``data.*`` of ``summarization``."""
+
+    layout: Literal["auto", "cnn_dailymail", "xsum", "source_target", "text_summary"] = Field(
+        "auto", description="column layout of data files; auto: detected from the first row")
+    packages: list[str] = Field(default_factory=lambda: list(DEFAULT_PACKAGES),
+                                description="embedded corpus: packages whose docstrings are read ('stdlib' too)")
+    valid_size: int = Field(300, gt=0, description="held-out valid examples when no valid files are given")
+    max_source_tokens: int = Field(256, gt=0, description="longer documents are truncated (counted, logged)")
+    max_target_tokens: int = Field(64, gt=0, description="longer summaries are truncated (counted, logged)")
+    eval_beams: list[int] = Field(default_factory=lambda: [1, 4], description="beam sizes of the final evaluation")
+    max_length_ratio: float = Field(0.5, gt=0, description="decode at most ratio x longest document + offset tokens")
+    max_length_offset: int = Field(32, ge=0)
+
+
+class SummarizationTask(TextTask):
+    """Summarization with ROUGE-1/2/L F1 (rouge-score, stemming) and decoding speed."""
+
+    name: ClassVar[str] = "summarization"
+    description: ClassVar[str] = ("Summarization (embedded docstring corpus, CNN/DailyMail or XSum files): ROUGE-1/2/L "
+                                  "F1 with stemming, greedy and beam search")
+    DataConfig = SummarizationDataConfig
+    metric: ClassVar[str] = "rougeL"
+    greater_is_better: ClassVar[bool] = True
+    imitation_beta_base: ClassVar[float] = 10.0  # the authors' base for CNN/DailyMail
+    #: Teacher stage defaults (docs/text.md has the measured times on 2 CPU cores).
+    teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 4, "decoder_layers": 4, "d_model": 256,
+                                                  "heads": 4, "ffn_dim": 1024, "train_steps": 800,
+                                                  "batch_size": 32, "lr": 1e-3, "warmup_steps": 80}
+    presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("summarization")
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:  # type: ignore[override]
+        layout = self.data_config.layout  # type: ignore[attr-defined]
+        return tuple(LAYOUTS.values()) if layout == "auto" else (LAYOUTS[layout],)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return text_task_defaults("summarization")
+
+    def embedded_records(self) -> dict[str, list[TextRecord]]:
+        from .summarization_data import load_summarization_corpus
+
+        config: SummarizationDataConfig = self.data_config  # type: ignore[assignment]
+        corpus = load_summarization_corpus(self.cache_dir, packages=config.packages, valid_size=config.valid_size,
+                                           test_size=config.test_size)
+        self.corpus_info["manifest"] = {"directory": str(corpus.directory),
+                                        "content_sha256": corpus.manifest.get("content_sha256")}
+
+        def as_records(rows: list[dict[str, Any]]) -> list[TextRecord]:
+            return [{"id": row["id"], "source": row["document"], "target": row["summary"], "origin": row["id"]}
+                    for row in rows]
+
+        return {"train": as_records(corpus.train), "valid": as_records(corpus.valid), "test": as_records(corpus.test)}
+
+    def score(self, hypotheses: list[str], references: list[str], suffix: str) -> dict[str, float]:
+        from .metrics import rouge_scores
+
+        return {f"{name}{suffix}": value for name, value in rouge_scores(hypotheses, references).items()}
+
+
+__all__ = ["LAYOUTS", "SummarizationDataConfig", "SummarizationTask"]

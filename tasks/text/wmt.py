@@ -1,0 +1,91 @@
+"""Task ``wmt``: translation (English->German by default), scored with sacrebleu BLEU and chrF.
+
+Data: the embedded Home Assistant en->de corpus (``translation_data``), local files
+(``data.corpus: files``: plain-text source/reference pairs, TSV, CSV, JSONL, a
+dataset saved to disk) and, for the test split, a sacrebleu test set found in
+sacrebleu's local cache (``data.sacrebleu_test_set``). Metrics: corpus BLEU and chrF
+(detokenised) for greedy decoding and each beam of ``data.eval_beams`` (default 5),
+plus decoding speed; the sacrebleu signatures are in :meth:`metric_metadata`.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from .base import TextDataConfig, TextTask
+from .files import Layout, TextRecord, sacrebleu_test_set
+from .presets import text_presets, text_task_defaults
+
+
+class TranslationDataConfig(TextDataConfig):
+    """``data.*`` of ``wmt``."""
+
+    source_lang: str = Field("en", description="source language (embedded corpus, translation dicts, sacrebleu)")
+    target_lang: str = Field("de", description="target language (any Home Assistant catalog language: de, fr, ...)")
+    sacrebleu_test_set: str | None = Field(
+        None, description="test split from sacrebleu's local cache, e.g. wmt14 (never downloaded)")
+    wheel: str | None = Field(None, description="path of the Home Assistant wheel (default: cache or pip download)")
+
+
+class TranslationTask(TextTask):
+    """Translation with BLEU/chrF (sacrebleu) and decoding speed."""
+
+    name: ClassVar[str] = "wmt"
+    description: ClassVar[str] = ("Translation (embedded en->de Home Assistant corpus or your files): sacrebleu "
+                                  "BLEU/chrF, greedy and beam 5, decoding speed")
+    DataConfig = TranslationDataConfig
+    metric: ClassVar[str] = "bleu"
+    greater_is_better: ClassVar[bool] = True
+    imitation_beta_base: ClassVar[float] = 200.0  # the authors' base for translation
+    #: Teacher stage defaults (docs/text.md has the measured times on 2 CPU cores).
+    teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 6, "decoder_layers": 6, "d_model": 256,
+                                                  "heads": 4, "ffn_dim": 1024, "train_steps": 1200,
+                                                  "batch_size": 64, "lr": 7e-4, "warmup_steps": 150}
+    presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("wmt")
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:  # type: ignore[override]
+        config = self.data_config
+        source, target = config.source_lang, config.target_lang  # type: ignore[attr-defined]
+        return (Layout("source/target", "source", "target", "id"),
+                Layout("src/tgt", "src", "tgt", "id"),
+                Layout(f"translation.{source}/{target} (Hugging Face translation datasets)",
+                       f"translation.{source}", f"translation.{target}", "id"),
+                Layout(f"{source}/{target} columns", source, target, "id"))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return text_task_defaults("wmt")
+
+    def embedded_records(self) -> dict[str, list[TextRecord]]:
+        from .translation_data import load_translation_corpus
+
+        config: TranslationDataConfig = self.data_config  # type: ignore[assignment]
+        corpus = load_translation_corpus(self.cache_dir, wheel=config.wheel, source_lang=config.source_lang,
+                                         target_lang=config.target_lang, valid_size=config.valid_size,
+                                         test_size=config.test_size)
+        self.corpus_info["manifest"] = {"directory": str(corpus.directory),
+                                        "content_sha256": corpus.manifest.get("content_sha256")}
+        return {"train": corpus.train, "valid": corpus.valid, "test": corpus.test}
+
+    def records(self) -> dict[str, list[TextRecord]]:
+        records = super().records()
+        config: TranslationDataConfig = self.data_config  # type: ignore[assignment]
+        if config.sacrebleu_test_set and not records["test"][0].get("origin", "").startswith("sacrebleu:"):
+            test = sacrebleu_test_set(config.sacrebleu_test_set, f"{config.source_lang}-{config.target_lang}")
+            for record in test:
+                record["origin"] = f"sacrebleu:{config.sacrebleu_test_set}:{record['origin']}"
+            records["test"] = test[:config.max_test] if config.max_test else test
+        return records
+
+    def score(self, hypotheses: list[str], references: list[str], suffix: str) -> dict[str, float]:
+        from .metrics import sacrebleu_scores
+
+        scores, signatures = sacrebleu_scores(hypotheses, references)
+        for name, signature in signatures.items():
+            self.last_metadata[f"{name}_signature"] = signature
+        return {f"{name}{suffix}": value for name, value in scores.items()}
+
+
+__all__ = ["TranslationDataConfig", "TranslationTask"]
