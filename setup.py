@@ -1,10 +1,11 @@
 """Maps the repository folders to distinct import names (see pyproject.toml).
 
-folder ``plugins/`` -> ``kd_plugins``; folder ``tasks/`` -> ``kd_tasks``.
+folder ``plugins/`` -> ``kd_plugins``; folder ``tasks/`` -> ``kd_tasks``; folder ``kd/`` -> ``kd``
+(``python -m kd``, so that ``torchrun -m kd run ...`` works).
 """
 from setuptools import find_packages, setup
 
-FOLDER_TO_IMPORT_NAME = {"kdcore": "kdcore", "plugins": "kd_plugins", "tasks": "kd_tasks"}
+FOLDER_TO_IMPORT_NAME = {"kdcore": "kdcore", "plugins": "kd_plugins", "tasks": "kd_tasks", "kd": "kd"}
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

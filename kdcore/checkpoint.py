@@ -16,7 +16,9 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +42,55 @@ def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def save_weights(module: torch.nn.Module, path: Path) -> None:
-    """Module weights as safetensors, written through a temp file and ``os.replace``."""
-    state: dict[str, torch.Tensor] = {}
+#: Called as ``observer(stage, step, path)`` at each stage of :func:`save_checkpoint` (see ``CHECKPOINT_STAGES``).
+#: A seam for fault-injection tests (tests/fixtures/kd-fault-injection): an observer may raise (e.g.
+#: ``OSError(ENOSPC)``) or kill the process to simulate a crash or a full disk at that exact moment.
+WriteObserver = Callable[[str, int, Path], None]
+_write_observers: list[WriteObserver] = []
+CHECKPOINT_STAGES = ("staging-created", "student-written", "optimizer-written", "rng-written", "state-written",
+                     "manifest-written", "renamed", "pruned")
+
+
+def add_write_observer(observer: WriteObserver) -> None:
+    """Register ``observer`` for the stages of every later checkpoint write."""
+    if observer not in _write_observers:
+        _write_observers.append(observer)
+
+
+def _notify(stage: str, step: int, path: Path) -> None:
+    for observer in list(_write_observers):
+        observer(stage, step, path)
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh temporary name next to ``path``: concurrent writers (ranks, runs sharing a cache) never collide."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Tensors as safetensors, written through a unique temp file and ``os.replace``."""
+    unique: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
-    for key, tensor in module.state_dict().items():
+    for key, tensor in state.items():
         # Tied weights (embeddings and LM head) share a storage, which safetensors refuses: clone repeats.
         pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
-        state[key] = tensor.clone() if pointer in seen_storage else tensor
+        unique[key] = tensor.clone() if pointer in seen_storage else tensor
         if pointer != -1:
             seen_storage.add(pointer)
-    temp = path.with_name(f".{path.name}.tmp")
-    save_file(_contiguous_cpu(state), str(temp))
-    os.replace(temp, path)
+    temp = _temp_path(path)
+    try:
+        save_file(_contiguous_cpu(unique), str(temp), metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """Module weights as safetensors, written through a temp file and ``os.replace``."""
+    save_state_dict(module.state_dict(), path)
 
 
 def load_weights(module: torch.nn.Module, path: Path, strict: bool = True) -> None:
@@ -60,31 +98,35 @@ def load_weights(module: torch.nn.Module, path: Path, strict: bool = True) -> No
     module.load_state_dict(state, strict=strict)
 
 
-def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    state_dict = optimizer.state_dict()
+def _optimizer_to_safetensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Optimizer tensors plus JSON metadata; state keys may be indices (plain) or parameter names (FSDP)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state_dict["state"].items():
+    state_keys = list(state_dict["state"])
+    for position, values in enumerate(state_dict["state"].values()):
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value
+                tensors[f"state.{position}.{key}"] = value
             else:
-                scalars.setdefault(str(index), {})[key] = value
-    metadata = {"param_groups": json.dumps(state_dict["param_groups"]), "scalars": json.dumps(scalars)}
+                scalars.setdefault(str(position), {})[key] = value
+    metadata = {"param_groups": json.dumps(state_dict["param_groups"]), "scalars": json.dumps(scalars),
+                "state_keys": json.dumps(state_keys)}
     return tensors, metadata
 
 
 def _optimizer_from_safetensors(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
-    state: dict[int, dict[str, Any]] = {}
+    by_position: dict[int, dict[str, Any]] = {}
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
         for name in handle.keys():
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = handle.get_tensor(name)
-    for index, values in json.loads(metadata.get("scalars", "{}")).items():
-        state.setdefault(int(index), {}).update(values)
+            _, position, key = name.split(".", 2)
+            by_position.setdefault(int(position), {})[key] = handle.get_tensor(name)
+    for position, values in json.loads(metadata.get("scalars", "{}")).items():
+        by_position.setdefault(int(position), {}).update(values)
+    state_keys = json.loads(metadata["state_keys"]) if "state_keys" in metadata else sorted(by_position)
+    state = {state_keys[position]: values for position, values in sorted(by_position.items())}
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
 
 
@@ -122,11 +164,24 @@ class LoadedCheckpoint:
     trainer_state: dict[str, Any]
     optimizer_state: dict[str, Any]
     rng_tensors: dict[str, torch.Tensor]
+    rank_rng: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = field(default_factory=dict)
+
+    def rng_for_rank(self, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The RNG states saved for ``rank`` (None when the run had fewer ranks)."""
+        if rank == 0:
+            return self.rng_tensors, self.trainer_state["rng"]
+        return self.rank_rng.get(rank)
 
 
-def save_checkpoint(directory: Path, step: int, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write ``<directory>/step-N`` completely or not at all; keep the newest ``keep``."""
+def save_checkpoint(directory: Path, step: int, student: torch.nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict[str, Any], trainer_state: dict[str, Any], keep: int,
+                    rank_rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
+    """Write ``<directory>/step-N`` completely or not at all; keep the newest ``keep``.
+
+    ``student`` and ``optimizer`` may be given as modules or as (full) state dicts;
+    ``rank_rngs`` holds each rank's :func:`capture_rng` in rank order (default: this
+    process only), so a distributed run resumes every rank's random streams.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(step)
     staging = directory / f".{checkpoint_name(step)}.partial"
@@ -134,14 +189,28 @@ def save_checkpoint(directory: Path, step: int, student: torch.nn.Module, optimi
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        save_weights(student, staging / "student.safetensors")
-        optimizer_tensors, optimizer_metadata = _optimizer_to_safetensors(optimizer)
-        save_file(_contiguous_cpu(optimizer_tensors), str(staging / "optimizer.safetensors"), metadata=optimizer_metadata)
-        rng_tensors, rng_plain = capture_rng()
-        save_file(_contiguous_cpu(rng_tensors), str(staging / "rng.safetensors"))
-        atomic_write_json(staging / "trainer_state.json", {**trainer_state, "step": step, "rng": rng_plain})
+        _notify("staging-created", step, staging)
+        model_state = student.state_dict() if isinstance(student, torch.nn.Module) else student
+        save_state_dict(model_state, staging / "student.safetensors")
+        _notify("student-written", step, staging)
+        optimizer_state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+        optimizer_tensors, optimizer_metadata = _optimizer_to_safetensors(optimizer_state)
+        save_state_dict(optimizer_tensors, staging / "optimizer.safetensors", metadata=optimizer_metadata)
+        _notify("optimizer-written", step, staging)
+        rngs = rank_rngs if rank_rngs else [capture_rng()]
+        rng_tensors = dict(rngs[0][0])
+        for rank, (tensors, _) in enumerate(rngs[1:], start=1):
+            rng_tensors.update({f"rank{rank}/{key}": value for key, value in tensors.items()})
+        save_state_dict(rng_tensors, staging / "rng.safetensors")
+        _notify("rng-written", step, staging)
+        rank_plain = {str(rank): plain for rank, (_, plain) in enumerate(rngs[1:], start=1)}
+        atomic_write_json(staging / "trainer_state.json",
+                          {**trainer_state, "step": step, "rng": rngs[0][1], "rank_rng": rank_plain,
+                           "world_size": len(rngs)})
+        _notify("state-written", step, staging)
         files = sorted(p.name for p in staging.iterdir())
         atomic_write_json(staging / MANIFEST, {"step": step, "files": {n: sha256_file(staging / n) for n in files}})
+        _notify("manifest-written", step, staging)
         _fsync_directory(staging)
         if final.exists():
             shutil.rmtree(final)
@@ -150,8 +219,10 @@ def save_checkpoint(directory: Path, step: int, student: torch.nn.Module, optimi
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _notify("renamed", step, final)
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    _notify("pruned", step, final)
     return final
 
 
@@ -194,19 +265,37 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def load_latest_checkpoint(directory: Path) -> LoadedCheckpoint | None:
-    """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+def latest_valid_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint directory that verifies; broken ones are skipped with a warning."""
     for path in reversed(list_checkpoints(directory)):
         problem = verify_checkpoint(path)
         if problem is not None:
             log.warning("Skipping checkpoint %s: %s; trying the previous one.", path, problem)
             continue
-        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        return LoadedCheckpoint(
-            path=path,
-            step=int(trainer_state["step"]),
-            trainer_state=trainer_state,
-            optimizer_state=_optimizer_from_safetensors(path / "optimizer.safetensors"),
-            rng_tensors=load_file(str(path / "rng.safetensors"), device="cpu"),
-        )
+        return path
     return None
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read a (verified) checkpoint directory."""
+    trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    all_rng = load_file(str(path / "rng.safetensors"), device="cpu")
+    rng_tensors = {k: v for k, v in all_rng.items() if "/" not in k}
+    rank_rng: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+    for rank_text, plain in trainer_state.get("rank_rng", {}).items():
+        prefix = f"rank{rank_text}/"
+        rank_rng[int(rank_text)] = ({k[len(prefix):]: v for k, v in all_rng.items() if k.startswith(prefix)}, plain)
+    return LoadedCheckpoint(
+        path=path,
+        step=int(trainer_state["step"]),
+        trainer_state=trainer_state,
+        optimizer_state=_optimizer_from_safetensors(path / "optimizer.safetensors"),
+        rng_tensors=rng_tensors,
+        rank_rng=rank_rng,
+    )
+
+
+def load_latest_checkpoint(directory: Path) -> LoadedCheckpoint | None:
+    """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+    path = latest_valid_checkpoint(directory)
+    return None if path is None else load_checkpoint(path)

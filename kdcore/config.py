@@ -72,6 +72,8 @@ class TrainerConfig(StrictModel):
     max_nonfinite_steps: PositiveInt = 10
     progress: Literal["auto", "on", "off"] = "auto"
     evaluate_teacher: bool = True
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp replicates the student, fsdp shards it (FSDP2 fully_shard)")
 
 
 class RunConfig(StrictModel):

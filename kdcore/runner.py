@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from safetensors.torch import load_file
+
+from kdcore import distributed
 from kdcore.checkpoint import load_weights
 from kdcore.engine import Trainer, evaluate_model, seed_everything, write_resolved_config
+from kdcore.errors import KDUserError
 from kdcore.io import atomic_write_json
 from kdcore.registry import Registry
 from kdcore.report import write_metrics, write_report
@@ -32,19 +37,42 @@ def parameter_counts(built: BuiltRun) -> dict[str, int]:
     return {"teacher": built.teacher.num_parameters(), "student": built.student.parameter_count_excluding()}
 
 
-def build(resolved: ResolvedRun) -> tuple[BuiltRun, Any]:
-    device = select_device(resolved.config.device)
+def check_cache_dir(resolved: ResolvedRun) -> None:
+    """The cache directory from the config (or $KD_CACHE_DIR) must be a directory kd can create and write."""
+    cache = resolved.config.resolved_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KDUserError(f"cache_dir '{cache}' (from the config key cache_dir or $KD_CACHE_DIR) cannot be used as a "
+                          f"directory: {error.strerror or error}. Point it at a writable directory.") from None
+    if not os.access(cache, os.W_OK | os.X_OK):
+        raise KDUserError(f"cache_dir '{cache}' (from the config key cache_dir or $KD_CACHE_DIR) is not writable. "
+                          f"Point it at a writable directory.")
+
+
+def build(resolved: ResolvedRun, device: torch.device | None = None) -> tuple[BuiltRun, Any]:
+    """Teacher, student, method and data. Distributed: rank 0 first (it fills caches), then the others read them."""
+    check_cache_dir(resolved)
+    device = device if device is not None else select_device(resolved.config.device)
     seed_everything(resolved.config.seed)
-    built = build_components(resolved, device)
-    splits = built.task.build_data(resolved.config.seed)
+    with distributed.main_first():
+        built = build_components(resolved, device)
+        splits = built.task.build_data(resolved.config.seed)
+    for name in ("train", "valid", "test"):
+        if len(getattr(splits, name)) == 0:
+            raise KDUserError(f"Task '{resolved.config.task}' produced an empty {name} split: there is nothing to "
+                              f"{'train on' if name == 'train' else 'evaluate on'}. Check the data section of the "
+                              f"config (data.*) and the data files it names.")
     return built, splits
 
 
 def plan(resolved: ResolvedRun, out_dir: Path) -> dict[str, Any]:
-    """Build everything, write ``plan.json`` and return it (``kd run --dry-run``)."""
+    """Build everything, write ``plan.json`` and return it (``kd run --dry-run``; rank 0 writes under torchrun)."""
     built, splits = build(resolved)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out_dir, resolved.to_dict())
+    writes = os.environ.get("RANK", "0") in ("", "0")
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(out_dir, resolved.to_dict())
     summary = {
         "task": resolved.config.task,
         "plugin": resolved.config.plugin,
@@ -55,29 +83,60 @@ def plan(resolved: ResolvedRun, out_dir: Path) -> dict[str, Any]:
         "objectives": {o.label: {"name": o.cls.name, "weight": o.weight} for o in resolved.objectives},
         "trainer": resolved.config.trainer.model_dump(mode="json"),
     }
-    atomic_write_json(out_dir / "plan.json", summary)
+    if writes:
+        atomic_write_json(out_dir / "plan.json", summary)
     return summary
 
 
 def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate teacher and best student on the test split, write metrics.json and report.md."""
-    built, splits = build(resolved)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out_dir, resolved.to_dict())
-    trainer = Trainer(built, splits, out_dir, registry)
-    state = trainer.fit(resume=resume)
-    return finish(built, splits, out_dir, registry, state, trainer)
+    """Train, evaluate teacher and best student on the test split, write metrics.json and report.md.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls this; they join one
+    process group here, train together, and only rank 0 writes.
+    """
+    state_of_ranks, device = distributed.init_from_env(resolved.config.device)
+    try:
+        # The output directory of rank 0 (a default --out has a timestamp that may differ by a second).
+        out_dir = Path(distributed.broadcast_object(str(out_dir)))
+        built, splits = build(resolved, device)
+        if state_of_ranks.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(out_dir, resolved.to_dict())
+        distributed.barrier()
+        trainer = Trainer(built, splits, out_dir, registry)
+        state = trainer.fit(resume=resume)
+        return finish(built, splits, out_dir, registry, state, trainer)
+    finally:
+        if state_of_ranks.enabled:
+            distributed.shutdown()
 
 
 def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, state: dict[str, Any],
            trainer: Trainer) -> dict[str, Any]:
+    """Final test evaluation of the best student; rank 0 writes metrics.json and report.md.
+
+    A sharded (FSDP) student is evaluated on every rank (each forward gathers its
+    shards); a replicated one on rank 0 while the others wait.
+    """
+    parallel = trainer.parallel
+    rank = distributed.current()
+    all_ranks = parallel is not None and parallel.evaluates_on_all_ranks()
     best = out_dir / "best" / "student.safetensors"
+    if not rank.is_main and not all_ranks:
+        return distributed.broadcast_object(None)  # rank 0 evaluates, writes the reports and shares the metrics
+    if parallel is not None and not all_ranks:
+        parallel.close()
     if best.exists():
-        load_weights(built.student, best)
+        if all_ranks:
+            parallel.load_model_state(load_file(str(best), device="cpu"))
+        else:
+            load_weights(built.student, best)
     batch_size = trainer._eval_batch_size()
     student_metrics = evaluate_model(built, built.student, splits.test, batch_size)
     teacher_metrics = (evaluate_model(built, built.teacher, splits.test, batch_size)
                        if built.resolved.config.trainer.evaluate_teacher else {})
+    if not rank.is_main:
+        return distributed.broadcast_object(None)
     registry.hook.kd_on_evaluation_end(context=trainer.context, step=-1, metrics=student_metrics)
     metrics = {
         "task": built.resolved.config.task,
@@ -90,13 +149,14 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         "train_seconds": round(float(state["train_seconds"]), 3),
         "nonfinite_steps": state.get("nonfinite_steps", 0),
         "device": str(built.device),
+        "world_size": rank.world_size,
         "seed": built.resolved.config.seed,
         "versions": versions(),
     }
     write_metrics(out_dir, metrics)
     write_report(out_dir, metrics, built.task.metric)
     registry.hook.kd_on_train_end(context=trainer.context, metrics=metrics)
-    return metrics
+    return distributed.broadcast_object(metrics)
 
 
 def evaluate_saved(resolved: ResolvedRun, run_dir: Path, files: dict[str, Path] | None = None) -> dict[str, float]:
