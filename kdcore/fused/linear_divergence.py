@@ -13,9 +13,12 @@ built (:mod:`kdcore.fused.cuda_ext`), it is used on CUDA for the per-chunk step.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from kdcore.fused.cuda_ext import load_extension, student_chunk_step
 from kdcore.objectives.divergence import (
     Workspace,
     auto_chunk_rows,
@@ -32,29 +35,47 @@ def _rows(flat: Tensor, rows: slice | Tensor) -> Tensor:
     return flat[rows] if isinstance(rows, slice) else flat.index_select(0, rows)
 
 
-def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, out32: Tensor,
-             low_precision_out: Tensor | None) -> Tensor:
-    """``(hidden @ weight.T + bias) / T`` into the float32 buffer ``out32`` (one matmul, no extra pass)."""
-    inv_t = 1.0 / temperature
-    if hidden.dtype == torch.float32 and low_precision_out is None:
-        if bias is None:
-            torch.mm(hidden, weight.t(), out=out32)
-            if temperature != 1.0:
-                out32.mul_(inv_t)
-        else:
-            torch.addmm(bias.to(torch.float32), hidden, weight.t(), beta=inv_t, alpha=inv_t, out=out32)
-        return out32
-    # Low precision: the matmul runs in the input dtype (fp32 accumulation inside), like the
-    # unfused model would produce its logits; the divergence math then runs in float32.
-    assert low_precision_out is not None
-    if bias is None:
-        torch.mm(hidden, weight.t(), out=low_precision_out)
-    else:
-        torch.addmm(bias.to(hidden.dtype), hidden, weight.t(), out=low_precision_out)
-    out32.copy_(low_precision_out)
-    if temperature != 1.0:
-        out32.mul_(inv_t)
-    return out32
+# --------------------------------------------------------------------------- CPU GEMM choice
+_ONEDNN_STATE: dict[str, bool | None] = {"usable": None}
+
+
+def onednn_gemm_usable() -> bool:
+    """Whether float32 CPU matmuls of the fused path go through oneDNN (``KD_FUSED_ONEDNN=0``: never).
+
+    Why: torch.mm on CPU calls MKL's sgemm, which does not use AVX-512 on AMD processors;
+    oneDNN does, and computes the same float32 product (no bf16/tf32 shortcut under torch's
+    default ``fp32_precision``) about twice as fast on the AMD EPYC this was measured on
+    (docs/performance.md). oneDNN is reached through ``torch.ops.mkldnn._linear_pointwise``,
+    the op torch's own CPU compiler uses for linear layers; if it is missing or fails, the
+    fused path uses torch.mm.
+    """
+    if os.environ.get("KD_FUSED_ONEDNN", "1") == "0":
+        return False
+    if _ONEDNN_STATE["usable"] is None:
+        usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        if usable:
+            try:  # a tiny product against torch.mm: any build or dispatch problem shows here, once
+                probe_x, probe_w = torch.randn(3, 5), torch.randn(7, 5)
+                probe = torch.ops.mkldnn._linear_pointwise(probe_x, probe_w, None, "none", [], "")
+                usable = bool(torch.allclose(probe, probe_x @ probe_w.t(), rtol=1e-5, atol=1e-5))
+            except (RuntimeError, NotImplementedError):
+                usable = False
+        _ONEDNN_STATE["usable"] = usable
+    return bool(_ONEDNN_STATE["usable"])
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, use_onednn: bool) -> Tensor:
+    """``x @ weight.T (+ bias)`` as a new tensor: oneDNN for float32 on CPU when usable, else torch."""
+    if use_onednn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _scaled(tensor: Tensor | None, factor: float) -> Tensor | None:
+    """``tensor * factor`` (a new tensor), or ``tensor`` itself when the factor is 1."""
+    if tensor is None or factor == 1.0:
+        return tensor
+    return tensor * factor
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -63,6 +84,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Tensor | None, labels: Tensor | None,
                 kind: str, beta: float, skew: float, temperature: float, chunk_size: int | None) -> Tensor:
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_grad = need_hidden or need_weight or need_bias
         device = student_hidden.device
         vocab = student_weight.shape[0]
         student_flat = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -83,6 +105,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
         if n_valid:
             low_precision = student_hidden.dtype not in _FULL_PRECISION or teacher_hidden.dtype not in _FULL_PRECISION
+            use_onednn = device.type == "cpu" and not low_precision and onednn_gemm_usable()
+            use_cuda_kernel = device.type == "cuda" and load_extension() is not None
+            # Logits are finite unless a bias masks tokens with -inf: then the -inf clamp pass is needed.
+            finite = all(bias is None or bool(torch.isfinite(bias).all()) for bias in (student_bias, teacher_bias))
             chunk = chunk_size or auto_chunk_rows(vocab, n_valid, device, buffers=7 if low_precision else 6)
             chunk = min(chunk, n_valid)
             ws = Workspace(chunk, vocab, device)
@@ -93,6 +119,11 @@ class _FusedLinearDivergence(torch.autograd.Function):
                               else torch.empty(chunk, vocab, dtype=teacher_hidden.dtype, device=device))
                 if need_weight:
                     weight_lp = torch.empty(student_weight.shape, dtype=student_hidden.dtype, device=device)
+            # logits / T = (h / T) @ W.T + b / T: dividing the (n, H) hidden states and the bias is a
+            # pass over H columns instead of V.
+            inv_t = 1.0 / temperature
+            student_bias_t = _scaled(student_bias, inv_t)
+            teacher_bias_t = _scaled(teacher_bias, inv_t)
             # d loss / d raw logits = d loss_row / d (logits / T) / T, averaged over counted positions
             scale = 1.0 / (temperature * n_valid)
             for start in range(0, n_valid, chunk):
@@ -101,14 +132,32 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 hidden_s = _rows(student_flat, rows)
                 hidden_t = _rows(teacher_flat, rows)
                 n = hidden_s.shape[0]
-                logits_s = _project(hidden_s, student_weight, student_bias, temperature, ws.get("student", n),
-                                    None if student_lp is None else student_lp[:n])
-                logits_t = _project(hidden_t, teacher_weight, teacher_bias, temperature, ws.get("teacher", n),
-                                    None if teacher_lp is None else teacher_lp[:n])
-                result = divergence_chunk(logits_s, logits_t, kind, beta=beta, skew=skew,
-                                          student_grad=need_hidden or need_weight or need_bias, workspace=ws)
+                if low_precision:
+                    assert student_lp is not None and teacher_lp is not None
+                    # the matmul runs in the input dtype (fp32 accumulation inside), as the unfused
+                    # model would produce its logits; the divergence math then runs in float32
+                    logits_s = ws.get("student", n).copy_(torch.addmm(student_bias, hidden_s, student_weight.t(),
+                                                                      out=student_lp[:n])
+                                                          if student_bias is not None else
+                                                          torch.mm(hidden_s, student_weight.t(), out=student_lp[:n]))
+                    logits_t = ws.get("teacher", n).copy_(torch.addmm(teacher_bias, hidden_t, teacher_weight.t(),
+                                                                      out=teacher_lp[:n])
+                                                          if teacher_bias is not None else
+                                                          torch.mm(hidden_t, teacher_weight.t(), out=teacher_lp[:n]))
+                    if temperature != 1.0:
+                        logits_s.mul_(inv_t)
+                        logits_t.mul_(inv_t)
+                else:
+                    logits_s = _linear(_scaled(hidden_s, inv_t), student_weight, student_bias_t, use_onednn)
+                    logits_t = _linear(_scaled(hidden_t, inv_t), teacher_weight, teacher_bias_t, use_onednn)
+                if use_cuda_kernel and need_grad:
+                    result = student_chunk_step(logits_s, logits_t, kind, beta=beta, skew=skew, workspace=ws)
+                else:
+                    result = divergence_chunk(logits_s, logits_t, kind, beta=beta, skew=skew, student_grad=need_grad,
+                                              workspace=ws, finite=finite)
                 total += result.loss.sum(dtype=torch.float64)
                 grad_logits = result.student_grad
+                del logits_t
                 if grad_logits is None:
                     continue
                 if grad_bias is not None:
@@ -117,33 +166,42 @@ class _FusedLinearDivergence(torch.autograd.Function):
                     # back to the matmul dtype for the two gradient matmuls (as autograd would do)
                     grad_logits = student_lp[:n].copy_(grad_logits)
                 if grad_hidden is not None:
-                    chunk_grad = torch.mm(grad_logits, student_weight).mul_(scale)
+                    # grad_logits @ W: oneDNN takes W.T as a strided (H, V) view, no copy of the head
+                    chunk_grad = (_linear(grad_logits, student_weight.t(), None, True) if use_onednn
+                                  else torch.mm(grad_logits, student_weight)).mul_(scale)
                     if isinstance(rows, slice):
                         grad_hidden[rows] = chunk_grad
                     else:
-                        grad_hidden.index_copy_(0, rows, chunk_grad)
+                        grad_hidden.index_copy_(0, rows, chunk_grad.to(grad_hidden.dtype))
                 if grad_weight is not None:
+                    # accumulated in place (MKL): oneDNN has no in-place accumulation, and a fresh
+                    # (V, H) result per chunk would cost more in page faults than it saves
                     if weight_lp is None:
                         grad_weight.addmm_(grad_logits.t(), hidden_s, alpha=scale)
                     else:
                         grad_weight.add_(torch.mm(grad_logits.t(), hidden_s, out=weight_lp), alpha=scale)
+                del logits_s, grad_logits, result
 
-        ctx.save_for_backward(
-            grad_hidden.view(student_hidden.shape) if grad_hidden is not None else None,
-            grad_weight, grad_bias,
-        )
+        # Kept as plain attributes rather than save_for_backward: backward hands these tensors
+        # over as the gradients (scaled in place), so no second weight-sized tensor is allocated.
+        ctx.gradients = [grad_hidden.view(student_hidden.shape) if grad_hidden is not None else None,
+                         grad_weight, grad_bias]
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
         return (total / max(n_valid, 1)).to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        dtype_hidden, dtype_weight, dtype_bias = ctx.dtypes
-        scale = grad_output.to(torch.float32)
-        out_hidden = None if grad_hidden is None else (grad_hidden * scale.to(grad_hidden.dtype)).to(dtype_hidden)
-        out_weight = None if grad_weight is None else (grad_weight * scale).to(dtype_weight)
-        out_bias = None if grad_bias is None else (grad_bias * scale).to(dtype_bias)
-        return out_hidden, out_weight, out_bias, None, None, None, None, None, None, None, None, None
+        if ctx.gradients is None:
+            raise RuntimeError("fused_linear_divergence computes its gradients in the forward pass and hands them over "
+                               "in the first backward; a second backward through the same graph (retain_graph=True) "
+                               "is not supported: run the forward again")
+        gradients, ctx.gradients = ctx.gradients, None
+        outputs = []
+        for gradient, dtype in zip(gradients, ctx.dtypes):
+            if gradient is not None:
+                gradient = gradient.mul_(grad_output.to(gradient.dtype)).to(dtype)
+            outputs.append(gradient)
+        return (*outputs, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,

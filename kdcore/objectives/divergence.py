@@ -77,9 +77,13 @@ def _row_dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
     return torch.mul(a, b, out=scratch).sum(-1)
 
 
-def _floored_log_softmax_(logits: Tensor) -> Tensor:
-    """In-place log-softmax over the last dim with -inf replaced by :data:`LOG_FLOOR` first."""
-    logits.clamp_(min=LOG_FLOOR)
+def _floored_log_softmax_(logits: Tensor, finite: bool = False) -> Tensor:
+    """In-place log-softmax over the last dim with -inf replaced by :data:`LOG_FLOOR` first.
+
+    ``finite=True`` promises there is no -inf and skips that pass over the chunk.
+    """
+    if not finite:
+        logits.clamp_(min=LOG_FLOOR)
     return torch.log_softmax(logits, -1, out=logits)
 
 
@@ -97,11 +101,12 @@ class ChunkResult:
     teacher_grad: Tensor | None
 
 
-def _kl(p: Tensor, q: Tensor, need_p: bool, need_q: bool, ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _kl(p: Tensor, q: Tensor, need_p: bool, need_q: bool, ws: Workspace,
+        finite: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """KL(P || Q) per row, with d/dp = P*(log P - log Q - KL) and d/dq = Q - P."""
     n = p.shape[0]
-    log_p = _floored_log_softmax_(p)
-    log_q = _floored_log_softmax_(q)
+    log_p = _floored_log_softmax_(p, finite)
+    log_q = _floored_log_softmax_(q, finite)
     prob_p = torch.exp(log_p, out=ws.get("prob_a", n))
     log_ratio = log_p.sub_(log_q)
     # an elementwise product may write over one of its operands, so log_ratio is its own scratch
@@ -113,15 +118,15 @@ def _kl(p: Tensor, q: Tensor, need_p: bool, need_q: bool, ws: Workspace) -> tupl
 
 
 def _skew_kl(p: Tensor, q: Tensor, alpha: float, need_p: bool, need_q: bool,
-             ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+             ws: Workspace, finite: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """KL(P || M) with M = alpha*P + (1-alpha)*Q, per row.
 
     d/dp = P*(u - <P,u>) with u = log P - log M - alpha*P/M;
     d/dq = (1-alpha)*(Q*sum(w) - w) with w = P*Q/M.
     """
     n = p.shape[0]
-    log_p = _floored_log_softmax_(p)
-    prob_q = _floored_log_softmax_(q).exp_()
+    log_p = _floored_log_softmax_(p, finite)
+    prob_q = _floored_log_softmax_(q, finite).exp_()
     prob_p = torch.exp(log_p, out=ws.get("prob_a", n))
     mixture = torch.mul(prob_q, 1.0 - alpha, out=ws.get("mixture", n)).add_(prob_p, alpha=alpha).clamp_min_(_TINY)
     grad_q = None
@@ -140,15 +145,15 @@ def _skew_kl(p: Tensor, q: Tensor, alpha: float, need_p: bool, need_q: bool,
 
 
 def _jsd(student: Tensor, teacher: Tensor, beta: float, need_s: bool, need_t: bool,
-         ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+         ws: Workspace, finite: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Generalized JSD of GKD: beta*KL(P_T||M) + (1-beta)*KL(P_S||M), M = beta*P_T + (1-beta)*P_S.
 
     d/ds = (1-beta)*P_S*(a_S - KL(P_S||M)) with a_S = log P_S - log M (and symmetrically for t):
     the terms from M's dependence on p_S cancel, leaving only this.
     """
     n = student.shape[0]
-    log_s = _floored_log_softmax_(student)
-    log_t = _floored_log_softmax_(teacher)
+    log_s = _floored_log_softmax_(student, finite)
+    log_t = _floored_log_softmax_(teacher, finite)
     prob_s = torch.exp(log_s, out=ws.get("prob_a", n))
     prob_t = torch.exp(log_t, out=ws.get("prob_b", n))
     log_m = torch.mul(prob_s, 1.0 - beta, out=ws.get("mixture", n)).add_(prob_t, alpha=beta).clamp_min_(_TINY).log_()
@@ -163,10 +168,10 @@ def _jsd(student: Tensor, teacher: Tensor, beta: float, need_s: bool, need_t: bo
 
 
 def _tvd(student: Tensor, teacher: Tensor, need_s: bool, need_t: bool,
-         ws: Workspace) -> tuple[Tensor, Tensor | None, Tensor | None]:
+         ws: Workspace, finite: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """1/2 sum |P_T - P_S|; d/ds = P_S*(g - <P_S,g>) with g = sign(P_S - P_T)/2 (0 at ties, as autograd)."""
-    prob_s = _floored_log_softmax_(student).exp_()
-    prob_t = _floored_log_softmax_(teacher).exp_()
+    prob_s = _floored_log_softmax_(student, finite).exp_()
+    prob_t = _floored_log_softmax_(teacher, finite).exp_()
     n = student.shape[0]
     difference = torch.sub(prob_s, prob_t, out=ws.get("mixture", n))
     loss = torch.linalg.vector_norm(difference, 1, dim=-1).mul_(0.5)
@@ -185,29 +190,30 @@ def _tvd(student: Tensor, teacher: Tensor, need_s: bool, need_t: bool,
 
 def divergence_chunk(student: Tensor, teacher: Tensor, kind: str, *, beta: float = 0.5, skew: float = 0.1,
                      student_grad: bool = True, teacher_grad: bool = False,
-                     workspace: Workspace | None = None) -> ChunkResult:
+                     workspace: Workspace | None = None, finite: bool = False) -> ChunkResult:
     """Per-position divergence and its closed-form gradients for one chunk.
 
     ``student`` and ``teacher`` are float32 ``(n, V)`` logits already divided by the
     temperature; they are used as scratch space and overwritten. Every position counts
     (the caller drops ignored positions first). Used by :func:`divergence` and by the
-    fused path, so both compute exactly the same thing.
+    fused path, so both compute exactly the same thing. ``finite=True`` promises that no
+    logit is -inf (e.g. they come from a matmul without a masking bias) and saves a pass.
     """
     if student.dtype != torch.float32 or teacher.dtype != torch.float32:
         raise TypeError("divergence_chunk expects float32 scratch tensors")
     ws = workspace or Workspace(student.shape[0], student.shape[1], student.device)
     if kind == "forward_kl":
-        loss, grad_t, grad_s = _kl(teacher, student, teacher_grad, student_grad, ws)
+        loss, grad_t, grad_s = _kl(teacher, student, teacher_grad, student_grad, ws, finite)
     elif kind == "reverse_kl":
-        loss, grad_s, grad_t = _kl(student, teacher, student_grad, teacher_grad, ws)
+        loss, grad_s, grad_t = _kl(student, teacher, student_grad, teacher_grad, ws, finite)
     elif kind == "jsd":
-        loss, grad_s, grad_t = _jsd(student, teacher, beta, student_grad, teacher_grad, ws)
+        loss, grad_s, grad_t = _jsd(student, teacher, beta, student_grad, teacher_grad, ws, finite)
     elif kind == "skew_forward_kl":
-        loss, grad_t, grad_s = _skew_kl(teacher, student, skew, teacher_grad, student_grad, ws)
+        loss, grad_t, grad_s = _skew_kl(teacher, student, skew, teacher_grad, student_grad, ws, finite)
     elif kind == "skew_reverse_kl":
-        loss, grad_s, grad_t = _skew_kl(student, teacher, skew, student_grad, teacher_grad, ws)
+        loss, grad_s, grad_t = _skew_kl(student, teacher, skew, student_grad, teacher_grad, ws, finite)
     elif kind == "tvd":
-        loss, grad_s, grad_t = _tvd(student, teacher, student_grad, teacher_grad, ws)
+        loss, grad_s, grad_t = _tvd(student, teacher, student_grad, teacher_grad, ws, finite)
     else:
         raise ValueError(check_kind_message(kind))
     return ChunkResult(loss, grad_s, grad_t)

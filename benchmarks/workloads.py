@@ -1,0 +1,191 @@
+"""Workloads of the fused-vs-naive benchmark, and a subprocess runner that measures one of them.
+
+Three ways to compute the same loss (JSD and the other kinds of :mod:`kdcore.objectives.divergence`)
+from the student's and teacher's last hidden states and output projections:
+
+* ``naive``: what one writes without this library -- materialise both ``(N, V)`` logits with
+  ``F.linear`` and write the divergence with plain torch ops (log_softmax, exp, log, ...), so
+  autograd saves every intermediate. This is the "naive" of issue 6's acceptance (its orientation
+  numbers, 26 s and 6.5 GB at N=4096, V=32000, H=512, are of this kind).
+* ``dense``: materialised logits, then :func:`kdcore.objectives.divergence` (the library's dense
+  path, which already computes the logit gradient in closed form, chunk by chunk).
+* ``fused``: :func:`kdcore.fused.fused_linear_divergence`, which never holds full logits.
+
+Run as a script (``python benchmarks/workloads.py --variant fused --tokens 4096 ...``) it builds
+the inputs, warms up on a tiny problem, then times ``rounds`` forward+backward passes and reports,
+as one JSON line on stdout, the wall and process-CPU times (the CPU time is what the pass costs
+when other processes share the cores) and the peak resident-memory growth over the baseline
+taken after the inputs exist (``ru_maxrss`` high-water mark minus the RSS before the first pass).
+Each measurement runs in a fresh process so that one variant's memory never hides another's.
+glibc is told to serve every allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so
+freed tensors leave the process and the high-water mark counts what a pass really allocates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+VARIANTS = ("naive", "dense", "fused")
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(tokens: int, vocab: int, hidden: int, *, dtype: torch.dtype = torch.float32,
+                device: str = "cpu", seed: int = 0) -> dict[str, Tensor]:
+    """Student/teacher hidden states and heads, scaled so the logits have a spread of a few units."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    return {
+        "student_hidden": randn(tokens, hidden).requires_grad_(),
+        "student_weight": randn(vocab, hidden, scale=2.0 / hidden ** 0.5).requires_grad_(),
+        "teacher_hidden": randn(tokens, hidden),
+        "teacher_weight": randn(vocab, hidden, scale=3.0 / hidden ** 0.5),
+    }
+
+
+def naive_autograd_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str, *, beta: float = 0.5,
+                              skew: float = 0.1, temperature: float = 1.0) -> Tensor:
+    """The issue's formulas written directly with torch ops (autograd keeps every intermediate).
+
+    Deliberately not the library's code: this is the baseline the fused path is compared with.
+    """
+    log_s = F.log_softmax(student_logits.float() / temperature, -1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if kind == "forward_kl":
+        per = (p_t * (log_t - log_s)).sum(-1)
+    elif kind == "reverse_kl":
+        per = (p_s * (log_s - log_t)).sum(-1)
+    elif kind == "jsd":
+        log_m = torch.log(beta * p_t + (1 - beta) * p_s)
+        per = beta * (p_t * (log_t - log_m)).sum(-1) + (1 - beta) * (p_s * (log_s - log_m)).sum(-1)
+    elif kind == "skew_forward_kl":
+        per = (p_t * (log_t - torch.log(skew * p_t + (1 - skew) * p_s))).sum(-1)
+    elif kind == "skew_reverse_kl":
+        per = (p_s * (log_s - torch.log(skew * p_s + (1 - skew) * p_t))).sum(-1)
+    elif kind == "tvd":
+        per = 0.5 * (p_t - p_s).abs().sum(-1)
+    else:
+        raise ValueError(kind)
+    return per.mean()
+
+
+def forward_backward(variant: str, inputs: dict[str, Tensor], kind: str, chunk_size: int | None = None) -> float:
+    """One forward + backward pass of ``variant``; returns the loss value."""
+    from kdcore.fused import fused_linear_divergence
+    from kdcore.objectives import divergence
+
+    student_hidden, student_weight = inputs["student_hidden"], inputs["student_weight"]
+    teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
+    student_hidden.grad = student_weight.grad = None
+    if variant == "fused":
+        loss = fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, kind,
+                                       chunk_size=chunk_size)
+    else:
+        student_logits = F.linear(student_hidden, student_weight)
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, teacher_weight)
+        if variant == "naive":
+            loss = naive_autograd_divergence(student_logits, teacher_logits, kind)
+        elif variant == "dense":
+            loss = divergence(student_logits, teacher_logits, kind, chunk_size=chunk_size)
+        else:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        del student_logits, teacher_logits
+    loss.backward()
+    if student_hidden.is_cuda:
+        torch.cuda.synchronize()
+    return float(loss.detach())
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def measure(variant: str, tokens: int, vocab: int, hidden: int, *, kind: str = "jsd", rounds: int = 1,
+            dtype: str = "float32", device: str = "cpu", chunk_size: int | None = None) -> dict:
+    """Time ``rounds`` forward+backward passes and the peak memory of the first (call in a fresh process)."""
+    torch_dtype = getattr(torch, dtype)
+    # warm-up on a tiny problem: thread pools, MKL/oneDNN dispatch, the CUDA context and kernels
+    forward_backward(variant, make_inputs(64, 256, 32, dtype=torch_dtype, device=device), kind)
+    inputs = make_inputs(tokens, vocab, hidden, dtype=torch_dtype, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _rss_bytes()
+    times, cpu_times, loss = [], [], float("nan")
+    for _ in range(rounds):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        loss = forward_backward(variant, inputs, kind, chunk_size)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+        device_name = torch.cuda.get_device_name()
+    else:
+        # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        device_name = "cpu"
+    return {"variant": variant, "tokens": tokens, "vocab": vocab, "hidden": hidden, "kind": kind, "dtype": dtype,
+            "device": device, "device_name": device_name, "threads": torch.get_num_threads(),
+            "chunk_size": chunk_size, "times_s": times, "time_s": min(times), "cpu_times_s": cpu_times,
+            "cpu_time_s": min(cpu_times), "peak_bytes": int(peak),
+            "loss": loss}
+
+
+def measure_in_subprocess(variant: str, tokens: int, vocab: int, hidden: int, *, kind: str = "jsd", rounds: int = 1,
+                          dtype: str = "float32", device: str = "cpu", chunk_size: int | None = None,
+                          threads: int | None = None, timeout: float = 3600) -> dict:
+    """:func:`measure` in a fresh Python process (its own memory high-water mark)."""
+    environment = dict(os.environ)
+    environment["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--tokens", str(tokens),
+               "--vocab", str(vocab), "--hidden", str(hidden), "--kind", kind, "--rounds", str(rounds),
+               "--dtype", dtype, "--device", device]
+    if chunk_size is not None:
+        command += ["--chunk-size", str(chunk_size)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPOSITORY,
+                               timeout=timeout, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--vocab", type=int, required=True)
+    parser.add_argument("--hidden", type=int, required=True)
+    parser.add_argument("--kind", default="jsd")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--chunk-size", type=int, default=None)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPOSITORY))
+    result = measure(args.variant, args.tokens, args.vocab, args.hidden, kind=args.kind, rounds=args.rounds,
+                     dtype=args.dtype, device=args.device, chunk_size=args.chunk_size)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
