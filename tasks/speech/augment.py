@@ -77,18 +77,21 @@ def babble_noise(num_samples: int, sources: Sequence[torch.Tensor], generator: t
                  talkers: tuple[int, int] = (3, 6)) -> torch.Tensor:
     """Several other utterances summed (each looped to length with a random start), unit variance.
 
-    Falls back to pink noise when ``sources`` is empty (nothing to babble with).
+    Only the drawn sources are looked at (a corpus-sized ``sources`` costs nothing); silent or empty
+    ones are passed over, and with no usable source the result is pink noise.
     """
-    usable = [s for s in sources if s.numel() > 0 and float(s.abs().max()) > 0]
-    if not usable:
-        return pink_noise(num_samples, generator)
     count = int(torch.randint(talkers[0], talkers[1] + 1, (), generator=generator))
-    mixture = torch.zeros(num_samples)
-    for _ in range(count):
-        source = usable[int(torch.randint(len(usable), (), generator=generator))]
-        start = int(torch.randint(source.numel(), (), generator=generator))
+    mixture, used = torch.zeros(num_samples), 0
+    for _ in range(count if len(sources) else 0):
+        source = sources[int(torch.randint(len(sources), (), generator=generator))]
+        start = int(torch.randint(max(1, source.numel()), (), generator=generator))
+        if source.numel() < 2 or float(source.abs().max()) == 0.0:
+            continue
         looped = source.roll(-start).repeat(num_samples // source.numel() + 1)[:num_samples]
         mixture += looped / looped.std().clamp_min(1e-8)
+        used += 1
+    if used == 0:
+        return pink_noise(num_samples, generator)
     return mixture / mixture.std().clamp_min(1e-8)
 
 

@@ -58,7 +58,7 @@ from .espeak import EspeakVoiceError, SynthRequest, synthesize
 log = logging.getLogger(__name__)
 
 # Bump when planning, post-processing or storage change: cached corpora are then rebuilt.
-BUILDER_VERSION = "speech-synth/1"
+BUILDER_VERSION = "speech-synth/2"
 SPLITS = ("train", "valid", "test")
 ASR = "asr"
 
@@ -316,6 +316,23 @@ def _silence_clip(config: SynthConfig, generator: torch.Generator, sources: Sequ
     return noise * _db_to_gain(uniform(*config.silence_level_dbfs_range, generator))
 
 
+class _Excluding(Sequence[torch.Tensor]):
+    """A split's clean clips without one utterance, as a view (a copied list per item would be quadratic)."""
+
+    def __init__(self, clips: list[torch.Tensor], excluded: int | None) -> None:
+        self._clips = clips
+        self._skip = len(clips) if excluded is None else excluded
+        self._length = len(clips) - (self._skip < len(clips))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= index < self._length:
+            raise IndexError(index)
+        return self._clips[index + (index >= self._skip)]
+
+
 def _synthesize_plan(plan: list[_Planned], config: SynthConfig) -> tuple[dict[str, list[torch.Tensor]], str]:
     """All clips (float, 16 kHz, augmented) grouped by split in plan order, and the espeak-ng version."""
     spoken = [p for p in plan if p.request is not None]
@@ -337,12 +354,14 @@ def _synthesize_plan(plan: list[_Planned], config: SynthConfig) -> tuple[dict[st
             raise RuntimeError(f"espeak-ng produced no audio for {item.request}")
         clean[item.utterance_id] = _place(item, speech, config, generator)
     # Babble for an item is made of other clean utterances of its own split (no leakage across splits).
-    by_split: dict[str, list[str]] = {s: [p.utterance_id for p in spoken if p.split == s] for s in SPLITS}
+    split_ids = {s: [p.utterance_id for p in spoken if p.split == s] for s in SPLITS}
+    split_clips = {s: [clean[u] for u in ids] for s, ids in split_ids.items()}
+    position = {u: i for ids in split_ids.values() for i, u in enumerate(ids)}
     final: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
     for item in plan:
         # A second stream for augmentation, so changing placement does not change the noise drawn.
         generator = torch.Generator().manual_seed(item.seed ^ 0x5A5A5A5A)
-        others = [clean[u] for u in by_split[item.split] if u != item.utterance_id]
+        others = _Excluding(split_clips[item.split], position.get(item.utterance_id))
         if item.request is None:
             waveform = _silence_clip(config, generator, others)
             item.details = {}
