@@ -128,7 +128,7 @@ def test_keyword_clips_differ_across_voices(tmp_path: Path) -> None:
         cosine = float(torch.nn.functional.cosine_similarity(spectra[i], spectra[j], dim=0))
         (same if items[i].speaker == items[j].speaker else across).append(cosine)
     assert len({item.speaker for item in items}) == 4 and same and across
-    # Measured: within-speaker mean 0.986, across-speaker mean 0.79 (max 0.88).
+    # Measured: within-speaker mean 0.988 (min 0.96), across-speaker mean 0.78 (max 0.89).
     assert max(across) < 0.97 and sum(same) / len(same) > sum(across) / len(across) + 0.05
 
 
