@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_BINARY_VERSIONS = (5, 6)
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 #: Version of the conversion below; part of the cache key so a fixed converter never reuses stale weights.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -212,8 +212,6 @@ def _token_ids(directory: Path) -> dict[str, int]:
 def whisper_config_from_ctranslate2(variables: Mapping[str, np.ndarray], directory: str | Path) -> WhisperConfig:
     """The transformers ``WhisperConfig`` whose shapes match the variables (sizes read from the weights)."""
     directory = Path(directory)
-    ct2_config = json.loads((directory / "config.json").read_text(encoding="utf-8")) \
-        if (directory / "config.json").exists() else {}
     ids = _token_ids(directory)
     conv1 = variables["encoder/conv1/weight"]
     vocab_size = int(variables["decoder/embeddings/weight"].shape[0])
@@ -229,8 +227,8 @@ def whisper_config_from_ctranslate2(variables: Mapping[str, np.ndarray], directo
         max_target_positions=int(variables["decoder/position_encodings/encodings"].shape[0]),
         decoder_start_token_id=ids.get("<|startoftranscript|>", 50257), bos_token_id=end_of_text,
         eos_token_id=end_of_text, pad_token_id=end_of_text,
-        suppress_tokens=ct2_config.get("suppress_ids"), begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
-        tie_word_embeddings=True, scale_embedding=False, activation_function="gelu",
+        # Token suppression belongs to the generation config (transformers >= 5 warns when both carry it).
+        suppress_tokens=None, begin_suppress_tokens=None, tie_word_embeddings=True, scale_embedding=False, activation_function="gelu",
     )
 
 
@@ -243,7 +241,7 @@ def _generation_config(config: WhisperConfig, directory: Path) -> GenerationConf
     generation = GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        suppress_tokens=config.suppress_tokens, begin_suppress_tokens=config.begin_suppress_tokens,
+        suppress_tokens=ct2_config.get("suppress_ids"), begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
         no_timestamps_token_id=ids.get("<|notimestamps|>"), is_multilingual=multilingual,
         max_length=config.max_target_positions,
     )

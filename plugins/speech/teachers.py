@@ -104,6 +104,16 @@ def run_grouped_by_length(waveform: torch.Tensor, lengths: torch.Tensor,
     return layers, lengths_to_mask(frames, max_frames).to(layers[0].device)
 
 
+def with_cache(teacher: Teacher, config: BaseModel, context: BuildContext) -> Teacher:
+    """``teacher`` wrapped in the on-disk hidden-state cache when ``config.cache`` is on."""
+    if not getattr(config, "cache", False):
+        return teacher
+    from kd_plugins.speech.teacher_cache import CachedSpeechTeacher
+
+    return CachedSpeechTeacher(teacher, context.cache_dir, layers=config.cache_layers,
+                               max_bytes=int(config.cache_max_gb * 1024 ** 3))
+
+
 # --------------------------------------------------------------------------- WavLM / HuBERT
 
 
@@ -129,6 +139,11 @@ class HFSpeechTeacherConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="weights and compute dtype (half precision only on a GPU)")
     seed: int = Field(0, description="initialisation seed of a random (source: null) teacher")
+    cache: bool = Field(True, description="cache hidden states on disk per utterance (kd_plugins.speech."
+                                          "teacher_cache): later epochs and runs skip the teacher")
+    cache_layers: list[int] | None = Field(None, description="layers to cache (null: all; a subset saves disk, "
+                                                            "but then only those layers can be asked for)")
+    cache_max_gb: float = Field(2.0, gt=0, description="disk bound of this teacher's cache (LRU shards evicted)")
 
 
 class HFSpeechTeacher(Teacher):
@@ -146,6 +161,10 @@ class HFSpeechTeacher(Teacher):
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Options besides the weights that change the outputs (part of the teacher-cache key)."""
+        return {"normalize_waveform": self.normalize_waveform, "batching": self.batching}
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -223,7 +242,7 @@ class _HFSpeechTeacherFactory(ModelFactory):
                 raise KDUserError(f"teacher.args.dtype: {config.dtype} needs a GPU (the run's device is cpu); "
                                   f"use float32 on CPU.")
             model = model.to(dtype)
-        return HFSpeechTeacher(model.eval(), bool(normalize), config.batching, self.name)
+        return with_cache(HFSpeechTeacher(model.eval(), bool(normalize), config.batching, self.name), config, context)
 
     def _random_model(self, config: HFSpeechTeacherConfig) -> nn.Module:
         config_cls, model_cls = self._classes()
@@ -324,6 +343,11 @@ class WhisperEncoderTeacherConfig(BaseModel):
                                 "e.g. faster-whisper); a transformers Whisper directory; or a hub id")
     allow_download: bool = Field(False, description="let transformers download a hub id (default: local files only)")
     revision: str | None = Field(None, description="hub revision of a hub id")
+    cache: bool = Field(True, description="cache hidden states on disk per utterance (kd_plugins.speech."
+                                          "teacher_cache): later epochs and runs skip the teacher")
+    cache_layers: list[int] | None = Field(None, description="layers to cache (null: all; a subset saves disk, "
+                                                            "but then only those layers can be asked for)")
+    cache_max_gb: float = Field(2.0, gt=0, description="disk bound of this teacher's cache (LRU shards evicted)")
 
 
 class WhisperEncoderTeacher(Teacher):
@@ -352,6 +376,12 @@ class WhisperEncoderTeacher(Teacher):
     @property
     def hidden_size(self) -> int:
         return int(self.encoder.config.d_model)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Options besides the weights that change the outputs (part of the teacher-cache key)."""
+        extractor = self.feature_extractor
+        return {"mel": [extractor.feature_size, extractor.n_fft, extractor.hop_length, extractor.sampling_rate],
+                "window_samples": self.window_samples, "short_clips": "own-frames"}
 
     def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
         """``(G, n_mels, samples // 160)`` log-mel features of equal-length clips, as Whisper computes them."""
@@ -414,7 +444,7 @@ class WhisperEncoderTeacherFactory(ModelFactory):
         else:
             model = self._transformers_model(config, path)
         encoder = model.get_encoder()
-        return WhisperEncoderTeacher(encoder.eval(), int(model.config.num_mel_bins))
+        return with_cache(WhisperEncoderTeacher(encoder.eval(), int(model.config.num_mel_bins)), config, context)
 
     @staticmethod
     def _transformers_model(config: WhisperEncoderTeacherConfig, path: Path) -> nn.Module:

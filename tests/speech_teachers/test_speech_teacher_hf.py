@@ -52,7 +52,7 @@ def _save(kind: str, directory: Path) -> torch.nn.Module:
 @pytest.mark.parametrize("factory_cls", [WavLMTeacherFactory, HubertTeacherFactory])
 def test_local_directory_teacher_exposes_every_layer_and_the_frame_mask(factory_cls, tmp_path, context, batch):
     reference = _save(factory_cls.kind, tmp_path / "model")
-    teacher = factory_cls().build(factory_cls.Config(source=str(tmp_path / "model")), context).freeze()
+    teacher = factory_cls().build(factory_cls.Config(source=str(tmp_path / "model"), cache=False), context).freeze()
     signals = teacher.signals(batch, REQUEST)
     hidden, mask = signals.hidden_states, signals.extra["frame_mask"]
     assert len(hidden) == 3 + 1 and all(state.shape == (3, 149, 32) for state in hidden)
@@ -72,7 +72,7 @@ def test_local_directory_teacher_exposes_every_layer_and_the_frame_mask(factory_
 
 def test_states_do_not_depend_on_batch_neighbours(tmp_path, context, batch):
     _save("wavlm", tmp_path / "model")
-    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source=str(tmp_path / "model")), context)
+    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source=str(tmp_path / "model"), cache=False), context)
     together = teacher.signals(batch, REQUEST).hidden_states
     alone = teacher.signals({"waveform": batch["waveform"][1:2, :2000], "waveform_lengths": torch.tensor([2000])},
                             REQUEST).hidden_states
@@ -82,7 +82,7 @@ def test_states_do_not_depend_on_batch_neighbours(tmp_path, context, batch):
 
 def test_padded_batching_masks_padding(tmp_path, context, batch):
     _save("hubert", tmp_path / "model")
-    config = HubertTeacherFactory.Config(source=str(tmp_path / "model"), batching="padded")
+    config = HubertTeacherFactory.Config(source=str(tmp_path / "model"), batching="padded", cache=False)
     signals = HubertTeacherFactory().build(config, context).signals(batch, REQUEST)
     assert signals.extra["frame_mask"].sum(1).tolist() == [149, 99, 124]
     assert signals.hidden_states[2][1, 99:].abs().sum() == 0
@@ -92,7 +92,7 @@ def test_student_frames_align_with_the_teacher(tmp_path, context, batch):
     from kd_plugins.speech.students import SpeechFrontEnd, SpeechStudentConfig
 
     _save("wavlm", tmp_path / "model")
-    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source=str(tmp_path / "model")), context)
+    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source=str(tmp_path / "model"), cache=False), context)
     signals = teacher.signals(batch, REQUEST)
     front = SpeechFrontEnd(SpeechStudentConfig(conv_layers=TINY_CONV, hidden_size=32, num_heads=4, ffn_dim=64,
                                                pos_conv_kernel=16, pos_conv_groups=4))
@@ -134,7 +134,8 @@ def test_hub_id_is_loaded_local_files_only_unless_downloads_are_allowed(monkeypa
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", fake_config)
     monkeypatch.setattr("transformers.Wav2Vec2FeatureExtractor.from_pretrained", no_preprocessor)
     monkeypatch.setattr(WavLMModel, "from_pretrained", fake_model)
-    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source="microsoft/wavlm-base-plus"), context)
+    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source="microsoft/wavlm-base-plus", cache=False),
+                                           context)
     assert teacher.model is model and not teacher.normalize_waveform  # group-norm CNN: raw waveform
     assert [kind for kind, _ in calls] == ["config", "model", "preprocessor"]
     assert all(c["location"] == "microsoft/wavlm-base-plus" and c["local_files_only"] is True for _, c in calls)
@@ -164,7 +165,7 @@ def test_wrong_model_type_is_a_user_error(tmp_path, context) -> None:
 
 def test_too_short_audio_is_a_user_error(tmp_path, context) -> None:
     _save("wavlm", tmp_path / "model")
-    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source=str(tmp_path / "model")), context)
+    teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source=str(tmp_path / "model"), cache=False), context)
     with pytest.raises(KDUserError, match="too short"):
         teacher.signals({"waveform": torch.zeros(1, 10), "waveform_lengths": torch.tensor([10])}, REQUEST)
 

@@ -33,7 +33,7 @@ def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def teacher(whisper_dir: Path, tmp_path: Path):  # noqa: ANN201
     context = BuildContext(task=None, cache_dir=tmp_path, device=torch.device("cpu"), seed=0)  # type: ignore[arg-type]
-    config = WhisperEncoderTeacherFactory.Config(source=str(whisper_dir))
+    config = WhisperEncoderTeacherFactory.Config(source=str(whisper_dir), cache=False)
     return WhisperEncoderTeacherFactory().build(config, context).freeze()
 
 
