@@ -58,7 +58,7 @@ from .espeak import EspeakVoiceError, SynthRequest, synthesize
 log = logging.getLogger(__name__)
 
 # Bump when planning, post-processing or storage change: cached corpora are then rebuilt.
-BUILDER_VERSION = "speech-synth/2"
+BUILDER_VERSION = "speech-synth/3"
 SPLITS = ("train", "valid", "test")
 ASR = "asr"
 
@@ -309,10 +309,13 @@ def _place(item: _Planned, speech: torch.Tensor, config: SynthConfig, generator:
     return clip
 
 
-def _silence_clip(config: SynthConfig, generator: torch.Generator, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+def _silence_clip(config: SynthConfig, generator: torch.Generator) -> torch.Tensor:
+    """Background noise only. Babble is left out even when configured: '_silence_' must hold no speech
+    (Speech Commands' silence is cut from recordings of machines and running water)."""
     length = int(config.keyword_clip_seconds * SAMPLE_RATE)
-    kind = config.noise_types[int(torch.randint(len(config.noise_types), (), generator=generator))]
-    noise = make_noise(kind, length, generator, sources, config.babble_talkers)
+    kinds = [kind for kind in config.noise_types if kind != "babble"] or ["pink"]
+    kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
+    noise = make_noise(kind, length, generator)
     return noise * _db_to_gain(uniform(*config.silence_level_dbfs_range, generator))
 
 
@@ -361,11 +364,11 @@ def _synthesize_plan(plan: list[_Planned], config: SynthConfig) -> tuple[dict[st
     for item in plan:
         # A second stream for augmentation, so changing placement does not change the noise drawn.
         generator = torch.Generator().manual_seed(item.seed ^ 0x5A5A5A5A)
-        others = _Excluding(split_clips[item.split], position.get(item.utterance_id))
         if item.request is None:
-            waveform = _silence_clip(config, generator, others)
+            waveform = _silence_clip(config, generator)
             item.details = {}
         else:
+            others = _Excluding(split_clips[item.split], position.get(item.utterance_id))
             waveform, item.details = augment(clean[item.utterance_id], config, generator, others)
             item.details.update(rate=item.request.rate, pitch=item.request.pitch)
         final[item.split].append(waveform)

@@ -38,6 +38,7 @@ def make_bad_folder(root: Path) -> Path:
     soundfile.write(root / "short.wav", _tone(0.01, 16000), 16000, subtype="PCM_16")
     soundfile.write(root / "clipped.wav", np.clip(_tone(0.5, 16000, amplitude=3.0), -1, 1), 16000, subtype="PCM_16")
     soundfile.write(root / "vorbis.ogg", _tone(0.5, 16000), 16000, format="OGG", subtype="VORBIS")
+    soundfile.write(root / "lossy.mp3", _tone(0.5, 22050), 22050, format="MP3", subtype="MPEG_LAYER_III")
     (root / "notes.txt").write_text("not audio, not even looked at")
     return root
 
@@ -45,7 +46,8 @@ def make_bad_folder(root: Path) -> Path:
 # file -> None (used) or the skip kind
 EXPECTED = {"good.wav": None, "empty.wav": "empty", "random.wav": "unreadable", "truncated.flac": "unreadable",
             "stereo_44k.wav": None, "sub/narrow_8k.flac": None, "nan.wav": "non_finite", "silent.wav": "silent",
-            "short.wav": "too_short", "clipped.wav": None, "vorbis.ogg": None}
+            "short.wav": "too_short", "clipped.wav": None, "vorbis.ogg": None,
+            "lossy.mp3": None}
 
 
 @pytest.fixture
@@ -85,8 +87,9 @@ def test_folder_loads_good_files_and_counts_skips(bad_folder: Path, caplog: pyte
     used = sorted(name.rsplit(".", 1)[0] for name, kind in EXPECTED.items() if kind is None)
     assert sorted(item.utterance_id for item in corpus.items) == used
     assert corpus.skipped == {"empty": 1, "unreadable": 2, "non_finite": 1, "silent": 1, "too_short": 1}
-    # stereo_44k.wav is down-mixed and resampled, narrow_8k.flac resampled, clipped.wav kept and counted.
-    assert corpus.manifest["fixed"] == {"downmixed": 1, "resampled": 2, "clipped": 1}
+    # stereo_44k.wav is down-mixed and resampled, narrow_8k.flac and lossy.mp3 (22.05 kHz) resampled,
+    # clipped.wav kept and counted.
+    assert corpus.manifest["fixed"] == {"downmixed": 1, "resampled": 3, "clipped": 1}
     assert corpus.manifest["files_seen"] == len(EXPECTED) and corpus.manifest["items"] == len(used)
     assert all(item.text is None and item.keyword is None and item.speaker is None for item in corpus.items)
     log = caplog.text
