@@ -6,7 +6,7 @@ with :func:`torch.utils.cpp_extension.load` the first time the fused path runs o
 tensor, and only when CUDA is available and ``nvcc`` is found; the build is cached by torch
 (``TORCH_EXTENSIONS_DIR``). If anything fails, a warning is issued once and the PyTorch
 implementation (:func:`kdcore.objectives.divergence.divergence_chunk`) is used: results are
-the same either way (tests/objectives/test_cuda_ext.py checks parity when CUDA is present).
+the same either way (tests/objectives/test_objectives_cuda_ext.py checks parity when CUDA is present).
 
 Set ``KD_FUSED_CUDA_EXT=0`` to never build or use it.
 """
@@ -53,12 +53,36 @@ def _pip_cuda_include_dirs() -> list[str]:
     return folders
 
 
+def _toolkit_library_dirs() -> list[str]:
+    """Library folders of the CUDA toolkit that owns ``nvcc`` (for ``-lcudart``).
+
+    torch derives CUDA_HOME from nvcc's folder; with ``/usr/local/bin/nvcc`` a symbolic link into
+    ``/usr/local/cuda-X/bin`` that gives ``/usr/local`` and the link step cannot find libcudart.
+    Following the link finds the real toolkit.
+    """
+    nvcc = shutil.which("nvcc")
+    roots = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    roots.append(Path("/usr/local/cuda"))
+    folders: list[str] = []
+    for root in roots:
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            folder = root / sub
+            if (folder / "libcudart.so").exists() and str(folder) not in folders:
+                folders.append(str(folder))
+    return folders
+
+
 def build_extension(verbose: bool = False) -> ModuleType:
-    """Compile (or load the cached build of) the kernel; raises on failure."""
+    """Compile (or load the cached build of) the kernel; raises on failure.
+
+    Without a GPU, torch cannot pick the target architecture: set ``TORCH_CUDA_ARCH_LIST``
+    (e.g. ``9.0``) to compile anyway (tests/objectives/test_objectives_cuda_ext.py does).
+    """
     from torch.utils.cpp_extension import load
 
     return load(name="kd_fused_divergence_rows", sources=[str(SOURCE)], extra_cuda_cflags=["-O3"],
-                extra_include_paths=_pip_cuda_include_dirs(), verbose=verbose)
+                extra_include_paths=_pip_cuda_include_dirs(),
+                extra_ldflags=[f"-L{folder}" for folder in _toolkit_library_dirs()], verbose=verbose)
 
 
 def load_extension() -> ModuleType | None:

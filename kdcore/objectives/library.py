@@ -34,7 +34,7 @@ from kdcore.errors import KDUserError
 from kdcore.fused import fused_linear_divergence
 from kdcore.interfaces import Batch, Objective, ObjectiveOutput
 from kdcore.objectives.divergence import IGNORE_INDEX, divergence
-from kdcore.objectives.hidden import hidden_state_positions, masked_mean
+from kdcore.objectives.hidden import hidden_state_positions, masked_mean, multi_layer_hidden_loss
 from kdcore.objectives.nll import token_nll
 from kdcore.objectives.uld import uld_loss
 from kdcore.signals import Signal, SignalRequest, Signals, SparseLogits
@@ -307,10 +307,10 @@ class _HiddenObjective(Objective):
                     f"The objective {self.name!r} compares hidden states, but the {role} model returned none. Use a "
                     f"{role} that exposes hidden states or remove this objective from the config's 'objectives'.")
         assert student.hidden_states is not None and teacher.hidden_states is not None
-        total: Tensor | None = None
-        parts: dict[str, float] = {}
         attention_mask = batch.get("attention_mask")
-        for student_index, teacher_index in self.pairs(student.hidden_states, teacher.hidden_states):
+        pairs = self.pairs(student.hidden_states, teacher.hidden_states)
+        student_layers, teacher_layers = [], []
+        for student_index, teacher_index in pairs:
             student_hidden = student.hidden_states[student_index]
             teacher_hidden = teacher.hidden_states[teacher_index].to(student_hidden.device)
             if student_hidden.shape != teacher_hidden.shape:
@@ -319,11 +319,25 @@ class _HiddenObjective(Objective):
                     f"{tuple(student_hidden.shape)} with teacher layer {teacher_index} of shape "
                     f"{tuple(teacher_hidden.shape)}; they must have the same shape. Pick matching layers in "
                     f"args.teacher_layers, or use a method that projects the student (e.g. prediction heads).")
-            mask = attention_mask if attention_mask is not None and \
+            student_layers.append(student_hidden)
+            teacher_layers.append(teacher_hidden)
+        leading = tuple(student_layers[0].shape[:-1])
+        mask = attention_mask if attention_mask is not None and tuple(attention_mask.shape) == leading else None
+        if all(tuple(layer.shape[:-1]) == leading for layer in student_layers):
+            # one autograd node for all layers (gradients computed in forward): see multi_layer_hidden_loss
+            total, per_layer = multi_layer_hidden_loss(student_layers, teacher_layers, self.name, mask=mask,
+                                                       cos_weight=self._cos_weight())
+            parts = {f"layer{index}": float(value) for (index, _), value in zip(pairs, per_layer.detach())}
+            return ObjectiveOutput(total, parts)
+        # layers with different position counts (e.g. different frame rates): one at a time
+        total: Tensor | None = None
+        parts = {}
+        for (student_index, _), student_hidden, teacher_hidden in zip(pairs, student_layers, teacher_layers):
+            layer_mask = attention_mask if attention_mask is not None and \
                 tuple(attention_mask.shape) == tuple(student_hidden.shape[:-1]) else None
             per_position = hidden_state_positions(student_hidden, teacher_hidden, self.name,
                                                   cos_weight=self._cos_weight())
-            layer_loss = masked_mean(per_position, mask)
+            layer_loss = masked_mean(per_position, layer_mask)
             parts[f"layer{student_index}"] = float(layer_loss.detach())
             total = layer_loss if total is None else total + layer_loss
         assert total is not None

@@ -5,7 +5,7 @@
 // exponentials, the reductions the loss needs, then the gradient, which overwrites the student
 // row in place. This replaces ~20 elementwise PyTorch kernels (each a full pass over the chunk)
 // by one launch. The math is the same as kdcore/objectives/divergence.py (see its docstrings);
-// tests/objectives/test_cuda_ext.py checks the two agree.
+// tests/objectives/test_objectives_cuda_ext.py checks the two agree.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,0 +1,218 @@
+"""More parity checks of the divergence math: random sizes (hypothesis), both CPU GEMM backends of the
+fused path, -inf logits on either side, sparse (top-k / cached) teacher signals with gradients, ULD.
+
+The naive references are written here, in float64 autograd, from the issue's definitions
+(tests/objectives/test_divergence.py holds the shared `reference`).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kdcore.fused import fused_linear_divergence
+from kdcore.fused import linear_divergence as fused_module
+from kdcore.objectives import DIVERGENCE_KINDS, divergence, uld_loss
+from kdcore.objectives.logit_cache import TeacherLogitCache
+from kdcore.signals import SparseLogits
+
+_spec = importlib.util.spec_from_file_location("objectives_reference", Path(__file__).with_name("test_divergence.py"))
+_reference_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_reference_module)
+reference = _reference_module.reference
+assert_close_relative = _reference_module.assert_close_relative
+
+FP32_RTOL = 1e-5
+
+
+def _heads(n: int, hidden_s: int, hidden_t: int, vocab: int, seed: int, spread: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, hidden_s, generator=g), torch.randn(vocab, hidden_s, generator=g) * spread / hidden_s ** 0.5,
+            torch.randn(vocab, generator=g) * 0.5, torch.randn(n, hidden_t, generator=g),
+            torch.randn(vocab, hidden_t, generator=g) * spread / hidden_t ** 0.5, torch.randn(vocab, generator=g) * 0.5)
+
+
+def _fused_against_reference(kind: str, n: int, vocab: int, chunk: int | None, temperature: float, beta: float,
+                             skew: float, seed: int, ignored: float, masked_tokens: list[int]) -> None:
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _heads(
+        n, 7, 9, vocab, seed)
+    for token in masked_tokens:  # a masked vocabulary entry: -inf logit for both models
+        student_bias[token] = teacher_bias[token] = float("-inf")
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignored] = -100
+    params = [p.clone().requires_grad_() for p in (student_hidden, student_weight, student_bias)]
+    loss = fused_linear_divergence(params[0], params[1], teacher_hidden, teacher_weight, kind, student_bias=params[2],
+                                   teacher_bias=teacher_bias, labels=labels, beta=beta, skew=skew,
+                                   temperature=temperature, chunk_size=chunk)
+    loss.backward()
+    refs = [p.detach().double().requires_grad_() for p in params]
+    expected = reference(F.linear(refs[0], refs[1], refs[2]),
+                         F.linear(teacher_hidden.double(), teacher_weight.double(), teacher_bias.double()), kind,
+                         beta=beta, skew=skew, temperature=temperature, labels=labels)
+    if (labels != -100).any():
+        expected.backward()
+        assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
+        for param, ref in zip(params, refs):
+            assert_close_relative(param.grad, ref.grad, FP32_RTOL)
+    else:
+        assert float(loss.detach()) == 0.0 and all((p.grad == 0).all() for p in params)
+    for token in masked_tokens:
+        assert (params[1].grad[token] == 0).all() and params[2].grad[token] == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(DIVERGENCE_KINDS), n=st.integers(1, 23), vocab=st.integers(2, 97),
+       chunk=st.one_of(st.none(), st.integers(1, 9)), temperature=st.sampled_from([0.5, 1.0, 1.7]),
+       beta=st.floats(0.05, 0.95), skew=st.floats(0.0, 0.9), seed=st.integers(0, 10_000),
+       ignored=st.sampled_from([0.0, 0.4, 1.0]), masked=st.booleans())
+def test_fused_matches_reference_for_random_sizes(kind, n, vocab, chunk, temperature, beta, skew, seed, ignored,
+                                                  masked) -> None:
+    masked_tokens = [0, vocab - 1] if masked and vocab > 2 else []
+    _fused_against_reference(kind, n, vocab, chunk, temperature, beta, skew, seed, ignored, masked_tokens)
+
+
+@pytest.mark.parametrize("onednn", ["1", "0"])
+@pytest.mark.parametrize("kind", DIVERGENCE_KINDS)
+def test_fused_parity_with_each_cpu_gemm(kind: str, onednn: str, monkeypatch) -> None:
+    # the oneDNN product and torch.mm (MKL) must both give float32-exact results
+    monkeypatch.setenv("KD_FUSED_ONEDNN", onednn)
+    _fused_against_reference(kind, n=45, vocab=301, chunk=16, temperature=2.0, beta=0.3, skew=0.2, seed=3,
+                             ignored=0.25, masked_tokens=[5])
+
+
+def test_onednn_gemm_is_detected_and_can_be_switched_off(monkeypatch) -> None:
+    if torch.backends.mkldnn.is_available():
+        assert fused_module.onednn_gemm_usable()
+    monkeypatch.setenv("KD_FUSED_ONEDNN", "0")
+    assert not fused_module.onednn_gemm_usable()
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
+def test_fused_teacher_only_minus_inf(kind: str) -> None:
+    # the teacher rules out tokens the student does not: the -inf clamp path of the fused loop
+    student_hidden, student_weight, _, teacher_hidden, teacher_weight, teacher_bias = _heads(31, 6, 6, 64, seed=8)
+    teacher_bias[[3, 40]] = float("-inf")
+    student_hidden.requires_grad_()
+    loss = fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, kind,
+                                   teacher_bias=teacher_bias, temperature=1.3, chunk_size=10)
+    loss.backward()
+    ref_hidden = student_hidden.detach().double().requires_grad_()
+    expected = reference(ref_hidden @ student_weight.double().T,
+                         F.linear(teacher_hidden.double(), teacher_weight.double(), teacher_bias.double()), kind,
+                         temperature=1.3)
+    expected.backward()
+    assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
+    assert_close_relative(student_hidden.grad, ref_hidden.grad, FP32_RTOL)
+
+
+def test_fused_gradient_scales_with_the_upstream_gradient_and_refuses_a_second_backward() -> None:
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, _ = _heads(12, 5, 5, 33, seed=9)
+    params = [p.requires_grad_() for p in (student_hidden, student_weight, student_bias)]
+    loss = fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, "jsd",
+                                   student_bias=student_bias)
+    (0.25 * loss + 0.75 * loss.detach()).backward()
+    scaled = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    loss = fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, "jsd",
+                                   student_bias=student_bias)
+    loss.backward(retain_graph=True)
+    for got, full in zip(scaled, (p.grad for p in params)):
+        torch.testing.assert_close(got, 0.25 * full)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_fused_without_student_gradients_only_computes_the_value() -> None:
+    student_hidden, student_weight, _, teacher_hidden, teacher_weight, _ = _heads(10, 4, 4, 20, seed=10)
+    with torch.no_grad():
+        value = fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, "tvd")
+    expected = reference(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, "tvd")
+    assert_close_relative(value, expected, FP32_RTOL)
+
+
+# --------------------------------------------------------------------------- sparse teacher signals
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
+def test_sparse_teacher_values_and_gradients_match_the_renormalised_dense_teacher(kind: str) -> None:
+    g = torch.Generator().manual_seed(11)
+    student = (torch.randn(3, 7, 50, generator=g) * 2).requires_grad_()
+    teacher = torch.randn(3, 7, 50, generator=g) * 2
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[0, :3] = -100
+    top = teacher.topk(6, dim=-1)
+    loss = divergence(student, SparseLogits(top.values, top.indices, 50), kind, temperature=1.5, labels=labels,
+                      chunk_size=4)
+    loss.backward()
+    dense_teacher = torch.full_like(teacher, float("-inf")).scatter(-1, top.indices, top.values)
+    ref_student = student.detach().double().requires_grad_()
+    expected = reference(ref_student, dense_teacher, kind, temperature=1.5, labels=labels)
+    expected.backward()
+    assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
+    assert_close_relative(student.grad, ref_student.grad, FP32_RTOL)
+
+
+def test_cached_teacher_signal_round_trip_gives_the_same_loss_as_its_dense_top_k(tmp_path) -> None:
+    g = torch.Generator().manual_seed(12)
+    teacher = torch.randn(2, 9, 40, generator=g) * 3
+    cache = TeacherLogitCache(tmp_path / "cache", top_k=5, vocab_size=40, fingerprint="teacher-a")
+    cached = cache.fetch(["a", "b"], [9, 6], 9, compute=lambda rows: teacher[rows])
+    student = (torch.randn(2, 9, 40, generator=g) * 3).requires_grad_()
+    labels = torch.zeros(2, 9, dtype=torch.long)
+    labels[1, 6:] = -100  # positions past example b's length are padding
+    loss = divergence(student, cached, "forward_kl", labels=labels)
+    loss.backward()
+    # the cache keeps float16 values: compare with the dense top-k of the float16-rounded teacher
+    top = teacher.topk(5, dim=-1)
+    dense = torch.full_like(teacher, float("-inf")).scatter(-1, top.indices, top.values.half().float())
+    ref_student = student.detach().double().requires_grad_()
+    expected = reference(ref_student, dense, "forward_kl", labels=labels)
+    expected.backward()
+    assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
+    assert_close_relative(student.grad, ref_student.grad, FP32_RTOL)
+
+
+# --------------------------------------------------------------------------- ULD
+def uld_reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Row-aligned ULD from its definition, in float64: L1 of zero-padded descending-sorted probabilities."""
+    p_s = torch.softmax(student.double() / temperature, -1).sort(-1, descending=True).values
+    p_t = torch.softmax(teacher.double() / temperature, -1).sort(-1, descending=True).values
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = F.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = F.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_s - p_t).abs().sum(-1).mean()
+
+
+@settings(max_examples=25, deadline=None)
+@given(v_student=st.integers(2, 40), v_teacher=st.integers(2, 40), length=st.integers(1, 6),
+       temperature=st.sampled_from([1.0, 2.0]), seed=st.integers(0, 10_000))
+def test_uld_matches_its_definition_for_any_pair_of_vocabularies(v_student, v_teacher, length, temperature,
+                                                                 seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(2, length, v_student, generator=g) * 2).requires_grad_()
+    teacher = torch.randn(2, length, v_teacher, generator=g) * 2
+    loss = uld_loss(student, teacher, temperature=temperature)
+    loss.backward()
+    ref_student = student.detach().double().requires_grad_()
+    expected = uld_reference(ref_student, teacher, temperature)
+    expected.backward()
+    assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
+    assert_close_relative(student.grad, ref_student.grad, FP32_RTOL)
+    # the distance of a distribution to itself (any tokenizer permutation) is 0
+    permuted = teacher[..., torch.randperm(v_teacher, generator=g)]
+    assert float(uld_loss(teacher, permuted, temperature=temperature)) < 1e-6
+
+
+def test_uld_with_a_sparse_teacher_equals_the_dense_top_k() -> None:
+    g = torch.Generator().manual_seed(13)
+    student = torch.randn(2, 5, 30, generator=g)
+    teacher = torch.randn(2, 5, 70, generator=g) * 2
+    top = teacher.topk(8, dim=-1)
+    dense = torch.full_like(teacher, float("-inf")).scatter(-1, top.indices, top.values)
+    sparse = SparseLogits(top.values, top.indices, 70)
+    assert_close_relative(uld_loss(student, sparse), uld_reference(student, dense, 1.0), FP32_RTOL)
