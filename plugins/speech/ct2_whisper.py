@@ -191,6 +191,18 @@ def convert_ctranslate2_whisper_state_dict(variables: Mapping[str, np.ndarray]) 
     return {name: torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)) for name, value in state.items()}
 
 
+#: Scalars a Whisper spec must hold (ctranslate2.specs: pre-norm decoder, unscaled embeddings, Activation.GELU = 3).
+_WHISPER_SCALARS = {"decoder/pre_norm": 1, "decoder/scale_embeddings": 0, "decoder/activation": 3,
+                    "decoder/alibi": 0}
+
+
+def _check_whisper_choices(variables: Mapping[str, np.ndarray], path: Path) -> None:
+    for name, expected in _WHISPER_SCALARS.items():
+        if name in variables and int(variables[name]) != expected:
+            raise KDUserError(f"{path}: {name} = {int(variables[name])}, but Whisper has {expected}; this model "
+                              f"is not a Whisper architecture transformers can represent.")
+
+
 def _check_zero_bias(bias: np.ndarray, name: str) -> None:
     if np.any(bias != 0):
         raise KDUserError(f"CTranslate2 variable {name} is not zero, but Whisper's key projection has no bias: "
@@ -276,6 +288,7 @@ def convert_ctranslate2_whisper(directory: str | Path) -> WhisperForConditionalG
     if revision > 3:
         log.warning("CTranslate2 WhisperSpec revision %d is newer than the revision 3 this converter was checked on",
                     revision)
+    _check_whisper_choices(variables, directory / "model.bin")
     config = whisper_config_from_ctranslate2(variables, directory)
     state = convert_ctranslate2_whisper_state_dict(variables)
     with torch.device("meta"):  # weights come from the file: skip the random initialisation

@@ -62,14 +62,15 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     for name, tensor in teacher.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        # Hash the raw bytes through the buffer protocol (no copy of a large teacher's weights).
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
 def _checksum(tensors: Sequence[torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for tensor in tensors:
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -235,7 +236,8 @@ class CachedSpeechTeacher(Teacher):
         if lengths is None:
             lengths = torch.full((waveform.shape[0],), waveform.shape[1], dtype=torch.long)
         lengths = torch.as_tensor(lengths).long().cpu()
-        keys = [waveform_key(waveform[row, :int(length)]) for row, length in enumerate(lengths)]
+        samples = waveform.detach().to("cpu", torch.float32)  # one device-to-host copy for all the hashes
+        keys = [waveform_key(samples[row, :int(length)]) for row, length in enumerate(lengths)]
         _ = self.directory  # computes the teacher hash and reads the index on first use
         unique = list(dict.fromkeys(keys))
         found = self._read([key for key in unique if key in self._index])
