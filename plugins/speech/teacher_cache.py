@@ -63,14 +63,14 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
     for name, tensor in teacher.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         # Hash the raw bytes through the buffer protocol (no copy of a large teacher's weights).
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
 def _checksum(tensors: Sequence[torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for tensor in tensors:
-        digest.update(tensor.contiguous().view(torch.uint8).numpy())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
