@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"
+REQUIRED_FILES = frozenset({"student.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"})
 
 
 def checkpoint_name(step: int) -> str:
@@ -254,9 +255,17 @@ def verify_checkpoint(path: Path) -> str | None:
         return "manifest.json is missing"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
         return f"manifest.json is unreadable ({error})"
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        return "manifest.json does not list the files and their checksums"
+    unlisted = sorted(REQUIRED_FILES - set(files))
+    if unlisted:
+        return f"manifest.json does not list {', '.join(unlisted)}"
+    for name, digest in files.items():
+        if Path(name).name != name:
+            return f"manifest.json names a file outside the checkpoint ({name!r})"
         file_path = path / name
         if not file_path.exists():
             return f"{name} is missing"

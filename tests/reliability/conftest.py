@@ -88,3 +88,52 @@ def _assert_same_training(reference: Path, candidate: Path) -> None:
 @pytest.fixture
 def assert_same_training():  # noqa: ANN201
     return _assert_same_training
+
+
+# --------------------------------------------------------------------------- single-process fault runs
+
+#: The run every fault test repeats: toy task, 40 steps, checkpoints every 10, dropout on (the RNG must resume too).
+FAULT_RUN = ["--task", "toy", "--plugin", "vanilla", "--preset", "tiny", "--seed", "3",
+             "--set", "student.args.dropout=0.3"]
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, fault_env: dict[str, str]) -> Path:
+    """The uninterrupted reference run (fault plugin installed, no fault armed)."""
+    import subprocess
+    import sys
+
+    base = tmp_path_factory.mktemp("straight")
+    result = subprocess.run([sys.executable, "-m", "kdcore", "run", *FAULT_RUN, "--out", str(base / "run")],
+                            cwd=base, env={**os.environ, **fault_env}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return base / "run"
+
+
+@pytest.fixture
+def fault_run() -> list[str]:
+    return list(FAULT_RUN)
+
+
+def _assert_identical(reference: Path, candidate: Path) -> None:
+    """Bit-identical outcome: final metrics, best step and every logged loss and metric."""
+    from kdcore.io import read_jsonl
+
+    expected = json.loads((reference / "metrics.json").read_text())
+    actual = json.loads((candidate / "metrics.json").read_text())
+    assert actual["student"] == expected["student"] and actual["teacher"] == expected["teacher"]
+    assert actual["best_step"] == expected["best_step"]
+
+    def records(path: Path) -> list[tuple]:
+        return [(r["type"], r["step"], r.get("loss"), r.get("accuracy")) for r in read_jsonl(path / "log.jsonl")]
+
+    assert records(candidate) == records(reference)
+    from safetensors.torch import load_file
+
+    assert all(load_file(str(candidate / "best" / "student.safetensors"))[k].equal(v)
+               for k, v in load_file(str(reference / "best" / "student.safetensors")).items())
+
+
+@pytest.fixture
+def assert_identical():  # noqa: ANN201
+    return _assert_identical
