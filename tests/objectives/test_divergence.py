@@ -17,16 +17,17 @@ MASKED_LOGIT = -1e4  # exp(-1e4) is exactly 0 in float64: the reference's stand-
 
 
 def reference(student: torch.Tensor, teacher: torch.Tensor, kind: str, *, beta: float = 0.5, skew: float = 0.1,
-              temperature: float = 1.0, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The definitions of the issue, written the obvious way, in float64 with autograd."""
-    s = student.double().masked_fill(student.isneginf(), MASKED_LOGIT) / temperature
-    t = teacher.double().masked_fill(teacher.isneginf(), MASKED_LOGIT) / temperature
+              temperature: float = 1.0, labels: torch.Tensor | None = None,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The definitions of the issue, written the obvious way, with autograd (in float64 by default)."""
+    s = student.to(dtype).masked_fill(student.isneginf(), MASKED_LOGIT) / temperature
+    t = teacher.to(dtype).masked_fill(teacher.isneginf(), MASKED_LOGIT) / temperature
     log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
     p_s, p_t = log_s.exp(), log_t.exp()
 
     def log_mixture(a: float, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         # mixtures of two zero probabilities are 0: only multiplied by 0 below, keep log finite
-        return torch.log((a * p + (1 - a) * q).clamp_min(1e-300))
+        return torch.log((a * p + (1 - a) * q).clamp_min(torch.finfo(dtype).tiny))
 
     if kind == "forward_kl":
         per = (p_t * (log_t - log_s)).sum(-1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kdcore.objectives import HIDDEN_KINDS, hidden_state_loss, multi_layer_hidden_loss
@@ -23,6 +23,7 @@ def _reference(students, teachers, kind, mask, cos_weight, weights):
 @given(kind=st.sampled_from(HIDDEN_KINDS), layers=st.integers(1, 4), batch=st.integers(1, 3),
        frames=st.integers(1, 9), features=st.integers(1, 12), chunk_rows=st.integers(1, 8),
        use_mask=st.booleans(), cos_weight=st.floats(0.0, 2.0), seed=st.integers(0, 10_000))
+@example(kind="cosine", layers=1, batch=1, frames=1, features=1, chunk_rows=1, use_mask=False, cos_weight=0.0, seed=0)
 def test_equals_the_per_layer_loss_values_and_gradients(kind, layers, batch, frames, features, chunk_rows, use_mask,
                                                         cos_weight, seed) -> None:
     students = [s.requires_grad_() for s in _layers(layers, (batch, frames, features), seed)]
@@ -46,8 +47,10 @@ def test_equals_the_per_layer_loss_values_and_gradients(kind, layers, batch, fra
     torch.testing.assert_close(total.double(), expected_total.detach().double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(per_layer.double(), torch.stack(expected_layers).detach().double(), rtol=1e-5, atol=1e-6)
     for mine, student in zip(got, students):
-        scale = float(student.grad.abs().max().clamp_min(1e-12))
-        torch.testing.assert_close(mine, student.grad, rtol=1e-5, atol=1e-5 * scale)
+        # 1e-5 of the gradient's scale; plus 1e-6 absolute: both sides compute in float32, and where
+        # the exact gradient is 0 (e.g. cosine of equal 1-d vectors) each keeps float32 rounding noise
+        scale = float(student.grad.abs().max())
+        torch.testing.assert_close(mine, student.grad, rtol=1e-5, atol=1e-5 * scale + 1e-6)
 
 
 def test_bf16_layers_get_bf16_gradients_within_bf16_precision() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kdcore.fused import fused_linear_divergence
@@ -28,6 +28,21 @@ reference = _reference_module.reference
 assert_close_relative = _reference_module.assert_close_relative
 
 FP32_RTOL = 1e-5
+
+
+def assert_as_accurate_as_float32_autograd(actual: torch.Tensor, float32_naive: torch.Tensor,
+                                           exact: torch.Tensor) -> None:
+    """Within 1e-5 of the exact (float64) result's scale, or, where float32 itself cannot get there,
+    no worse than 4x the error of the naive float32 autograd computation of the same thing.
+
+    The second case is real: for a near-deterministic row (say p = 1 - 1e-6 over two tokens) the
+    gradient is ~1e-6 while it is the difference of O(1) float32 terms, in any float32 implementation.
+    """
+    actual, float32_naive, exact = actual.double(), float32_naive.double(), exact.double()
+    assert torch.isfinite(actual).all(), "NaN or inf in the result"
+    error = float((actual - exact).abs().max())
+    allowed = max(FP32_RTOL * float(exact.abs().max()), 4 * float((float32_naive - exact).abs().max()), 1e-30)
+    assert error <= allowed, f"error {error:.3g} > allowed {allowed:.3g}"
 
 
 def _heads(n: int, hidden_s: int, hidden_t: int, vocab: int, seed: int, spread: float = 3.0):
@@ -51,15 +66,20 @@ def _fused_against_reference(kind: str, n: int, vocab: int, chunk: int | None, t
                                    teacher_bias=teacher_bias, labels=labels, beta=beta, skew=skew,
                                    temperature=temperature, chunk_size=chunk)
     loss.backward()
-    refs = [p.detach().double().requires_grad_() for p in params]
-    expected = reference(F.linear(refs[0], refs[1], refs[2]),
-                         F.linear(teacher_hidden.double(), teacher_weight.double(), teacher_bias.double()), kind,
-                         beta=beta, skew=skew, temperature=temperature, labels=labels)
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        refs = [p.detach().to(dtype).requires_grad_() for p in params]
+        value = reference(F.linear(refs[0], refs[1], refs[2]),
+                          F.linear(teacher_hidden.to(dtype), teacher_weight.to(dtype), teacher_bias.to(dtype)), kind,
+                          beta=beta, skew=skew, temperature=temperature, labels=labels, dtype=dtype)
+        if (labels != -100).any():
+            value.backward()
+        results[dtype] = (value.detach(), [r.grad for r in refs])
     if (labels != -100).any():
-        expected.backward()
-        assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
-        for param, ref in zip(params, refs):
-            assert_close_relative(param.grad, ref.grad, FP32_RTOL)
+        (exact, exact_grads), (naive, naive_grads) = results[torch.float64], results[torch.float32]
+        assert_as_accurate_as_float32_autograd(loss.detach(), naive, exact)
+        for param, exact_grad, naive_grad in zip(params, exact_grads, naive_grads):
+            assert_as_accurate_as_float32_autograd(param.grad, naive_grad, exact_grad)
     else:
         assert float(loss.detach()) == 0.0 and all((p.grad == 0).all() for p in params)
     for token in masked_tokens:
@@ -71,6 +91,9 @@ def _fused_against_reference(kind: str, n: int, vocab: int, chunk: int | None, t
        chunk=st.one_of(st.none(), st.integers(1, 9)), temperature=st.sampled_from([0.5, 1.0, 1.7]),
        beta=st.floats(0.05, 0.95), skew=st.floats(0.0, 0.9), seed=st.integers(0, 10_000),
        ignored=st.sampled_from([0.0, 0.4, 1.0]), masked=st.booleans())
+# a near-deterministic 2-token row: float32 cancellation, the second branch of the accuracy check
+@example(kind="reverse_kl", n=1, vocab=2, chunk=None, temperature=0.5, beta=0.5, skew=0.0, seed=1, ignored=0.0,
+         masked=False)
 def test_fused_matches_reference_for_random_sizes(kind, n, vocab, chunk, temperature, beta, skew, seed, ignored,
                                                   masked) -> None:
     masked_tokens = [0, vocab - 1] if masked and vocab > 2 else []
