@@ -20,7 +20,7 @@ _TINY: dict[str, dict[str, Any]] = {
     "wmt": {"data": {"max_train": 400, "max_valid": 16, "max_test": 24, "vocab_size": 600, "eval_beams": [1, 2]}},
     "summarization": {"data": {"packages": ["stdlib"], "valid_size": 16, "test_size": 24, "max_train": 300,
                                "vocab_size": 800, "max_source_tokens": 64, "max_target_tokens": 24,
-                               "eval_beams": [1, 2]}},
+                               "eval_beams": [1, 2], "max_length_ratio": 0.25, "max_length_offset": 8}},
 }
 
 _HUB: dict[str, dict[str, dict[str, Any]]] = {

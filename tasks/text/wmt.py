@@ -39,9 +39,9 @@ class TranslationTask(TextTask):
     greater_is_better: ClassVar[bool] = True
     imitation_beta_base: ClassVar[float] = 200.0  # the authors' base for translation
     #: Teacher stage defaults (docs/text.md has the measured times on 2 CPU cores).
-    teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 6, "decoder_layers": 6, "d_model": 256,
-                                                  "heads": 4, "ffn_dim": 1024, "train_steps": 1200,
-                                                  "batch_size": 64, "lr": 7e-4, "warmup_steps": 150}
+    teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 4, "decoder_layers": 4, "d_model": 256,
+                                                  "heads": 4, "ffn_dim": 1024, "train_steps": 1000,
+                                                  "batch_size": 64, "lr": 7e-4, "warmup_steps": 100}
     presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("wmt")
 
     @property
