@@ -54,6 +54,11 @@ def _torchrun(out: Path, *extra: str, cwd: Path, nproc: int = 2, env: dict[str, 
 
 
 @pytest.fixture
+def dist_sets() -> list[str]:
+    return list(DIST_SETS)
+
+
+@pytest.fixture
 def torchrun():  # noqa: ANN201 - returns the helper above
     return _torchrun
 
