@@ -1,0 +1,39 @@
+"""Every text task x plugin x preset combination resolves to a valid run config (no building, no data)."""
+from __future__ import annotations
+
+import pytest
+
+from kdcore.registry import Registry
+from kdcore.resolve import resolve_run
+
+
+@pytest.mark.parametrize("task", ["wmt", "summarization"])
+@pytest.mark.parametrize("plugin", ["imitation", "scratch", "word-kd", "seq-kd"])
+def test_defaults_resolve_for_every_plugin(task: str, plugin: str) -> None:
+    resolved = resolve_run(Registry.discover(), task=task, plugin=plugin)
+    assert resolved.teacher_factory.name == "task-trained-seq2seq"
+    assert resolved.student_factory.name == "seq2seq"
+    config = resolved.student_config.config
+    assert (config["encoder_layers"], config["decoder_layers"], config["d_model"]) == (2, 2, 256)
+
+
+@pytest.mark.parametrize(("task", "preset", "teacher"), [
+    ("wmt", "tiny", "task-trained-seq2seq"), ("summarization", "tiny", "task-trained-seq2seq"),
+    ("wmt", "opus-mt-en-de", "seq2seq"), ("summarization", "bart-base", "seq2seq")])
+def test_presets_resolve(task: str, preset: str, teacher: str) -> None:
+    resolved = resolve_run(Registry.discover(), task=task, plugin="imitation", preset=preset)
+    assert resolved.teacher_factory.name == teacher
+    if teacher == "seq2seq":
+        # The hub teacher's tokenizer tokenises the data, so the student shares its vocabulary.
+        assert resolved.data_config.tokenizer == resolved.teacher_config.source
+
+
+def test_imitation_beta_base_is_the_tasks() -> None:
+    from kd_plugins.text.schedules import BetaSchedule
+    from kd_tasks.text.summarization import SummarizationTask
+    from kd_tasks.text.wmt import TranslationTask
+
+    resolved = resolve_run(Registry.discover(), task="summarization", plugin="imitation")
+    assert resolved.method_config.schedule.base is None
+    assert BetaSchedule().for_task(SummarizationTask).base == 10.0
+    assert BetaSchedule().for_task(TranslationTask).base == 200.0
