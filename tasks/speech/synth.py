@@ -341,6 +341,7 @@ class _Excluding(Sequence[torch.Tensor]):
 def _synthesize_plan(plan: list[_Planned], config: SynthConfig) -> tuple[dict[str, list[torch.Tensor]], str]:
     """All clips (float, 16 kHz, augmented) grouped by split in plan order, and the espeak-ng version."""
     spoken = [p for p in plan if p.request is not None]
+    _espeak_data_dir()  # a missing espeakng-loader is a user error here, not a traceback from the worker
     try:
         batch = synthesize([p.request for p in spoken])  # type: ignore[misc]
     except EspeakVoiceError as error:
