@@ -40,7 +40,7 @@ from kdcore.signals import SignalRequest, Signals
 from kd_plugins.speech.distilhubert import seeded
 from kd_plugins.speech.students import (
     HIDDEN_STATES_REQUEST, PAPER_TRAINER, WAVLM_BASE_PLUS_CONFIG, HiddenLossConfig, SpeechStudent,
-    SpeechStudentConfig, align_frames, frame_signals, init_from_teacher, make_layers,
+    SpeechStudentConfig, align_frames, find_hf_speech_model, frame_signals, init_from_teacher, make_layers,
     resolve_target_layers, resolve_teacher_dim, teacher_layers, weighted_layer_losses,
 )
 
@@ -226,8 +226,14 @@ class GenDistillerStudentFactory(ModelFactory):
         with seeded(context.seed):
             student = GenDistillerStudent(config, teacher_dim, target_layers)
         if context.teacher is not None:
-            # The generator's layers start as the teacher's first layers (DistilHuBERT's initialisation).
-            init_from_teacher(student.front_end, student.generator, context.teacher, config.init_from_teacher)
+            # The generator's layers start as the teacher's first layers (DistilHuBERT's initialisation) when
+            # their shapes match. At the paper sizes the generator's FFN (2304) is narrower than a Base teacher's
+            # (3072): then the front end alone is copied, so both methods start from the teacher's CNN.
+            mode = config.init_from_teacher
+            copied = init_from_teacher(student.front_end, student.generator, context.teacher,
+                                       "auto" if mode is not False else False)
+            if not copied and mode is not False and find_hf_speech_model(context.teacher) is not None:
+                init_from_teacher(student.front_end, [], context.teacher, mode)
         return student
 
 

@@ -83,10 +83,10 @@ def _toy_asr(count: int, seed: int, layers: int = 2, width: int = 16) -> tuple[l
 def test_ctc_head_learns_a_toy_transcription_task() -> None:
     train_frames, train_texts = _toy_asr(200, seed=0)
     test_frames, test_texts = _toy_asr(50, seed=1)
-    untrained_config = CTCHeadConfig(projection=32, lstm_hidden=32, steps=1, dropout=0.0)
+    untrained_config = CTCHeadConfig(projection=32, lstm_layers=0, steps=1, dropout=0.0)
     untrained, vocabulary = train_ctc_head(train_frames, train_texts, untrained_config, seed=0)
     before = word_error_rate(test_texts, transcribe(untrained, vocabulary, test_frames))
-    config = untrained_config.model_copy(update={"steps": 250, "lr": 5e-3})
+    config = untrained_config.model_copy(update={"steps": 200, "lr": 1e-2})
     model, vocabulary = train_ctc_head(train_frames, train_texts, config, seed=0)
     hypotheses = transcribe(model, vocabulary, test_frames)
     after = word_error_rate(test_texts, hypotheses)
@@ -94,6 +94,18 @@ def test_ctc_head_learns_a_toy_transcription_task() -> None:
     assert after < 0.35, (after, list(zip(test_texts, hypotheses))[:5])
     again, _ = train_ctc_head(train_frames, train_texts, config, seed=0)
     assert transcribe(again, vocabulary, test_frames) == hypotheses  # seeded
+
+
+def test_bilstm_ctc_head_trains_and_is_seeded() -> None:
+    frames, texts = _toy_asr(40, seed=0)
+    config = CTCHeadConfig(projection=16, lstm_hidden=16, lstm_layers=1, steps=30, lr=1e-2, batch_size=8)
+    model, vocabulary = train_ctc_head(frames, texts, config, seed=0)
+    assert model.lstm is not None and model.lstm.bidirectional
+    padded = torch.zeros(2, 2, 9, 16)
+    assert model(padded, torch.tensor([9, 4])).shape == (2, 9, len(vocabulary))
+    first = transcribe(model, vocabulary, frames[:10])
+    again, _ = train_ctc_head(frames, texts, config, seed=0)
+    assert transcribe(again, vocabulary, frames[:10]) == first
 
 
 def test_char_vocabulary_and_greedy_decoding() -> None:
