@@ -12,11 +12,12 @@ names the key, the value, where the value came from and what is allowed.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -319,9 +320,34 @@ def explain_validation_error(
     return KDUserError(f"Invalid {what}: " + " ".join(sentences) + tail)
 
 
+def _non_finite(values: Any, prefix: str, seen: set[int] | None = None) -> Iterator[tuple[str, float]]:
+    if isinstance(values, float) and not math.isfinite(values):
+        yield prefix, values
+        return
+    if not isinstance(values, (Mapping, list, tuple)):
+        return
+    seen = set() if seen is None else seen
+    if id(values) in seen:  # a YAML alias may make a structure contain itself; validation reports it
+        return
+    seen.add(id(values))
+    items = values.items() if isinstance(values, Mapping) else enumerate(values)
+    for key, inner in items:
+        where = (f"{prefix}.{key}" if prefix else str(key)) if isinstance(values, Mapping) else f"{prefix}[{key}]"
+        yield from _non_finite(inner, where, seen)
+
+
 def validate_model(model: type[BaseModel], values: Any, prefix: str, layers: LayeredConfig | None,
                    what: str = "configuration") -> BaseModel:
-    """``model.model_validate(values)`` with errors explained for the user."""
+    """``model.model_validate(values)`` with errors explained for the user.
+
+    Non-finite numbers (YAML ``.inf``/``.nan``) are refused everywhere: no config
+    value of a run (a learning rate, a weight, a temperature) is meaningful as one.
+    """
+    for key, value in _non_finite(values, prefix):
+        source = layers.source_of(key) if layers is not None else None
+        origin = f" (from {source})" if source else ""
+        raise KDUserError(f"Invalid {what}: key '{key}'{origin} has the non-finite value {value!r}; "
+                          f"expected a finite number.")
     try:
         return model.model_validate(values if values is not None else {})
     except ValidationError as error:
