@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-VARIANTS = ("naive", "dense", "fused")
+VARIANTS = ("naive", "dense", "fused", "hidden_per_layer", "hidden_multi")
+# The hidden-state workload: DistilHuBERT-like, ``--tokens`` frames (batch x time), ``--hidden``
+# features, ``--vocab`` reused as the number of predicted layers.
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
@@ -82,11 +84,38 @@ def naive_autograd_divergence(student_logits: Tensor, teacher_logits: Tensor, ki
     return per.mean()
 
 
-def forward_backward(variant: str, inputs: dict[str, Tensor], kind: str, chunk_size: int | None = None) -> float:
+def make_hidden_inputs(frames: int, layers: int, features: int, *, dtype: torch.dtype = torch.float32,
+                       device: str = "cpu", seed: int = 0) -> dict[str, list[Tensor]]:
+    """Student predictions (leaves that require grad) and teacher layers, ``(frames, features)`` each."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    students = [torch.randn(frames, features, generator=generator).to(device=device, dtype=dtype).requires_grad_()
+                for _ in range(layers)]
+    teachers = [torch.randn(frames, features, generator=generator).to(device=device, dtype=dtype)
+                for _ in range(layers)]
+    return {"students": students, "teachers": teachers}
+
+
+def hidden_forward_backward(variant: str, inputs: dict[str, list[Tensor]], kind: str) -> float:
+    """Sum over layers of the hidden-state loss, one autograd graph per layer or one node for all."""
+    from kdcore.objectives import hidden_state_loss, multi_layer_hidden_loss
+
+    for student in inputs["students"]:
+        student.grad = None
+    if variant == "hidden_per_layer":
+        loss = sum(hidden_state_loss(s, t, kind) for s, t in zip(inputs["students"], inputs["teachers"]))
+    else:
+        loss, _ = multi_layer_hidden_loss(inputs["students"], inputs["teachers"], kind)
+    loss.backward()
+    return float(loss.detach())
+
+
+def forward_backward(variant: str, inputs: dict, kind: str, chunk_size: int | None = None) -> float:
     """One forward + backward pass of ``variant``; returns the loss value."""
     from kdcore.fused import fused_linear_divergence
     from kdcore.objectives import divergence
 
+    if variant.startswith("hidden_"):
+        return hidden_forward_backward(variant, inputs, kind)
     student_hidden, student_weight = inputs["student_hidden"], inputs["student_weight"]
     teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
     student_hidden.grad = student_weight.grad = None
@@ -120,9 +149,11 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, *, kind: str = "
             dtype: str = "float32", device: str = "cpu", chunk_size: int | None = None) -> dict:
     """Time ``rounds`` forward+backward passes and the peak memory of the first (call in a fresh process)."""
     torch_dtype = getattr(torch, dtype)
+    build = make_hidden_inputs if variant.startswith("hidden_") else make_inputs
     # warm-up on a tiny problem: thread pools, MKL/oneDNN dispatch, the CUDA context and kernels
-    forward_backward(variant, make_inputs(64, 256, 32, dtype=torch_dtype, device=device), kind)
-    inputs = make_inputs(tokens, vocab, hidden, dtype=torch_dtype, device=device)
+    forward_backward(variant, build(64, 3 if variant.startswith("hidden_") else 256, 32, dtype=torch_dtype,
+                                    device=device), kind)
+    inputs = build(tokens, vocab, hidden, dtype=torch_dtype, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

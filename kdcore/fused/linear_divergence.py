@@ -109,7 +109,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
             use_cuda_kernel = device.type == "cuda" and load_extension() is not None
             # Logits are finite unless a bias masks tokens with -inf: then the -inf clamp pass is needed.
             finite = all(bias is None or bool(torch.isfinite(bias).all()) for bias in (student_bias, teacher_bias))
-            chunk = chunk_size or auto_chunk_rows(vocab, n_valid, device, buffers=7 if low_precision else 6)
+            chunk = chunk_size or auto_chunk_rows(vocab, n_valid, device, buffers=7 if low_precision else 6,
+                                                  head_bytes=4 * student_weight.numel() if need_weight else 0)
             chunk = min(chunk, n_valid)
             ws = Workspace(chunk, vocab, device)
             student_lp = teacher_lp = weight_lp = None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kdcore.fused import fused_linear_divergence
@@ -30,19 +30,27 @@ assert_close_relative = _reference_module.assert_close_relative
 FP32_RTOL = 1e-5
 
 
+def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||actual - exact|| / ||exact||`` (2-norm over all elements; 0/0 counts as 0)."""
+    difference = float(torch.linalg.vector_norm((actual.double() - exact.double()).flatten()))
+    scale = float(torch.linalg.vector_norm(exact.double().flatten()))
+    return difference / scale if scale > 0 else difference
+
+
 def assert_as_accurate_as_float32_autograd(actual: torch.Tensor, float32_naive: torch.Tensor,
                                            exact: torch.Tensor) -> None:
-    """Within 1e-5 of the exact (float64) result's scale, or, where float32 itself cannot get there,
-    no worse than 4x the error of the naive float32 autograd computation of the same thing.
+    """Within 1e-5 relative (norm-wise) of the exact float64 result or, where float32 itself cannot
+    get there, no worse than 4x the naive float32 autograd computation of the same thing.
 
     The second case is real: for a near-deterministic row (say p = 1 - 1e-6 over two tokens) the
     gradient is ~1e-6 while it is the difference of O(1) float32 terms, in any float32 implementation.
+    Norm-wise rather than elementwise: single entries that are sums with cancellation (e.g. a
+    hidden-state gradient entry near 0) carry float32 rounding of the size of their terms.
     """
-    actual, float32_naive, exact = actual.double(), float32_naive.double(), exact.double()
     assert torch.isfinite(actual).all(), "NaN or inf in the result"
-    error = float((actual - exact).abs().max())
-    allowed = max(FP32_RTOL * float(exact.abs().max()), 4 * float((float32_naive - exact).abs().max()), 1e-30)
-    assert error <= allowed, f"error {error:.3g} > allowed {allowed:.3g}"
+    error = relative_error(actual, exact)
+    allowed = max(FP32_RTOL, 4 * relative_error(float32_naive, exact))
+    assert error <= allowed, f"relative error {error:.3g} > allowed {allowed:.3g}"
 
 
 def _heads(n: int, hidden_s: int, hidden_t: int, vocab: int, seed: int, spread: float = 3.0):
@@ -52,12 +60,35 @@ def _heads(n: int, hidden_s: int, hidden_t: int, vocab: int, seed: int, spread: 
             torch.randn(vocab, hidden_t, generator=g) * spread / hidden_t ** 0.5, torch.randn(vocab, generator=g) * 0.5)
 
 
+def _tvd_near_tie(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  temperature: float) -> bool:
+    """Whether some token has p_S and p_T equal to float32 precision while not negligible.
+
+    TVD's gradient jumps by about p_S where p_S = p_T; near such a tie float32 and float64 may
+    legitimately take different sides, so those inputs are no test of accuracy.
+    """
+    with torch.no_grad():
+        p_s = torch.softmax(F.linear(student_hidden.double(), student_weight.double(), student_bias.double())
+                            / temperature, -1)
+        p_t = torch.softmax(F.linear(teacher_hidden.double(), teacher_weight.double(), teacher_bias.double())
+                            / temperature, -1)
+        larger = torch.maximum(p_s, p_t)
+        return bool(((p_s - p_t).abs() <= 1e-5 * larger)[larger > 1e-7].any())
+
+
 def _fused_against_reference(kind: str, n: int, vocab: int, chunk: int | None, temperature: float, beta: float,
-                             skew: float, seed: int, ignored: float, masked_tokens: list[int]) -> None:
+                             skew: float, seed: int, ignored: float, masked_tokens: list[int],
+                             in_hypothesis: bool = False) -> None:
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _heads(
         n, 7, 9, vocab, seed)
     for token in masked_tokens:  # a masked vocabulary entry: -inf logit for both models
         student_bias[token] = teacher_bias[token] = float("-inf")
+    if kind == "tvd":
+        tie = _tvd_near_tie(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                            teacher_bias, temperature)
+        if in_hypothesis:
+            assume(not tie)
+        assert not tie, "pick fixed inputs without a TVD tie"
     g = torch.Generator().manual_seed(seed + 1)
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[torch.rand(n, generator=g) < ignored] = -100
@@ -97,7 +128,8 @@ def _fused_against_reference(kind: str, n: int, vocab: int, chunk: int | None, t
 def test_fused_matches_reference_for_random_sizes(kind, n, vocab, chunk, temperature, beta, skew, seed, ignored,
                                                   masked) -> None:
     masked_tokens = [0, vocab - 1] if masked and vocab > 2 else []
-    _fused_against_reference(kind, n, vocab, chunk, temperature, beta, skew, seed, ignored, masked_tokens)
+    _fused_against_reference(kind, n, vocab, chunk, temperature, beta, skew, seed, ignored, masked_tokens,
+                             in_hypothesis=True)
 
 
 @pytest.mark.parametrize("onednn", ["1", "0"])
@@ -214,6 +246,8 @@ def uld_reference(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 @settings(max_examples=25, deadline=None)
 @given(v_student=st.integers(2, 40), v_teacher=st.integers(2, 40), length=st.integers(1, 6),
        temperature=st.sampled_from([1.0, 2.0]), seed=st.integers(0, 10_000))
+@example(v_student=2, v_teacher=8, length=1, temperature=2.0, seed=5)
+@example(v_student=2, v_teacher=7, length=1, temperature=2.0, seed=10)
 def test_uld_matches_its_definition_for_any_pair_of_vocabularies(v_student, v_teacher, length, temperature,
                                                                  seed) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -225,7 +259,10 @@ def test_uld_matches_its_definition_for_any_pair_of_vocabularies(v_student, v_te
     expected = uld_reference(ref_student, teacher, temperature)
     expected.backward()
     assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
-    assert_close_relative(student.grad, ref_student.grad, FP32_RTOL)
+    # norm-wise; where the exact gradient is 0 (e.g. V_S=2: the two signs cancel through the softmax)
+    # float32 leaves rounding noise of float32 epsilon times the O(1) terms: the 1e-7 floor
+    assert float(torch.linalg.vector_norm(student.grad.double() - ref_student.grad)) <= \
+        FP32_RTOL * float(torch.linalg.vector_norm(ref_student.grad)) + 1e-7
     # the distance of a distribution to itself (any tokenizer permutation) is 0
     permuted = teacher[..., torch.randperm(v_teacher, generator=g)]
     assert float(uld_loss(teacher, permuted, temperature=temperature)) < 1e-6
