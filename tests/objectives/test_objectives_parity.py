@@ -50,6 +50,11 @@ def assert_as_accurate_as_float32_autograd(actual: torch.Tensor, float32_naive: 
     assert torch.isfinite(actual).all(), "NaN or inf in the result"
     error = relative_error(actual, exact)
     allowed = max(FP32_RTOL, 4 * relative_error(float32_naive, exact))
+    if actual.dim() == 0:
+        # A loss value is a sum of O(1) terms over the vocabulary; for nearly equal distributions it is
+        # tiny (say 2e-5) and float32 keeps an absolute error of a few epsilon of those terms in any
+        # implementation: allow 2 float32 epsilons absolute.
+        allowed = max(allowed, 2.4e-7 / max(abs(float(exact)), 1e-30))
     assert error <= allowed, f"relative error {error:.3g} > allowed {allowed:.3g}"
 
 
@@ -124,6 +129,9 @@ def _fused_against_reference(kind: str, n: int, vocab: int, chunk: int | None, t
        ignored=st.sampled_from([0.0, 0.4, 1.0]), masked=st.booleans())
 # a near-deterministic 2-token row: float32 cancellation, the second branch of the accuracy check
 @example(kind="reverse_kl", n=1, vocab=2, chunk=None, temperature=0.5, beta=0.5, skew=0.0, seed=1, ignored=0.0,
+         masked=False)
+# nearly equal distributions: a tiny loss value made of O(1e-2) terms
+@example(kind="jsd", n=1, vocab=2, chunk=None, temperature=1.0, beta=0.05, skew=0.0, seed=123, ignored=0.0,
          masked=False)
 def test_fused_matches_reference_for_random_sizes(kind, n, vocab, chunk, temperature, beta, skew, seed, ignored,
                                                   masked) -> None:
