@@ -61,6 +61,7 @@ def unlock(path: Path) -> None:
 DENIED = ("Permission denied", "Operation not permitted")
 
 
+@pytest.mark.slow  # three runs; test_unwritable_output_directory is the quick version
 def test_checkpoint_directory_made_unwritable_mid_run(tmp_path: Path, run_kd, fault_run, lock, figures) -> None:
     out = tmp_path / "run"
     short = ["--set", "trainer.max_steps=20", "--set", "trainer.progress=off"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -18,6 +20,7 @@ def test_two_gloo_processes_reach_the_losses_of_one(one_process_run: Path, tmp_p
     assert state["world_size"] == 2 and set(state["rank_rng"]) == {"1"}
 
 
+@pytest.mark.slow  # a whole torchrun launch for one message
 def test_global_batch_must_split_evenly(tmp_path: Path, torchrun) -> None:
     result = torchrun(tmp_path / "odd", "--set", "trainer.batch_size=31", cwd=tmp_path)
     assert result.returncode != 0

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kdcore.checkpoint import list_checkpoints
 from kdcore.io import read_jsonl
 
 NAN_ON_RANK_1 = ["--plugin", "fault-nan", "--set", "method.bad_steps=[3]"]
 
 
+@pytest.mark.slow  # three launches (~35 s); the 2-process equality test stays in the quick suite
 def test_nan_on_one_rank_and_ctrl_c_then_resume(tmp_path: Path, torchrun, run_kd, fault_env: dict[str, str],
                                                 assert_same_training, dist_sets: list[str], figures) -> None:
     # Reference: one process, NaN at step 3 (all of its one rank), no signal.

@@ -37,6 +37,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_identical(name: str, tmp_path: 
     assert_identical(straight_run, out)
 
 
+@pytest.mark.slow  # timing-based twin of the deterministic SIGINT test above
 def test_ctrl_c_from_outside_at_an_arbitrary_moment(tmp_path: Path, fault_run, figures) -> None:
     out = tmp_path / "run"
     endless = ["--set", "trainer.max_steps=1000000", "--set", "trainer.checkpoint_every=100000",

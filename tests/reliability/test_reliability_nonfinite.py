@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kdcore.checkpoint import load_latest_checkpoint
 from kdcore.io import read_jsonl
 
@@ -15,6 +17,7 @@ def _nan_run(fault_run: list[str]) -> list[str]:
     return [("fault-nan" if arg == "vanilla" else arg) for arg in fault_run]
 
 
+@pytest.mark.slow  # tests/core/test_engine_units.py checks skip counting in-process
 def test_isolated_inf_and_nan_steps_are_skipped_and_counted(tmp_path: Path, run_kd, fault_env: dict[str, str],
                                                              fault_run, figures) -> None:
     out = tmp_path / "run"

@@ -22,7 +22,7 @@ CRASHES = [
 ]
 
 
-def test_a_run_killed_nine_times_ends_identical(tmp_path: Path, run_kd, fault_env: dict[str, str], fault_run,
+def test_a_run_killed_five_times_ends_identical(tmp_path: Path, run_kd, fault_env: dict[str, str], fault_run,
                                                 straight_run: Path, assert_identical, figures) -> None:
     out = tmp_path / "run"
     first = True
