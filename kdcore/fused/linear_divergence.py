@@ -123,6 +123,11 @@ class _FusedLinearDivergence(torch.autograd.Function):
             # logits / T = (h / T) @ W.T + b / T: dividing the (n, H) hidden states and the bias is a
             # pass over H columns instead of V.
             inv_t = 1.0 / temperature
+            # biases in the matmul dtype of their side (a float32 bias with bf16 hidden states is common)
+            if student_bias is not None:
+                student_bias = student_bias.to(student_hidden.dtype)
+            if teacher_bias is not None:
+                teacher_bias = teacher_bias.to(teacher_hidden.dtype)
             student_bias_t = _scaled(student_bias, inv_t)
             teacher_bias_t = _scaled(teacher_bias, inv_t)
             # d loss / d raw logits = d loss_row / d (logits / T) / T, averaged over counted positions

@@ -284,3 +284,24 @@ def test_uld_with_a_sparse_teacher_equals_the_dense_top_k() -> None:
     dense = torch.full_like(teacher, float("-inf")).scatter(-1, top.indices, top.values)
     sparse = SparseLogits(top.values, top.indices, 70)
     assert_close_relative(uld_loss(student, sparse), uld_reference(student, dense, 1.0), FP32_RTOL)
+
+
+def test_fused_bf16_hidden_states_with_a_float32_head_and_bias() -> None:
+    # Stated bf16 tolerance (as test_divergence.py): 2e-2 of the scale, against the same computation
+    # with the head cast to bf16 by hand, which is what the fused path does.
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _heads(9, 8, 8, 50, 14)
+    hidden = student_hidden.bfloat16().requires_grad_()
+    bias = student_bias.clone().requires_grad_()
+    loss = fused_linear_divergence(hidden, student_weight, teacher_hidden.bfloat16(), teacher_weight, "jsd",
+                                   student_bias=bias, teacher_bias=teacher_bias, chunk_size=4)
+    loss.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32
+    ref_hidden = hidden.detach().double().requires_grad_()
+    ref_bias = student_bias.double().requires_grad_()
+    expected = reference(F.linear(ref_hidden, student_weight.bfloat16().double(), ref_bias),
+                         F.linear(teacher_hidden.bfloat16().double(), teacher_weight.bfloat16().double(),
+                                  teacher_bias.double()), "jsd")
+    expected.backward()
+    assert_close_relative(loss.detach(), expected.detach(), 2e-2)
+    assert_close_relative(hidden.grad, ref_hidden.grad, 2e-2)
+    assert_close_relative(bias.grad, ref_bias.grad, 2e-2)
