@@ -148,6 +148,8 @@ EMBEDDED_STUDENT: dict[str, Any] = {
     "conv_layers": [[128, 10, 5]] + [[128, 3, 2]] * 4 + [[128, 2, 2]] * 2,
     "hidden_size": 384, "num_heads": 6, "pos_conv_kernel": 64, "pos_conv_groups": 16,
     "target_layers": None, "num_targets": 3, "normalize_waveform": True,
+    # A few hundred steps: dropout only slows learning (200 steps, valid keyword accuracy 0.33 without, at lr 3e-3).
+    "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
 }
 
 #: The papers' front end (HuBERT CNN, 768 wide): presets with a WavLM/HuBERT Base teacher reset every key the
@@ -157,6 +159,7 @@ PAPER_STUDENT: dict[str, Any] = {
     "conv_layers": [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2,
     "hidden_size": 768, "num_heads": 12, "pos_conv_kernel": 128, "pos_conv_groups": 16,
     "target_layers": [4, 8, 12], "num_targets": 3, "normalize_waveform": False,
+    "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1,
 }
 
 TINY_STUDENT: dict[str, Any] = {
@@ -214,7 +217,7 @@ class SuperbTask(Task):
         return {
             "teacher": {"name": "whisper-encoder", "args": {"source": "embedded"}},
             "student": {"args": dict(EMBEDDED_STUDENT)},
-            "trainer": {"max_steps": 400, "batch_size": 8, "lr": 1e-3, "warmup_steps": 40, "schedule": "linear",
+            "trainer": {"max_steps": 400, "batch_size": 8, "lr": 3e-3, "warmup_steps": 40, "schedule": "linear",
                         "weight_decay": 0.0, "eval_every": 200, "checkpoint_every": 200, "log_every": 20,
                         "eval_batch_size": 16},
         }
