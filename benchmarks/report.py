@@ -100,8 +100,10 @@ def cuda_table(rows: list[dict]) -> str:
                 "on a GPU machine)")
     lines = ["| variant | device | dtype | N | V | H | time (s) | peak (MiB) |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        measured = (f"{row['time_s']:.3f} | {row['peak_bytes'] / MIB:.0f}" if "error" not in row
+                    else f"{row['error']} | –")
         lines.append(f"| {row['variant']} | {row['device_name']} | {row['dtype']} | {row['tokens']} | {row['vocab']} | "
-                     f"{row['hidden']} | {row['time_s']:.3f} | {row['peak_bytes'] / MIB:.0f} |")
+                     f"{row['hidden']} | {measured} |")
     return "\n".join(lines)
 
 

@@ -73,8 +73,10 @@ def _run(benchmark, recorder: _Recorder, group: str, variant: str, n: int, v: in
     benchmark.group = f"{group} N={n} V={v} H={h}"
     benchmark.pedantic(target, rounds=1, iterations=1)
     result = holder["result"]
-    benchmark.extra_info.update({key: result[key] for key in ("time_s", "cpu_time_s", "peak_bytes", "loss")})
     recorder.add(group, result)
+    if "error" in result:
+        pytest.skip(f"{variant} at N={n}, V={v}, H={h}: {result['error']} (recorded)")
+    benchmark.extra_info.update({key: result[key] for key in ("time_s", "cpu_time_s", "peak_bytes", "loss")})
     return result
 
 

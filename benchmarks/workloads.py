@@ -17,12 +17,14 @@ as one JSON line on stdout, the wall and process-CPU times (the CPU time is what
 when other processes share the cores) and the peak resident-memory growth over the baseline
 taken after the inputs exist (``ru_maxrss`` high-water mark minus the RSS before the first pass).
 Each measurement runs in a fresh process so that one variant's memory never hides another's.
-glibc is told to serve every allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so
-freed tensors leave the process and the high-water mark counts what a pass really allocates.
+Before the baseline is taken, ``malloc_trim(0)`` returns the memory glibc kept after earlier
+frees (input creation, warm-up), so the baseline holds only live data and the high-water mark
+counts what the pass really needs, with glibc's default allocation behaviour (the one users get).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -139,6 +141,14 @@ def forward_backward(variant: str, inputs: dict, kind: str, chunk_size: int | No
     return float(loss.detach())
 
 
+def _release_free_heap() -> None:
+    """Give memory that glibc keeps after frees back to the system, so the baseline RSS holds only live data."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _rss_bytes() -> int:
     import psutil
 
@@ -154,6 +164,7 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, *, kind: str = "
     forward_backward(variant, build(64, 3 if variant.startswith("hidden_") else 256, 32, dtype=torch_dtype,
                                     device=device), kind)
     inputs = build(tokens, vocab, hidden, dtype=torch_dtype, device=device)
+    _release_free_heap()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -163,7 +174,13 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, *, kind: str = "
     times, cpu_times, loss = [], [], float("nan")
     for _ in range(rounds):
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss = forward_backward(variant, inputs, kind, chunk_size)
+        try:
+            loss = forward_backward(variant, inputs, kind, chunk_size)
+        except torch.OutOfMemoryError:
+            # naive at the CUDA size may not fit on the device: a result too, reported as such
+            return {"variant": variant, "tokens": tokens, "vocab": vocab, "hidden": hidden, "kind": kind,
+                    "dtype": dtype, "device": device, "error": "out of memory",
+                    "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - start_cpu)
     if device == "cuda":
@@ -185,7 +202,6 @@ def measure_in_subprocess(variant: str, tokens: int, vocab: int, hidden: int, *,
                           threads: int | None = None, timeout: float = 3600) -> dict:
     """:func:`measure` in a fresh Python process (its own memory high-water mark)."""
     environment = dict(os.environ)
-    environment["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     if threads is not None:
         environment["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--tokens", str(tokens),

@@ -296,3 +296,12 @@ def test_jsd_limits_are_scaled_forward_and_reverse_kl(seed: int) -> None:
     assert near_one == pytest.approx(reverse, rel=0.01, abs=1e-4)
     # and skew with alpha = 0 is the plain KL
     assert float(divergence(student, teacher, "skew_forward_kl", skew=0.0)) == pytest.approx(forward, rel=1e-5)
+
+
+def test_auto_chunk_rows_keeps_cpu_chunks_on_the_heap_and_grows_with_a_big_head() -> None:
+    cpu = torch.device("cpu")
+    rows = auto_chunk_rows(32000, 4096, cpu, head_bytes=32000 * 512 * 4)
+    assert 128 <= rows and rows * 32000 * 4 <= 32 << 20  # below glibc's largest mmap threshold
+    small_head = auto_chunk_rows(128256, 4096, cpu, head_bytes=128256 * 512 * 4)
+    big_head = auto_chunk_rows(128256, 4096, cpu, head_bytes=128256 * 2048 * 4)
+    assert big_head > small_head and big_head * 128256 * 4 * 6 <= 128256 * 2048 * 4 // 2
