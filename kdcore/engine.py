@@ -364,7 +364,7 @@ class Trainer:
             last = micro == trainer_config.grad_accum - 1
             with parallel.gradient_sync(last):
                 with self._autocast():
-                    output = method.training_step(batch, step)
+                    output = self._method_step(batch, step)
                 loss = output.loss / trainer_config.grad_accum
                 # Every rank must agree before backward: a rank that skipped it would leave the others
                 # waiting in the gradient all-reduce.
@@ -414,6 +414,20 @@ class Trainer:
         if self.dist.is_main:
             self.registry.hook.kd_on_step_end(context=self.context, step=step, logs=logs)
         return step
+
+    def _method_step(self, batch: Batch, step: int) -> Any:
+        try:
+            return self.built.method.training_step(batch, step)
+        except RuntimeError as error:
+            # FSDP2 gathers the student's shards only around forward_signals/generate; a method that calls
+            # other student methods meets sharded DTensor parameters, which torch reports as "mixed
+            # torch.Tensor and DTensor". That is a configuration the user can change, not a bug.
+            if self.parallel is not None and self.parallel.sharded and "DTensor" in str(error):
+                raise KDUserError(
+                    f"trainer.distributed 'fsdp' does not work with plugin '{self.config.plugin}': it calls the "
+                    f"student outside forward_signals/generate, where the sharded weights are not gathered "
+                    f"({str(error).splitlines()[0][:160]}). Use trainer.distributed: ddp.") from None
+            raise
 
     def _find_checkpoint(self) -> LoadedCheckpoint | None:
         """The newest valid checkpoint, chosen by rank 0 (it warns about damaged ones) and read by every rank."""
