@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcore.checkpoint import list_checkpoints, load_latest_checkpoint, verify_checkpoint
+from kdcore.checkpoint import load_latest_checkpoint, verify_checkpoint
 
 def test_full_disk_during_a_checkpoint_is_a_clear_error_and_resume_recovers(
         tmp_path: Path, run_kd, fault_env: dict[str, str], fault_run, straight_run: Path, assert_identical,

@@ -33,8 +33,7 @@ FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "marshal"
 
 
 def source_files() -> list[Path]:
-    return sorted(p for p in REPO.rglob("*.py")
-                  if not SKIP_PARTS & set(p.relative_to(REPO).parts) and not p.name.endswith(".egg-info"))
+    return sorted(p for p in REPO.rglob("*.py") if not SKIP_PARTS & set(p.relative_to(REPO).parts))
 
 
 def _dotted(node: ast.AST) -> str:
