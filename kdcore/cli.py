@@ -186,10 +186,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     registry = Registry.discover()
     resolved = resolve_saved_run(registry, run_dir, args.sets)
     files = _eval_files(args)
-    metrics = runner.evaluate_saved(resolved, run_dir, files)
+    metrics, metadata = runner.evaluate_saved(resolved, run_dir, files)
     split = {role: str(path) for role, path in files.items()} if files else "test"
     name = "eval-files.json" if files else "eval.json"
-    atomic_write_json(run_dir / name, {"split": split, "student": metrics})
+    atomic_write_json(run_dir / name, {"split": split, "student": metrics,
+                                        "metric_metadata": metadata})
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}")
     return 0

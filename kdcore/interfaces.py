@@ -203,6 +203,10 @@ class Task(abc.ABC):
         """
         return None
 
+    def metric_metadata(self) -> dict[str, str]:
+        """Non-numeric facts about the last evaluation (e.g. sacrebleu signatures), saved with the metrics."""
+        return {}
+
     #: Roles of the user files :meth:`load_eval_files` accepts (e.g. ``("source", "reference")``).
     eval_file_roles: ClassVar[tuple[str, ...]] = ()
 

@@ -145,6 +145,7 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         "teacher": teacher_metrics,
         "student": student_metrics,
         "metric": built.task.metric,
+        "metric_metadata": built.task.metric_metadata(),
         "best_step": state.get("best_step"),
         "train_seconds": round(float(state["train_seconds"]), 3),
         "nonfinite_steps": state.get("nonfinite_steps", 0),
@@ -159,11 +160,13 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
     return distributed.broadcast_object(metrics)
 
 
-def evaluate_saved(resolved: ResolvedRun, run_dir: Path, files: dict[str, Path] | None = None) -> dict[str, float]:
+def evaluate_saved(resolved: ResolvedRun, run_dir: Path,
+                   files: dict[str, Path] | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Evaluate the saved (best, else last) student of ``run_dir`` on the test split again.
 
     With ``files`` (role -> path, e.g. source/reference), the task reads the user's
     own evaluation set through :meth:`~kdcore.interfaces.Task.load_eval_files` instead.
+    Returns the metrics and the task's :meth:`~kdcore.interfaces.Task.metric_metadata`.
     """
     from kdcore.checkpoint import list_checkpoints
     from kdcore.errors import KDUserError
@@ -184,4 +187,5 @@ def evaluate_saved(resolved: ResolvedRun, run_dir: Path, files: dict[str, Path] 
     dataset = built.task.load_eval_files(files) if files else splits.test
     if len(dataset) == 0:
         raise KDUserError(f"The evaluation set is empty (files: {files or 'the task test split'}).")
-    return evaluate_model(built, built.student, dataset, batch_size)
+    metrics = evaluate_model(built, built.student, dataset, batch_size)
+    return metrics, built.task.metric_metadata()

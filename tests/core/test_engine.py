@@ -75,6 +75,7 @@ def test_eval_reproduces_the_final_student_metrics(tmp_path: Path, run_kd) -> No
     assert result.returncode == 0, result.stderr
     again = json.loads((out / "eval.json").read_text())["student"]
     assert again == json.loads((out / "metrics.json").read_text())["student"]
+    assert json.loads((out / "metrics.json").read_text())["metric_metadata"] == {}  # the toy task has none
     # The toy task reads no user files: a clear message, exit 2, nothing written.
     source = tmp_path / "src.txt"
     source.write_text("a\n")
