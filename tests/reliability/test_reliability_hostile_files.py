@@ -184,3 +184,29 @@ def test_truncated_wav_and_a_folder_of_only_bad_audio(tmp_path: Path, figures) -
         assert isinstance(audio.read_audio(path), audio.SkipReason), path
     with pytest.raises(KDUserError, match="No usable audio"):
         corpora.load_audio_folder(bad)
+
+
+HOSTILE_TRAINING_PAIRS = {
+    "not UTF-8": (b"ein Satz\n\xff\xfe kaputt\n", b"a sentence\nbroken\n", "not valid UTF-8"),
+    "different lengths": (b"eins\nzwei\ndrei\n", b"one\ntwo\n", "has 3 lines but"),
+    "empty source file": (b"", b"one\n", "is empty"),
+    "only blank lines": (b"\n \n\t\n", b"\n\n\n", "is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TRAINING_PAIRS))
+def test_hostile_training_files_through_kd_run(case: str, tmp_path: Path, figures,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``kd run --task wmt`` with the user's own training files: exit 2, the file named, no traceback."""
+    from kdcore import cli
+
+    source, reference, expected = HOSTILE_TRAINING_PAIRS[case]
+    (tmp_path / "train.de").write_bytes(source)
+    (tmp_path / "train.en").write_bytes(reference)
+    figures.update(hostile_files=2)
+    code = cli.main(["run", "--task", "wmt", "--plugin", "vanilla", "--preset", "tiny", "--dry-run",
+                     "--set", "data.corpus=files", "--set", f"data.train.source={tmp_path / 'train.de'}",
+                     "--set", f"data.train.reference={tmp_path / 'train.en'}", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert expected in err and "train." in err
