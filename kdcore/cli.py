@@ -9,6 +9,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,7 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _ensure_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".kd-write-test"
+        probe = out_dir / f".kd-write-test-{os.getpid()}"  # ranks under torchrun probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -210,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KDUserError as error:
         print(f"kd: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return int(getattr(error, "exit_code", EXIT_USER_ERROR))
+    except KeyboardInterrupt:  # during the build; the engine handles Ctrl-C while training
+        print("kd: interrupted.", file=sys.stderr)
+        return 130
 
 
 def console_main() -> None:
