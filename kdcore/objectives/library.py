@@ -138,6 +138,27 @@ def _fused_ready(signals: Signals) -> bool:
     return signals.final_hidden is not None and signals.output_weight is not None
 
 
+def _vocabulary_size(signals: Signals) -> int | None:
+    if signals.output_weight is not None:
+        return int(signals.output_weight.shape[0])
+    if isinstance(signals.logits, SparseLogits):
+        return int(signals.logits.vocab_size)
+    if signals.logits is not None:
+        return int(signals.logits.shape[-1])
+    return None
+
+
+def _check_same_vocabulary(student: Signals, teacher: Signals, name: str) -> None:
+    """Token-level divergences need one vocabulary: say so (and what to use instead) before any math."""
+    student_vocab, teacher_vocab = _vocabulary_size(student), _vocabulary_size(teacher)
+    if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+        raise KDUserError(
+            f"Objective '{name}' compares distributions token by token, but the student predicts {student_vocab} "
+            f"tokens and the teacher {teacher_vocab} (different vocabularies). Give the student the teacher's "
+            f"tokenizer, or use the cross-tokenizer objective instead: --set objectives.<label>=null "
+            f"--set 'objectives.uld={{name: uld}}'.")
+
+
 # --------------------------------------------------------------------------- logit divergences
 class _DivergenceObjective(Objective):
     """Shared adapter for the divergence kinds; subclasses set ``name`` (= the kind) and ``Config``."""
@@ -175,6 +196,7 @@ class _DivergenceObjective(Objective):
 
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
         config = self.config
+        _check_same_vocabulary(student, teacher, self.name)
         if self.use_fused(student, teacher):
             assert student.final_hidden is not None and student.output_weight is not None
             assert teacher.final_hidden is not None and teacher.output_weight is not None

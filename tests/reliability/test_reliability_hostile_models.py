@@ -33,10 +33,6 @@ def _run(tmp_path: Path, plugin: str, *sets: str) -> dict:
     return runner.run(resolved, REGISTRY, tmp_path / "run")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="kdcore.objectives.divergence raises ValueError (a traceback, exit 1) at the first step "
-                          "for logits of different vocabularies; should be a KDUserError naming the objective and "
-                          "suggesting uld (fix reported to the lead)")
 def test_token_level_objective_with_another_vocabulary_is_a_user_error(tmp_path: Path, figures) -> None:
     figures.update(hostile_models=1)
     with pytest.raises(KDUserError, match="vocabular"):
