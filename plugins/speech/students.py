@@ -417,13 +417,14 @@ def weighted_layer_losses(predictions: Sequence[torch.Tensor], targets: Sequence
     if len(weights) != len(layer_ids):
         raise KDUserError(f"method.layer_weights has {len(weights)} entries but the student predicts "
                           f"{len(layer_ids)} teacher layers {list(layer_ids)}; give one weight per layer.")
-    total: torch.Tensor | None = None
-    parts: dict[str, float] = {}
-    for prediction, target, layer, weight in zip(predictions, targets, layer_ids, weights):
-        loss = hidden_loss(prediction, target, config.loss, mask, config.cos_weight)
-        parts[f"layer{layer}"] = float(loss.detach())
-        total = weight * loss if total is None else total + weight * loss
-    assert total is not None
+    from kdcore.objectives import multi_layer_hidden_loss  # lazy: the objectives library is a separate component
+
+    frames = mask.shape[1]
+    # One autograd node for all layers (gradients produced in the forward pass): less memory than a graph per layer.
+    total, per_layer = multi_layer_hidden_loss(
+        [prediction[:, :frames] for prediction in predictions], [target[:, :frames] for target in targets],
+        config.loss, mask=mask, cos_weight=config.cos_weight, layer_weights=weights)
+    parts = {f"layer{layer}": float(value) for layer, value in zip(layer_ids, per_layer.detach())}
     return total, parts
 
 
@@ -456,6 +457,11 @@ class SpeechStudent(Student):
 def resolve_teacher_dim(config: SpeechStudentConfig, teacher: Teacher | None) -> int:
     """The teacher width a student must predict, from the config or the teacher."""
     if config.teacher_hidden_size is not None:
+        if teacher is not None and (actual := teacher_hidden_size(teacher)) != config.teacher_hidden_size:
+            raise KDUserError(
+                f"student.args.teacher_hidden_size is {config.teacher_hidden_size}, but the teacher's hidden states "
+                f"are {actual} wide: the student's prediction heads would not match the teacher. Set "
+                f"student.args.teacher_hidden_size={actual} or leave it unset to take it from the teacher.")
         return config.teacher_hidden_size
     if teacher is None:
         raise KDUserError("Building a speech student needs the teacher's hidden size: no teacher was given, so "
