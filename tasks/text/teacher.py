@@ -15,8 +15,8 @@ to any of them trains a new teacher and distillation runs on the same data reuse
 the cached one. Training is seeded by ``seed`` (not the run seed), so the teacher
 does not change between the seeds of a comparison.
 
-Every setting left null takes the task's default (``TextTask.teacher_defaults``:
-a 6+6-layer Marian for translation; see docs/text.md for sizes and times).
+Every setting left null takes the task's default (``TextTask.teacher_defaults``;
+docs/text.md has the sizes, the measurements behind them and the times).
 """
 from __future__ import annotations
 
