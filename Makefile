@@ -23,7 +23,7 @@ run: $(STAMP)
 # The CI suite: everything except tests marked slow. pytest's exit code 5
 # ("no tests collected") fails the target like any other failure.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
+	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
