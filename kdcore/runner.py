@@ -105,7 +105,11 @@ def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool =
         distributed.barrier()
         trainer = Trainer(built, splits, out_dir, registry)
         state = trainer.fit(resume=resume)
-        return finish(built, splits, out_dir, registry, state, trainer)
+        metrics = finish(built, splits, out_dir, registry, state, trainer)
+        # No rank leaves before rank 0 has written the reports: a gloo peer that exits early closes
+        # its sockets under rank 0's transport threads, which then abort ("terminate called ...").
+        distributed.barrier()
+        return metrics
     finally:
         if state_of_ranks.enabled:
             distributed.shutdown()
