@@ -251,17 +251,30 @@ def find_hf_speech_model(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def teacher_hidden_size(teacher: Teacher) -> int:
-    """Width of the teacher's hidden states: from its transformers config, else by running it once on silence."""
+def _teacher_config_value(teacher: Teacher, keys: Sequence[str]) -> int | None:
+    """The first integer among ``keys`` in any transformers config inside the teacher."""
     for candidate in teacher.modules():
         config = getattr(candidate, "config", None)
-        for key in ("hidden_size", "d_model"):
+        for key in keys:
             value = getattr(config, key, None)
             if isinstance(value, int):
                 return value
+    return None
+
+
+def _probe_hidden_states(teacher: Teacher) -> tuple[torch.Tensor, ...]:
+    """The teacher's hidden states on one second of silence (for teachers without a transformers config)."""
     device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
     batch = {"waveform": torch.zeros(1, 16000, device=device), "waveform_lengths": torch.tensor([16000], device=device)}
-    hidden = teacher.signals(batch, HIDDEN_STATES_REQUEST).hidden_states
+    return tuple(teacher.signals(batch, HIDDEN_STATES_REQUEST).hidden_states or ())
+
+
+def teacher_hidden_size(teacher: Teacher) -> int:
+    """Width of the teacher's hidden states: from its transformers config, else by running it once on silence."""
+    width = _teacher_config_value(teacher, ("hidden_size", "d_model"))
+    if width is not None:
+        return width
+    hidden = _probe_hidden_states(teacher)
     if not hidden:
         raise KDUserError(f"The teacher {type(teacher).__name__} returned no hidden states; a speech student "
                           f"distils hidden layers, so pick a teacher that exposes them (e.g. 'wavlm').")
@@ -471,16 +484,8 @@ def resolve_teacher_dim(config: SpeechStudentConfig, teacher: Teacher | None) ->
 
 def teacher_num_layers(teacher: Teacher) -> int:
     """Transformer layers of the teacher: from its transformers config, else by running it once on silence."""
-    for candidate in teacher.modules():
-        config = getattr(candidate, "config", None)
-        for key in ("num_hidden_layers", "encoder_layers"):
-            value = getattr(config, key, None)
-            if isinstance(value, int):
-                return value
-    device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-    batch = {"waveform": torch.zeros(1, 16000, device=device), "waveform_lengths": torch.tensor([16000], device=device)}
-    hidden = teacher.signals(batch, HIDDEN_STATES_REQUEST).hidden_states
-    return len(hidden or ()) - 1
+    layers = _teacher_config_value(teacher, ("num_hidden_layers", "encoder_layers"))
+    return layers if layers is not None else len(_probe_hidden_states(teacher)) - 1
 
 
 def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
