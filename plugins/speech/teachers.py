@@ -104,9 +104,21 @@ def run_grouped_by_length(waveform: torch.Tensor, lengths: torch.Tensor,
     return layers, lengths_to_mask(frames, max_frames).to(layers[0].device)
 
 
-def with_cache(teacher: Teacher, config: BaseModel, context: BuildContext) -> Teacher:
+class TeacherCacheConfig(BaseModel):
+    """The hidden-state cache options every speech teacher config shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cache: bool = Field(True, description="cache hidden states on disk per utterance (kd_plugins.speech."
+                                          "teacher_cache): later epochs and runs skip the teacher")
+    cache_layers: list[int] | None = Field(None, description="layers to cache (null: all; a subset saves disk, "
+                                                            "but then only those layers can be asked for)")
+    cache_max_gb: float = Field(2.0, gt=0, description="disk bound of this teacher's cache (LRU shards evicted)")
+
+
+def with_cache(teacher: Teacher, config: TeacherCacheConfig, context: BuildContext) -> Teacher:
     """``teacher`` wrapped in the on-disk hidden-state cache when ``config.cache`` is on."""
-    if not getattr(config, "cache", False):
+    if not config.cache:
         return teacher
     from kd_plugins.speech.teacher_cache import CachedSpeechTeacher
 
@@ -117,7 +129,7 @@ def with_cache(teacher: Teacher, config: BaseModel, context: BuildContext) -> Te
 # --------------------------------------------------------------------------- WavLM / HuBERT
 
 
-class HFSpeechTeacherConfig(BaseModel):
+class HFSpeechTeacherConfig(TeacherCacheConfig):
     """Where a WavLM/HuBERT teacher comes from: a local directory or hub id, or a named/explicit architecture."""
 
     model_config = ConfigDict(extra="forbid")
@@ -139,11 +151,6 @@ class HFSpeechTeacherConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="weights and compute dtype (half precision only on a GPU)")
     seed: int = Field(0, description="initialisation seed of a random (source: null) teacher")
-    cache: bool = Field(True, description="cache hidden states on disk per utterance (kd_plugins.speech."
-                                          "teacher_cache): later epochs and runs skip the teacher")
-    cache_layers: list[int] | None = Field(None, description="layers to cache (null: all; a subset saves disk, "
-                                                            "but then only those layers can be asked for)")
-    cache_max_gb: float = Field(2.0, gt=0, description="disk bound of this teacher's cache (LRU shards evicted)")
 
 
 class HFSpeechTeacher(Teacher):
@@ -332,7 +339,7 @@ class HubertTeacherFactory(_HFSpeechTeacherFactory):
 # --------------------------------------------------------------------------- Whisper encoder
 
 
-class WhisperEncoderTeacherConfig(BaseModel):
+class WhisperEncoderTeacherConfig(TeacherCacheConfig):
     """Where the Whisper encoder comes from."""
 
     model_config = ConfigDict(extra="forbid")
@@ -343,11 +350,6 @@ class WhisperEncoderTeacherConfig(BaseModel):
                                 "e.g. faster-whisper); a transformers Whisper directory; or a hub id")
     allow_download: bool = Field(False, description="let transformers download a hub id (default: local files only)")
     revision: str | None = Field(None, description="hub revision of a hub id")
-    cache: bool = Field(True, description="cache hidden states on disk per utterance (kd_plugins.speech."
-                                          "teacher_cache): later epochs and runs skip the teacher")
-    cache_layers: list[int] | None = Field(None, description="layers to cache (null: all; a subset saves disk, "
-                                                            "but then only those layers can be asked for)")
-    cache_max_gb: float = Field(2.0, gt=0, description="disk bound of this teacher's cache (LRU shards evicted)")
 
 
 class WhisperEncoderTeacher(Teacher):
