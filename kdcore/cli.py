@@ -1,4 +1,4 @@
-"""The ``kd`` command: run, list, eval, --version.
+"""The ``kd`` command: run, list, eval, summarize, --version.
 
 User errors (unknown names, bad config values, malformed YAML, missing files)
 print one paragraph and exit with code 2, never a traceback.
@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", help="your own test set: reference text, one sentence per line")
     evaluate.add_argument("--file", dest="files", action="append", default=[], metavar="ROLE=PATH",
                           help="another evaluation file role the task accepts (repeatable)")
+
+    summary = commands.add_parser("summarize", help="mean ± std of finished runs (one row per group of seeds)")
+    summary.add_argument("groups", nargs="+", metavar="[LABEL=]GLOB",
+                         help="run directories of one row, e.g. gendistiller='runs/gen-s*' (quote the glob)")
+    summary.add_argument("--metric", dest="metrics", action="append", metavar="NAME",
+                         help="a student metric column (repeatable; default: every metric the runs share)")
+    summary.add_argument("--no-teacher", action="store_true", help="leave out the teacher row(s)")
+    summary.add_argument("--decimals", type=int, default=3, help="decimals in the table (default 3)")
+    summary.add_argument("--out", help="also write the Markdown table here, and the raw values to OUT.json")
     return parser
 
 
@@ -197,6 +206,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from kdcore.io import atomic_write_json, atomic_write_text
+    from kdcore.summary import markdown_table, parse_group, summarize, summary_json
+
+    groups = [parse_group(spec) for spec in args.groups]
+    rows, metrics, task = summarize(groups, args.metrics, include_teacher=not args.no_teacher)
+    table = markdown_table(rows, metrics, args.decimals)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        _ensure_writable(out.parent)
+        atomic_write_text(out, f"Task `{task}`: mean ± sample standard deviation over n runs.\n\n{table}")
+        atomic_write_json(out.with_suffix(".json"), summary_json(rows, metrics, task))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kd`` console script; returns the exit code."""
     parser = _parser()
@@ -207,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USER_ERROR
-        handler = {"run": _cmd_run, "list": _cmd_list, "eval": _cmd_eval}[args.command]
+        handler = {"run": _cmd_run, "list": _cmd_list, "eval": _cmd_eval,
+                   "summarize": _cmd_summarize}[args.command]
         return handler(args)
     except KDUserError as error:
         print(f"kd: error: {error}", file=sys.stderr)
