@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--metric", dest="metrics", action="append", metavar="NAME",
                          help="a student metric column (repeatable; default: every metric the runs share)")
     summary.add_argument("--no-teacher", action="store_true", help="leave out the teacher row(s)")
+    summary.add_argument("--skip-unfinished", action="store_true",
+                         help="leave out run directories without metrics.json (still running or interrupted)")
     summary.add_argument("--decimals", type=int, default=3, help="decimals in the table (default 3)")
     summary.add_argument("--out", help="also write the Markdown table here, and the raw values to OUT.json")
     return parser
@@ -210,7 +212,7 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     from kdcore.io import atomic_write_json, atomic_write_text
     from kdcore.summary import markdown_table, parse_group, summarize, summary_json
 
-    groups = [parse_group(spec) for spec in args.groups]
+    groups = [parse_group(spec, args.skip_unfinished) for spec in args.groups]
     rows, metrics, task = summarize(groups, args.metrics, include_teacher=not args.no_teacher)
     table = markdown_table(rows, metrics, args.decimals)
     print(table, end="")

@@ -77,14 +77,20 @@ def read_run(directory: Path) -> RunResult:
                      student=_numbers(data["student"]), teacher=_numbers(data.get("teacher")))
 
 
-def parse_group(spec: str) -> tuple[str, list[Path]]:
-    """``[LABEL=]GLOB`` → (label, run directories); a glob that matches no run is a user error."""
+def parse_group(spec: str, skip_unfinished: bool = False) -> tuple[str, list[Path]]:
+    """``[LABEL=]GLOB`` → (label, run directories); a glob that matches no run is a user error.
+
+    With ``skip_unfinished``, directories without metrics.json (runs still going or
+    interrupted) are left out instead of being an error.
+    """
     label, sep, pattern = spec.partition("=")
     if not sep:
         label, pattern = spec, spec
     if not label or not pattern:
         raise KDUserError(f"'{spec}' is not of the form [LABEL=]GLOB (e.g. gendistiller='runs/gen-s*').")
     directories = sorted(Path(match) for match in glob.glob(pattern) if Path(match).is_dir())
+    if skip_unfinished:
+        directories = [directory for directory in directories if (directory / "metrics.json").is_file()]
     if not directories:
         raise KDUserError(f"'{pattern}' matches no run directory; pass a directory (or glob) written by kd run --out.")
     return label, directories

@@ -65,6 +65,13 @@ def test_cli_writes_table_and_raw_values(toy_runs: Path, capsys: pytest.CaptureF
 def test_errors_name_the_problem(toy_runs: Path, tmp_path: Path) -> None:
     with pytest.raises(KDUserError, match="matches no run directory"):
         parse_group(f"{tmp_path}/nothing-*")
+    unfinished = tmp_path / "unfinished-s0"
+    unfinished.mkdir()
+    with pytest.raises(KDUserError, match="holds no metrics.json"):
+        summarize([parse_group(str(unfinished))])
+    assert parse_group(f"{tmp_path}/unfinished-*", skip_unfinished=False)[1] == [unfinished]
+    with pytest.raises(KDUserError, match="matches no run directory"):
+        parse_group(f"{tmp_path}/unfinished-*", skip_unfinished=True)
     with pytest.raises(KDUserError, match="no student metric"):
         summarize([parse_group(f"{toy_runs}/vanilla-s*")], ["no_such_metric"])
     broken = tmp_path / "broken"
