@@ -6,11 +6,11 @@ from typing import Any
 
 from kd_plugins.text.models import marian_config
 
-#: The student of every default: a Marian with a 2-layer encoder, a 1-layer decoder and d=64 (vocabulary from the
+#: The student of every default: a Marian with a 2-layer encoder, a 1-layer decoder and d=96 (vocabulary from the
 #: task's tokenizer). Decoding cost is per generated token and grows with decoder depth and width, so a shallow,
 #: narrow decoder is what makes a student decode several times faster than its teacher (docs/text.md, "Sizes").
 STUDENT = {"name": "seq2seq",
-           "args": {"config": marian_config(layers=(2, 1), d_model=64, heads=4, ffn_dim=256)}}
+           "args": {"config": marian_config(layers=(2, 1), d_model=96, heads=4, ffn_dim=384)}}
 
 _TRAINER: dict[str, dict[str, Any]] = {
     "wmt": {"max_steps": 2000, "batch_size": 64, "eval_batch_size": 100, "lr": 1e-3, "warmup_steps": 100,

@@ -14,7 +14,7 @@ def test_defaults_resolve_for_every_plugin(task: str, plugin: str) -> None:
     assert resolved.teacher_factory.name == "task-trained-seq2seq"
     assert resolved.student_factory.name == "seq2seq"
     config = resolved.student_config.config
-    assert (config["encoder_layers"], config["decoder_layers"], config["d_model"]) == (2, 1, 64)
+    assert (config["encoder_layers"], config["decoder_layers"], config["d_model"]) == (2, 1, 96)
     # The default student must decode much faster than the default teacher: a shallower and narrower decoder.
     teacher = resolved.task_cls.teacher_defaults
     assert config["decoder_layers"] < teacher["decoder_layers"] and config["d_model"] < teacher["d_model"]
