@@ -33,9 +33,10 @@ ROWS: list[dict] = []
 def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from kd_plugins.text.models import TextTeacher, marian_config
+    from kd_plugins.text.models import TextTeacher
     from kd_tasks.text.presets import STUDENT
     from kd_tasks.text.summarization import SummarizationTask
+    from kd_tasks.text.teacher import FALLBACK, teacher_marian_config
     from kd_tasks.text.wmt import TranslationTask
 
     special = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
@@ -43,10 +44,8 @@ def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
     if role == "student":
         values = {**STUDENT["args"]["config"], **special}
     else:
-        settings = {"wmt": TranslationTask, "summarization": SummarizationTask}[task].teacher_defaults
-        values = marian_config(layers=(settings["encoder_layers"], settings["decoder_layers"]),
-                               d_model=settings["d_model"], heads=settings["heads"], ffn_dim=settings["ffn_dim"],
-                               **special)
+        task_class = {"wmt": TranslationTask, "summarization": SummarizationTask}[task]
+        values = teacher_marian_config({**FALLBACK, **task_class.teacher_defaults}, **special)
     values.pop("model_type")
     torch.manual_seed(0)
     hf_model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("marian", **values)).eval()

@@ -73,6 +73,14 @@ def effective_settings(config: TaskTeacherConfig, task: Any) -> dict[str, Any]:
     return settings
 
 
+def teacher_marian_config(settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The Marian ``config`` dict of a task-trained teacher with these (effective) settings."""
+    from kd_plugins.text.models import marian_config
+
+    return marian_config(layers=(settings["encoder_layers"], settings["decoder_layers"]), d_model=settings["d_model"],
+                         heads=settings["heads"], ffn_dim=settings["ffn_dim"], dropout=settings["dropout"], **extra)
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then linear decay to 10% (a short run must end with a small learning rate)."""
     if warmup and step < warmup:
@@ -86,15 +94,13 @@ def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     from kd_plugins.text.losses import LOGITS, nll_loss
-    from kd_plugins.text.models import TextStudent, marian_config
+    from kd_plugins.text.models import TextStudent
 
     tokenizer = task.tokenizer
     train = task.build_data(0).train
-    values = marian_config(len(tokenizer), layers=(settings["encoder_layers"], settings["decoder_layers"]),
-                           d_model=settings["d_model"], heads=settings["heads"], ffn_dim=settings["ffn_dim"],
-                           dropout=settings["dropout"], pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                           forced_eos_token_id=tokenizer.eos_token_id)
+    values = teacher_marian_config(settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                                   forced_eos_token_id=tokenizer.eos_token_id)
     values.pop("model_type")
     steps, batch_size = settings["train_steps"], settings["batch_size"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -176,4 +182,5 @@ class TaskTrainedTeacherFactory(ModelFactory):
         return TextTeacher(hf_model.to("cpu").eval(), task.tokenizer)
 
 
-__all__ = ["TaskTeacherConfig", "TaskTrainedTeacherFactory", "effective_settings", "train_teacher"]
+__all__ = ["TaskTeacherConfig", "TaskTrainedTeacherFactory", "effective_settings", "teacher_marian_config",
+           "train_teacher"]
