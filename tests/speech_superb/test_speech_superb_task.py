@@ -108,3 +108,18 @@ def test_data_config_errors_are_clear() -> None:
         SuperbDataConfig(distill_on="folder")
     with pytest.raises(ValueError, match="librispeech"):
         SuperbDataConfig(source="local")
+
+
+@pytest.mark.parametrize("plugin", ["gendistiller", "distilhubert"])
+def test_embedded_students_are_pre_ln_and_paper_students_post_ln(plugin: str) -> None:
+    # The embedded Whisper teacher cannot initialise the student (random init: pre-LN trains far faster); the
+    # paper presets initialise from a post-LN Base teacher, so they must stay post-LN (init checks it).
+    from kdcore.registry import Registry
+    from kdcore.resolve import resolve_run
+
+    registry = Registry.discover(entry_points=False)
+    embedded = resolve_run(registry, task="superb", plugin=plugin)
+    paper = resolve_run(registry, task="superb", plugin=plugin, preset="paper")
+    assert embedded.student_config.layer_norm_first is True
+    assert paper.student_config.layer_norm_first is False
+    assert embedded.teacher_config.source == "embedded"
