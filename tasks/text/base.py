@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -397,6 +398,8 @@ class TextTask(Task):
             metrics.update(self.score(hypotheses, references, suffix))
             prefix = "greedy" if num_beams == 1 else f"beam{num_beams}"
             metrics.update({f"{prefix}_{key}": value for key, value in speed.items()})
+            metrics[f"{prefix}_distinct_outputs"] = distinct_fraction(hypotheses)
+            warn_if_input_ignored(hypotheses, f"{self.name} {dataset[0].get('split', '?')} ({prefix})")
         metrics["examples"] = float(len(dataset))
         return metrics
 
@@ -410,4 +413,30 @@ class TextTask(Task):
         return self._encode(records, "test", training=False)
 
 
-__all__ = ["IGNORE_INDEX", "SplitFiles", "TextDataConfig", "TextTask"]
+def distinct_fraction(hypotheses: Sequence[str]) -> float:
+    """Share of distinct outputs among ``hypotheses`` (1.0: all different; 1/n: one output for everything)."""
+    return len(set(hypotheses)) / max(1, len(hypotheses))
+
+
+#: Below this share of distinct outputs (on >= 20 items) a model is taken to ignore its input.
+MIN_DISTINCT_FRACTION = 0.05
+
+
+def warn_if_input_ignored(hypotheses: Sequence[str], where: str) -> bool:
+    """Log a warning when a model gives (nearly) the same output for every input, and say so.
+
+    A seq2seq model that has not learned to read its source decodes its target language model's
+    favourite sentence for every input; its BLEU/ROUGE then measures that one sentence, which is easy
+    to mistake for a weak but working model (docs/text.md, summarization results).
+    """
+    if len(hypotheses) < 20 or distinct_fraction(hypotheses) >= MIN_DISTINCT_FRACTION:
+        return False
+    most_common, count = Counter(hypotheses).most_common(1)[0]
+    log.warning("%s: only %d distinct outputs for %d inputs (the most common, %d times: %r); the model ignores "
+                "its input, so its scores measure a fixed sentence.", where, len(set(hypotheses)),
+                len(hypotheses), count, most_common[:80])
+    return True
+
+
+__all__ = ["IGNORE_INDEX", "MIN_DISTINCT_FRACTION", "SplitFiles", "TextDataConfig", "TextTask", "distinct_fraction",
+           "warn_if_input_ignored"]

@@ -113,6 +113,8 @@ def test_evaluate_reports_bleu_chrf_and_speed_for_greedy_and_beam(tmp_path: Path
                 "greedy_tokens_per_second", "beam3_sentences_per_second", "beam3_tokens_per_second"):
         assert key in metrics and metrics[key] >= 0, key
     assert metrics["examples"] == len(test) and metrics["greedy_tokens_per_second"] > 0
+    for key in ("greedy_distinct_outputs", "beam3_distinct_outputs"):
+        assert 1 / len(test) <= metrics[key] <= 1.0, key
     assert "tok:13a" in task.metric_metadata()["bleu_signature"]
     # In-training validation decodes greedily only (data.valid_beams).
     valid_metrics = task.evaluate(model, task.build_data(0).valid, torch.device("cpu"), 8)
@@ -124,3 +126,17 @@ def test_references_scored_are_the_untruncated_text(tmp_path: Path) -> None:
     item = max(task.build_data(0).test, key=lambda i: len(i["target"]))
     assert len(item["target_ids"]) == 3 and item["target_ids"][-1] == task.tokenizer.eos_token_id
     assert task.tokenizer.decode(item["target_ids"], skip_special_tokens=True) != item["target"]
+
+
+def test_a_model_giving_one_output_for_every_input_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    # The summarization defaults produced exactly this: one sentence for all 1000 test documents.
+    from kd_tasks.text.base import distinct_fraction, warn_if_input_ignored
+
+    constant = ["Return the given graph."] * 999 + ["Return a list."]
+    assert distinct_fraction(constant) == pytest.approx(2 / 1000)
+    with caplog.at_level("WARNING"):
+        assert warn_if_input_ignored(constant, "summarization test (greedy)")
+    assert "only 2 distinct outputs for 1000 inputs" in caplog.text and "Return the given graph." in caplog.text
+    varied = [f"sentence {index}" for index in range(100)]
+    assert distinct_fraction(varied) == 1.0 and not warn_if_input_ignored(varied, "wmt test")
+    assert not warn_if_input_ignored(["same"] * 10, "tiny test")  # too few items to judge
