@@ -431,10 +431,11 @@ def warn_if_input_ignored(hypotheses: Sequence[str], where: str) -> bool:
     """
     if len(hypotheses) < 20 or distinct_fraction(hypotheses) >= MIN_DISTINCT_FRACTION:
         return False
-    most_common, count = Counter(hypotheses).most_common(1)[0]
+    counts = Counter(hypotheses)  # only on the (rare) warning path
+    most_common, count = counts.most_common(1)[0]
     log.warning("%s: only %d distinct outputs for %d inputs (the most common, %d times: %r); the model ignores "
-                "its input, so its scores measure a fixed sentence.", where, len(set(hypotheses)),
-                len(hypotheses), count, most_common[:80])
+                "its input, so its scores measure a fixed sentence.", where, len(counts), len(hypotheses), count,
+                most_common[:80])
     return True
 
 
