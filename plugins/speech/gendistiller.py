@@ -237,14 +237,29 @@ class GenDistillerStudentFactory(ModelFactory):
         return student
 
 
+TrainInputs = Literal["teacher", "generated"]
+
+
 class GenDistillerConfig(HiddenLossConfig):
-    """Loss per generated layer and the scheduled-sampling schedule."""
+    """Loss per generated layer, what blocks 1.. read in training, and the scheduled-sampling schedule."""
+
+    train_inputs: TrainInputs = Field(
+        "teacher", description="inputs of blocks 1.. in training: 'teacher' = the teacher's layers (teacher forcing, "
+                               "the paper; see sampling_*), 'generated' = the student's own generated layers with "
+                               "gradients through them (trains the autoregressive computation that is deployed)")
 
     sampling_start: float = Field(0.0, ge=0.0, le=1.0,
                                   description="probability of feeding the student's own previous layer at step 0")
     sampling_end: float = Field(0.0, ge=0.0, le=1.0, description="... at the last step")
     sampling_schedule: Literal["constant", "linear"] = Field(
         "linear", description="'linear': from sampling_start to sampling_end; 'constant': sampling_start")
+
+    @model_validator(mode="after")
+    def _sampling_needs_teacher_inputs(self) -> "GenDistillerConfig":
+        if self.train_inputs == "generated" and (self.sampling_start or self.sampling_end):
+            raise ValueError("scheduled sampling mixes teacher and generated inputs: with train_inputs 'generated' "
+                             "every input is already generated; leave sampling_start/sampling_end at 0")
+        return self
 
 
 #: The paper-sized student for a WavLM Base+/HuBERT Base teacher (<= 16.4M, docs/speech-methods.md).
@@ -298,7 +313,8 @@ class GenDistillerMethod(Method):
         return config.sampling_start + (config.sampling_end - config.sampling_start) * progress
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
-        """Teacher forcing: the teacher's layers are the inputs; each block's prediction is scored."""
+        """Teacher forcing (or, with ``train_inputs: generated``, generation as deployed, differentiated end
+        to end); each block's prediction is scored against its teacher layer."""
         student = self._speech_student()
         teacher_signals = self.teacher.signals(batch, self.teacher_request())
         targets = teacher_layers(teacher_signals, student.target_layers)
@@ -307,6 +323,11 @@ class GenDistillerMethod(Method):
                                     self.config.max_frame_mismatch)
         # The generator runs on the common frames; the teacher's inputs must have the student's time axis.
         front_end, frame_mask = front_end[:, :frames], mask
+        if self.config.train_inputs == "generated":
+            predictions = student.generate(front_end, frame_mask)
+            loss, parts = weighted_layer_losses(predictions, targets, student.target_layers, mask, self.config)
+            parts["sampling_prob"] = 1.0
+            return StepOutput(loss, parts)
         inputs = [target[:, :frames].to(front_end.dtype) for target in targets[:-1]]
         probability = self.sampling_probability(step)
         if probability > 0 and inputs:

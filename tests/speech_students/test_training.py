@@ -57,3 +57,41 @@ def test_gendistiller_training_reduces_loss(tiny_sizes: dict, audio_batch: dict,
     assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()) if b.requires_grad and b.dim() > 1)
     parts = method.training_step(audio_batch, 0).parts
     assert set(parts) == {"layer2", "layer3", "layer4", "sampling_prob"} and parts["sampling_prob"] == sampling
+
+
+@pytest.mark.usefixtures("hidden_state_loss_available")
+def test_gendistiller_generated_inputs_train_the_deployed_generation(tiny_sizes: dict, audio_batch: dict,
+                                                                     teacher_factory, tmp_path) -> None:
+    """train_inputs 'generated': the loss is the one of generate() and reaches block 0 through later blocks."""
+    from kd_plugins.speech.students import teacher_layers, weighted_layer_losses
+
+    teacher = teacher_factory("wavlm", layers=4)
+    student = _build(GenDistillerStudentFactory, GenDistillerStudentConfig(**tiny_sizes, **NO_DROPOUT), teacher,
+                     tmp_path)
+    config = GenDistillerMethod.Config(train_inputs="generated")
+    method = GenDistillerMethod(config, None, teacher, student, [])
+    method.on_train_start(4)
+    output = method.training_step(audio_batch, 0)
+    assert output.parts["sampling_prob"] == 1.0
+    with torch.no_grad():
+        front_end, mask = student.features(audio_batch)
+        targets = teacher_layers(teacher.signals(audio_batch, student.teacher_request()), student.target_layers)
+        expected, _ = weighted_layer_losses(student.generate(front_end, mask), targets, student.target_layers, mask,
+                                            config)
+    assert torch.allclose(output.loss.detach(), expected, atol=1e-5)
+    # Same values as replaying the generated layers as detached inputs, but other gradients: they flow back
+    # through each block's generated input into the blocks before it.
+    generated = student.generate(front_end, mask)
+    replayed = student.teacher_forced(front_end, mask, [layer.detach() for layer in generated[:-1]])
+    weight = student.output_projection.weight
+    through, = torch.autograd.grad(generated[-1][mask].sum(), weight)
+    detached, = torch.autograd.grad(replayed[-1][mask].sum(), weight)
+    assert torch.allclose(generated[-1][mask], replayed[-1][mask], atol=1e-5)
+    assert not torch.allclose(through, detached, atol=1e-4)
+    losses = _train(method, audio_batch)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_generated_inputs_refuse_scheduled_sampling() -> None:
+    with pytest.raises(ValueError, match="train_inputs 'generated'"):
+        GenDistillerMethod.Config(train_inputs="generated", sampling_end=0.5)
