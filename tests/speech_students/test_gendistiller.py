@@ -71,10 +71,11 @@ def test_forward_signals_returns_generated_layers_and_frame_mask(tiny_sizes: dic
 
 def test_sampling_probability_schedule() -> None:
     method = GenDistillerMethod.__new__(GenDistillerMethod)
-    method.config = GenDistillerConfig(sampling_start=0.0, sampling_end=0.5)
+    method.config = GenDistillerConfig(train_inputs="teacher", sampling_start=0.0, sampling_end=0.5)
     method.total_steps = 11
     assert [round(method.sampling_probability(step), 3) for step in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]
-    method.config = GenDistillerConfig(sampling_start=0.3, sampling_end=0.9, sampling_schedule="constant")
+    method.config = GenDistillerConfig(train_inputs="teacher", sampling_start=0.3, sampling_end=0.9,
+                                       sampling_schedule="constant")
     assert method.sampling_probability(7) == 0.3
 
 

@@ -48,7 +48,8 @@ def test_gendistiller_training_reduces_loss(tiny_sizes: dict, audio_batch: dict,
     teacher = teacher_factory("wavlm", layers=4)
     student = _build(GenDistillerStudentFactory, GenDistillerStudentConfig(**tiny_sizes, **NO_DROPOUT), teacher,
                      tmp_path)
-    config = GenDistillerMethod.Config(sampling_start=sampling, sampling_end=sampling, sampling_schedule="constant")
+    config = GenDistillerMethod.Config(train_inputs="teacher", sampling_start=sampling, sampling_end=sampling,
+                                       sampling_schedule="constant")
     method = GenDistillerMethod(config, None, teacher, student, [])
     before = [p.detach().clone() for p in student.parameters()]
     losses = _train(method, audio_batch)
@@ -93,5 +94,6 @@ def test_gendistiller_generated_inputs_train_the_deployed_generation(tiny_sizes:
 
 
 def test_generated_inputs_refuse_scheduled_sampling() -> None:
-    with pytest.raises(ValueError, match="train_inputs 'generated'"):
-        GenDistillerMethod.Config(train_inputs="generated", sampling_end=0.5)
+    with pytest.raises(ValueError, match="method.train_inputs=teacher"):
+        GenDistillerMethod.Config(sampling_end=0.5)
+    assert GenDistillerMethod.Config().train_inputs == "generated"

@@ -123,3 +123,14 @@ def test_embedded_students_are_pre_ln_and_paper_students_post_ln(plugin: str) ->
     assert embedded.student_config.layer_norm_first is True
     assert paper.student_config.layer_norm_first is False
     assert embedded.teacher_config.source == "embedded"
+
+
+@pytest.mark.parametrize("preset", ["paper", "wavlm-base-plus", "hubert-base"])
+def test_gendistiller_trains_on_its_generation_by_default_and_paper_presets_teacher_force(preset: str) -> None:
+    from kdcore.registry import Registry
+    from kdcore.resolve import resolve_run
+
+    registry = Registry.discover(entry_points=False)
+    assert resolve_run(registry, task="superb", plugin="gendistiller").method_config.train_inputs == "generated"
+    assert resolve_run(registry, task="superb", plugin="gendistiller",
+                       preset=preset).method_config.train_inputs == "teacher"
