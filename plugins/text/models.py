@@ -408,6 +408,31 @@ class CausalLMStudentFactory(CausalLMFactory):
     role: ClassVar[Literal["teacher", "student"] | None] = "student"
 
 
+#: Below this relative spread an encoder's output is the same vector at every position of every input.
+COLLAPSED_ENCODER_SPREAD = 1e-3
+
+
+@torch.no_grad()
+def encoder_spread(hf_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """How much an encoder-decoder's encoder output varies over the real tokens of a batch.
+
+    The standard deviation over all non-padding positions (of all rows), averaged over the hidden
+    dimensions, relative to the mean absolute value. Near 0 (< ``COLLAPSED_ENCODER_SPREAD``) the encoder
+    has collapsed: it maps every input to one vector, and the decoder can only act as a language model
+    of the targets (seen with post-LN Marian models trained from scratch at lr 1e-3; docs/text.md).
+    """
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        hidden = hf_model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        hf_model.train(was_training)
+    real = hidden[attention_mask.bool()].float()
+    if real.shape[0] < 2:
+        return float("nan")
+    return float(real.std(dim=0).mean() / real.abs().mean().clamp_min(1e-12))
+
+
 def marian_config(vocab_size: int | None = None, *, layers: tuple[int, int] = (2, 2), d_model: int = 256,
                   heads: int = 4, ffn_dim: int | None = None, max_positions: int = 512, **extra: Any) -> dict[str, Any]:
     """A ``config`` dict for a Marian model with ``layers = (encoder, decoder)`` (e.g. a 2+2 student, 6+6 teacher)."""
@@ -426,5 +451,6 @@ def marian_config(vocab_size: int | None = None, *, layers: tuple[int, int] = (2
 __all__ = [
     "CausalLMFactory", "CausalLMStudentFactory", "CausalLMTeacherFactory", "HFTextModel", "IGNORE_INDEX",
     "Seq2SeqFactory", "Seq2SeqStudentFactory", "Seq2SeqTeacherFactory", "TextModelConfig", "TextStudent",
-    "TextTeacher", "check_vocab_compatible", "load_tokenizer", "marian_config",
+    "TextTeacher", "check_vocab_compatible", "load_tokenizer", "marian_config", "encoder_spread",
+    "COLLAPSED_ENCODER_SPREAD",
 ]

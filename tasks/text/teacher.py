@@ -94,7 +94,7 @@ def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     from kd_plugins.text.losses import LOGITS, nll_loss
-    from kd_plugins.text.models import TextStudent
+    from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, TextStudent, encoder_spread
 
     tokenizer = task.tokenizer
     train = task.build_data(0).train
@@ -133,14 +133,23 @@ def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log
             recent = (recent + [float(loss.detach())])[-log_every:]
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 elapsed = time.perf_counter() - started
-                log.info("Teacher stage: step %d/%d, loss %.3f, %.0f s elapsed, ~%.0f s left.", step + 1, steps,
-                         sum(recent) / len(recent), elapsed, elapsed / (step + 1) * (steps - step - 1))
+                # The spread shows an encoder collapse as it happens (one encoder pass on this batch: cheap).
+                spread = encoder_spread(hf_model, batch["input_ids"], batch["attention_mask"])
+                log.info("Teacher stage: step %d/%d, loss %.3f, encoder spread %.3g, %.0f s elapsed, ~%.0f s left.",
+                         step + 1, steps, sum(recent) / len(recent), spread, elapsed,
+                         elapsed / (step + 1) * (steps - step - 1))
             if not math.isfinite(float(loss.detach())):
                 raise KDUserError(f"The task-trained teacher's loss became {float(loss)} at step {step + 1}; lower "
                                   f"teacher.args.lr (now {settings['lr']}).")
     hf_model.eval()
     stats = {"steps": steps, "seconds": round(time.perf_counter() - started, 1),
-             "final_loss": round(sum(recent) / max(1, len(recent)), 4), "parameters": model.num_parameters()}
+             "final_loss": round(sum(recent) / max(1, len(recent)), 4), "parameters": model.num_parameters(),
+             "encoder_spread": spread if steps else float("nan")}
+    if steps and spread < COLLAPSED_ENCODER_SPREAD:
+        log.warning("Teacher stage: the teacher's encoder collapsed (its output varies by %.2g relative to its size "
+                    "over a batch of different inputs), so the teacher cannot read its source and writes the same "
+                    "output for every input. Lower teacher.args.lr (now %g) or raise teacher.args.warmup_steps "
+                    "(now %d); docs/text.md, 'Teacher stage'.", spread, settings["lr"], settings["warmup_steps"])
     return hf_model, stats
 
 

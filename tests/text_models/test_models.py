@@ -175,3 +175,21 @@ def test_student_weights_round_trip_through_the_engines_checkpoint_format(tiny: 
                                student.eval().forward_signals(batch, request).logits)
     restored_hf = restored.hf_model
     assert restored_hf.get_output_embeddings().weight.data_ptr() == restored_hf.get_input_embeddings().weight.data_ptr()
+
+
+def test_encoder_spread_separates_a_reading_encoder_from_a_collapsed_one(tiny: SimpleNamespace) -> None:
+    from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, encoder_spread
+
+    model = tiny.hf("marian").train()
+    input_ids = torch.randint(2, 32, (4, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 5:] = 0
+    assert encoder_spread(model, input_ids, attention_mask) > 0.1
+    assert model.training  # restored
+    # What the summarization teacher's encoder had become: one output vector whatever the input. A last layer
+    # norm with zero gain outputs its bias at every position.
+    last_norm = model.get_encoder().layers[-1].final_layer_norm
+    with torch.no_grad():
+        last_norm.weight.zero_()
+        last_norm.bias.normal_()
+    assert encoder_spread(model, input_ids, attention_mask) < COLLAPSED_ENCODER_SPREAD

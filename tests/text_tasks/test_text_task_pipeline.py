@@ -15,7 +15,7 @@ import torch
 
 from kd_plugins.text.generation import decode
 from kd_plugins.text.losses import LOGITS, nll_loss
-from kd_plugins.text.models import IGNORE_INDEX, TextStudent
+from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, IGNORE_INDEX, TextStudent
 from kd_tasks.text.teacher import train_teacher
 from kd_tasks.text.wmt import TranslationDataConfig, TranslationTask
 
@@ -101,6 +101,7 @@ def test_the_teacher_stage_learns_to_copy_its_source_and_greedy_decoding_matches
         own = float(nll_loss(model.forward_signals(batch, LOGITS).logits, batch["labels"]))
         other = float(nll_loss(model.forward_signals(wrong, LOGITS).logits, wrong["labels"]))
     assert own < 1.5 and other > own + 3.0, (own, other, stats)
+    assert stats["encoder_spread"] > COLLAPSED_ENCODER_SPREAD  # a reading encoder is far from collapsed
 
     generated = decode(model, batch["input_ids"], batch["attention_mask"], num_beams=1, max_new_tokens=20)
     copies = sum(ids == item["source_ids"] for ids, item in zip(generated.to_lists(), probe))
