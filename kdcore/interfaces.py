@@ -75,6 +75,9 @@ class BuildContext:
     device: torch.device
     seed: int
     teacher: Teacher | None = None  # set when building a student
+    #: ``kd run --dry-run``: build every model with its real shapes but skip expensive one-off work (e.g. a
+    #: teacher stage that trains for minutes); the plan's parameter counts stay exact.
+    dry_run: bool = False
 
 
 class ModelFactory(abc.ABC):

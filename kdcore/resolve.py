@@ -179,12 +179,13 @@ def _build_model(factory_cls: type[ModelFactory], config: BaseModel, context: Bu
     return model
 
 
-def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Path | None = None) -> BuiltRun:
-    """Task, teacher (frozen), student and method for a resolved run."""
+def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Path | None = None,
+                     dry_run: bool = False) -> BuiltRun:
+    """Task, teacher (frozen), student and method for a resolved run (``dry_run``: see :class:`BuildContext`)."""
     config = resolved.config
     cache = Path(cache_dir) if cache_dir is not None else config.resolved_cache_dir()
     task = resolved.task_cls(resolved.data_config, cache)
-    context = BuildContext(task=task, cache_dir=cache, device=device, seed=config.seed)
+    context = BuildContext(task=task, cache_dir=cache, device=device, seed=config.seed, dry_run=dry_run)
     teacher = _build_model(resolved.teacher_factory, resolved.teacher_config, context, "teacher", Teacher)
     teacher.freeze()
     teacher.to(device)

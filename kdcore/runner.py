@@ -50,13 +50,17 @@ def check_cache_dir(resolved: ResolvedRun) -> None:
                           f"Point it at a writable directory.")
 
 
-def build(resolved: ResolvedRun, device: torch.device | None = None) -> tuple[BuiltRun, Any]:
-    """Teacher, student, method and data. Distributed: rank 0 first (it fills caches), then the others read them."""
+def build(resolved: ResolvedRun, device: torch.device | None = None,
+          dry_run: bool = False) -> tuple[BuiltRun, Any]:
+    """Teacher, student, method and data. Distributed: rank 0 first (it fills caches), then the others read them.
+
+    ``dry_run`` builds models with their real shapes but skips one-off work such as a teacher stage.
+    """
     check_cache_dir(resolved)
     device = device if device is not None else select_device(resolved.config.device)
     seed_everything(resolved.config.seed)
     with distributed.main_first():
-        built = build_components(resolved, device)
+        built = build_components(resolved, device, dry_run=dry_run)
         splits = built.task.build_data(resolved.config.seed)
     for name in ("train", "valid", "test"):
         if len(getattr(splits, name)) == 0:
@@ -68,7 +72,7 @@ def build(resolved: ResolvedRun, device: torch.device | None = None) -> tuple[Bu
 
 def plan(resolved: ResolvedRun, out_dir: Path) -> dict[str, Any]:
     """Build everything, write ``plan.json`` and return it (``kd run --dry-run``; rank 0 writes under torchrun)."""
-    built, splits = build(resolved)
+    built, splits = build(resolved, dry_run=True)
     writes = os.environ.get("RANK", "0") in ("", "0")
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -392,6 +392,9 @@ class TextTask(Task):
         references = [item["target"] for item in dataset]
         metrics: dict[str, float] = {}
         self.last_metadata = {}
+        spread = self.encoder_spread(model, dataset, device, batch_size)
+        if spread is not None:
+            metrics["encoder_spread"] = spread
         for num_beams in beams:
             suffix = "" if num_beams == 1 else f"_beam{num_beams}"
             hypotheses, speed = self.decode_dataset(model, dataset, device, batch_size, num_beams)
@@ -399,9 +402,25 @@ class TextTask(Task):
             prefix = "greedy" if num_beams == 1 else f"beam{num_beams}"
             metrics.update({f"{prefix}_{key}": value for key, value in speed.items()})
             metrics[f"{prefix}_distinct_outputs"] = distinct_fraction(hypotheses)
-            warn_if_input_ignored(hypotheses, f"{self.name} {dataset[0].get('split', '?')} ({prefix})")
+            warn_if_input_ignored(hypotheses, f"{self.name} {dataset[0].get('split', '?')} ({prefix})", spread)
         metrics["examples"] = float(len(dataset))
         return metrics
+
+    def encoder_spread(self, model: Model, dataset: Sequence[Any], device: torch.device,
+                       batch_size: int) -> float | None:
+        """:func:`~kd_plugins.text.models.encoder_spread` on the first batch of ``dataset`` (encoder-decoders only).
+
+        Reported with every evaluation because it separates the two ways a model can ignore its source: an
+        encoder that maps every input to one vector (spread near 0) and a decoder that has not yet learned to
+        attend to a working encoder (spread of order 1); docs/text.md, "Encoder collapse".
+        """
+        from kd_plugins.text.models import encoder_spread
+
+        if not getattr(model, "is_encoder_decoder", False):
+            return None
+        batch = self.collate([dataset[i] for i in range(min(len(dataset), batch_size))])
+        with torch.no_grad():
+            return encoder_spread(model.hf_model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
     def load_eval_files(self, files: Mapping[str, Path]) -> Sequence[Any]:
         """Items from ``--source`` and ``--reference`` (one sentence per line, same number of lines, UTF-8)."""
@@ -422,20 +441,31 @@ def distinct_fraction(hypotheses: Sequence[str]) -> float:
 MIN_DISTINCT_FRACTION = 0.05
 
 
-def warn_if_input_ignored(hypotheses: Sequence[str], where: str) -> bool:
+def warn_if_input_ignored(hypotheses: Sequence[str], where: str, encoder_spread: float | None = None) -> bool:
     """Log a warning when a model gives (nearly) the same output for every input, and say so.
 
     A seq2seq model that has not learned to read its source decodes its target language model's
     favourite sentence for every input; its BLEU/ROUGE then measures that one sentence, which is easy
-    to mistake for a weak but working model (docs/text.md, summarization results).
+    to mistake for a weak but working model (docs/text.md, summarization results). With the model's
+    ``encoder_spread`` the message also says which failure it is, because the remedies differ.
     """
+    from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD
+
     if len(hypotheses) < 20 or distinct_fraction(hypotheses) >= MIN_DISTINCT_FRACTION:
         return False
     counts = Counter(hypotheses)  # only on the (rare) warning path
     most_common, count = counts.most_common(1)[0]
+    if encoder_spread is None or math.isnan(encoder_spread):
+        cause = ""
+    elif encoder_spread < COLLAPSED_ENCODER_SPREAD:
+        cause = (f" Its encoder has collapsed (encoder spread {encoder_spread:.2g}: one vector for every input); "
+                 f"train at a lower trainer.lr or with more trainer.warmup_steps.")
+    else:
+        cause = (f" Its encoder still tells inputs apart (encoder spread {encoder_spread:.2g}), so the decoder has "
+                 f"not learned to attend to it yet; more training steps usually fix this.")
     log.warning("%s: only %d distinct outputs for %d inputs (the most common, %d times: %r); the model ignores "
-                "its input, so its scores measure a fixed sentence.", where, len(counts), len(hypotheses), count,
-                most_common[:80])
+                "its input, so its scores measure a fixed sentence.%s", where, len(counts), len(hypotheses), count,
+                most_common[:80], cause)
     return True
 
 

@@ -89,23 +89,29 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.1, 1.0 - 0.9 * progress)
 
 
-def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log_every: int = 50) -> tuple[Any, dict]:
-    """Train a Marian encoder-decoder on ``task``'s training split; return the HF model and training stats."""
+def untrained_teacher(task: Any, settings: dict[str, Any]) -> Any:
+    """The task-trained teacher's Marian model before training (initialised from the current torch RNG)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
+    tokenizer = task.tokenizer
+    values = teacher_marian_config(settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                                   forced_eos_token_id=tokenizer.eos_token_id)
+    values.pop("model_type")
+    return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("marian", **values))
+
+
+def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log_every: int = 50) -> tuple[Any, dict]:
+    """Train a Marian encoder-decoder on ``task``'s training split; return the HF model and training stats."""
     from kd_plugins.text.losses import LOGITS, nll_loss
     from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, TextStudent, encoder_spread
 
     tokenizer = task.tokenizer
     train = task.build_data(0).train
-    values = teacher_marian_config(settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                                   forced_eos_token_id=tokenizer.eos_token_id)
-    values.pop("model_type")
     steps, batch_size = settings["train_steps"], settings["batch_size"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings["seed"])
-        hf_model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("marian", **values)).to(device)
+        hf_model = untrained_teacher(task, settings).to(device)
         model = TextStudent(hf_model, tokenizer)  # the trainable wrapper: same forward as every text model
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98), weight_decay=0.01)
@@ -180,6 +186,13 @@ class TaskTrainedTeacherFactory(ModelFactory):
             log.info("Using the cached task-trained teacher in %s.", directory)
             hf_model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
             return TextTeacher(hf_model.eval(), task.tokenizer)
+        if context.dry_run:
+            # A plan must not cost the 15-20 minutes of the teacher stage; an untrained model of the same config
+            # has the same parameter count, which is all a plan reports about it.
+            log.info("Dry run: the teacher is not cached (%s); kd run would train it first (%d steps of %d). "
+                     "Planned with an untrained model of the same size.", directory, settings["train_steps"],
+                     settings["batch_size"])
+            return TextTeacher(untrained_teacher(task, settings).eval(), task.tokenizer)
         hf_model, stats = train_teacher(task, settings, context.device, config.log_every)
         directory.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(str(directory), safe_serialization=True)
@@ -192,4 +205,4 @@ class TaskTrainedTeacherFactory(ModelFactory):
 
 
 __all__ = ["TaskTeacherConfig", "TaskTrainedTeacherFactory", "effective_settings", "teacher_marian_config",
-           "train_teacher"]
+           "train_teacher", "untrained_teacher"]

@@ -106,6 +106,27 @@ def test_dry_run_plans_and_teacher_reuse(tiny_wmt_run: Path, tmp_path: Path, cap
     assert "Teacher stage: training" not in caplog.text
 
 
+def test_dry_run_never_trains_a_teacher(tiny_wmt_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A plan of the default text run used to train the 15-minute teacher stage first.
+    import logging
+
+    from kdcore.cli import main
+
+    empty_cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("KD_CACHE_DIR", str(empty_cache))
+    with caplog.at_level(logging.INFO):
+        code = main(["run", "--task", "wmt", "--plugin", "word-kd", "--preset", "tiny", *SAMPLE_DATA, "--dry-run",
+                     "--out", str(tmp_path / "plan")])
+    assert code == 0
+    assert "Teacher stage: training" not in caplog.text and "kd run would train it first" in caplog.text
+    assert not (empty_cache / "text" / "teachers").exists() or not any((empty_cache / "text" / "teachers").iterdir())
+    # Same size as the teacher the real run trained (same tokenizer, same settings).
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text(encoding="utf-8"))
+    trained = json.loads((tiny_wmt_run / "metrics.json").read_text(encoding="utf-8"))
+    assert plan["params"]["teacher"] == trained["params"]["teacher"]
+
+
 def test_summarization_tiny_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """In-process through kdcore.cli.main (the wmt run above covers the subprocess path)."""
     import logging

@@ -116,6 +116,8 @@ def test_evaluate_reports_bleu_chrf_and_speed_for_greedy_and_beam(tmp_path: Path
     for key in ("greedy_distinct_outputs", "beam3_distinct_outputs"):
         assert 1 / len(test) <= metrics[key] <= 1.0, key
     assert "tok:13a" in task.metric_metadata()["bleu_signature"]
+    # A randomly initialised encoder tells inputs apart: its spread is of order 1, far from a collapse.
+    assert metrics["encoder_spread"] > 0.1
     # In-training validation decodes greedily only (data.valid_beams).
     valid_metrics = task.evaluate(model, task.build_data(0).valid, torch.device("cpu"), 8)
     assert "bleu" in valid_metrics and "bleu_beam3" not in valid_metrics
@@ -140,3 +142,21 @@ def test_a_model_giving_one_output_for_every_input_is_flagged(caplog: pytest.Log
     varied = [f"sentence {index}" for index in range(100)]
     assert distinct_fraction(varied) == 1.0 and not warn_if_input_ignored(varied, "wmt test")
     assert not warn_if_input_ignored(["same"] * 10, "tiny test")  # too few items to judge
+
+
+def test_the_warning_says_whether_the_encoder_collapsed(caplog: pytest.LogCaptureFixture) -> None:
+    # The remedies differ: a collapsed encoder needs a gentler lr; a working one a decoder trained longer.
+    from kd_tasks.text.base import warn_if_input_ignored
+
+    constant = ["Kalibrieren"] * 100
+    with caplog.at_level("WARNING"):
+        assert warn_if_input_ignored(constant, "wmt test (greedy)", encoder_spread=1.2e-4)
+    assert "encoder has collapsed (encoder spread 0.00012" in caplog.text and "trainer.lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert warn_if_input_ignored(constant, "wmt test (greedy)", encoder_spread=0.6)
+    assert "still tells inputs apart (encoder spread 0.6)" in caplog.text and "collapsed" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert warn_if_input_ignored(constant, "causal-lm test (greedy)", encoder_spread=None)
+    assert "encoder" not in caplog.text
