@@ -355,7 +355,35 @@ def _build_hf_model(config: TextModelConfig, context: BuildContext, causal: bool
         except ValueError as error:
             raise KDUserError(f"{key}.config: model_type '{model_type}' cannot be built with {auto.__name__}: "
                               f"{error}{other}") from error
+    if not causal:
+        _align_decoder_start_with_label_shift(model)
     return model, tokenizer
+
+
+def _align_decoder_start_with_label_shift(hf_model: Any) -> None:
+    """Make ``decoder_start_token_id`` the first decoder input the model's own label shift produces.
+
+    mBART's shift moves each label row's last token (its eos) to the front and ignores
+    ``decoder_start_token_id``; a model built from a config and trained with that shift but decoded from
+    the config's start token sees a prefix it never saw (a d=96 mBART student decoded empty strings).
+    Only for models built here from a config: a pretrained model's start token matches its own tokenizer's
+    label layout (e.g. mBART's language code), which a probe row cannot know.
+    """
+    prepare = getattr(hf_model, "prepare_decoder_input_ids_from_labels", None)
+    config = hf_model.config
+    pad, eos = config.pad_token_id, config.eos_token_id
+    if prepare is None or eos is None or isinstance(eos, (list, tuple)):
+        return
+    token = next(t for t in range(3) if t not in (pad, eos))
+    with torch.no_grad():
+        trained_start = int(prepare(labels=torch.tensor([[token, eos]]))[0, 0])
+    if trained_start != config.decoder_start_token_id:
+        log.info("%s: its label shift starts the decoder with token id %d, not decoder_start_token_id %s; "
+                 "decoding starts with %d too.", type(hf_model).__name__, trained_start,
+                 config.decoder_start_token_id, trained_start)
+        config.decoder_start_token_id = trained_start
+        if getattr(hf_model, "generation_config", None) is not None:
+            hf_model.generation_config.decoder_start_token_id = trained_start
 
 
 class _TextModelFactory(ModelFactory):

@@ -16,7 +16,7 @@ PAD, EOS = 0, 1
 
 
 def tiny_config(model_type: str, layers: int = 1, d_model: int = 32) -> dict[str, Any]:
-    """A transformers config dict for a tiny model of ``model_type`` (marian, bart, t5)."""
+    """A transformers config dict for a tiny model of ``model_type`` (marian, bart, mbart, t5)."""
     if model_type == "t5":
         return {"model_type": "t5", "vocab_size": VOCAB, "d_model": d_model, "d_kv": d_model // 2, "d_ff": 2 * d_model,
                 "num_layers": layers, "num_decoder_layers": layers, "num_heads": 2, "pad_token_id": PAD,

@@ -193,3 +193,15 @@ def test_encoder_spread_separates_a_reading_encoder_from_a_collapsed_one(tiny: S
         last_norm.weight.zero_()
         last_norm.bias.normal_()
     assert encoder_spread(model, input_ids, attention_mask) < COLLAPSED_ENCODER_SPREAD
+
+
+@pytest.mark.parametrize("model_type", ["marian", "bart", "mbart", "t5"])
+def test_decoding_starts_the_decoder_as_training_does(tiny: SimpleNamespace, tmp_path: Path, model_type: str) -> None:
+    # mBART's label shift starts each row with its eos, whatever decoder_start_token_id says; decoding from
+    # pad made a trained mBART student write empty strings.
+    model = Seq2SeqFactory().build(TextModelConfig(config=tiny.config(model_type)), _context(tmp_path))
+    labels = torch.tensor([[5, 6, tiny.EOS, -100], [7, tiny.EOS, -100, -100]])
+    decoder_inputs = model.decoder_inputs_from_labels(labels)
+    assert decoder_inputs[:, 0].tolist() == [model.decoder_start_token_id] * 2
+    if model_type == "mbart":
+        assert model.decoder_start_token_id == tiny.EOS
