@@ -365,7 +365,7 @@ def _align_decoder_start_with_label_shift(hf_model: Any) -> None:
 
     mBART's shift moves each label row's last token (its eos) to the front and ignores
     ``decoder_start_token_id``; a model built from a config and trained with that shift but decoded from
-    the config's start token sees a prefix it never saw (a d=96 mBART student decoded empty strings).
+    the config's start token sees a prefix it never saw (a d=96 mBART student scored ROUGE 0).
     Only for models built here from a config: a pretrained model's start token matches its own tokenizer's
     label layout (e.g. mBART's language code), which a probe row cannot know.
     """
