@@ -459,7 +459,8 @@ def warn_if_input_ignored(hypotheses: Sequence[str], where: str, encoder_spread:
         cause = ""
     elif encoder_spread < COLLAPSED_ENCODER_SPREAD:
         cause = (f" Its encoder has collapsed (encoder spread {encoder_spread:.2g}: one vector for every input); "
-                 f"train at a lower trainer.lr or with more trainer.warmup_steps.")
+                 f"train it at a lower learning rate or with more warm-up steps (trainer.lr / trainer.warmup_steps "
+                 f"for the student, teacher.args.lr / teacher.args.warmup_steps for a task-trained teacher).")
     else:
         cause = (f" Its encoder still tells inputs apart (encoder spread {encoder_spread:.2g}), so the decoder has "
                  f"not learned to attend to it yet; more training steps usually fix this.")
