@@ -7,7 +7,16 @@ STAMP := $(VENV)/.kd-installed
 
 .PHONY: install run test test-all bench clean
 
+# torch's CUDA build (the only torch >= 2.14 on PyPI, which torchaudio 2.11 needs) makes the venv
+# about 6 GiB, and pip unpacks its wheels beside it: stop with a clear message before a half install.
+MIN_FREE_GIB ?= 7
+
 $(STAMP): pyproject.toml setup.py
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(0) if free >= $(MIN_FREE_GIB) else sys.exit( \
+	f'make: installing kd into $(CURDIR)/$(VENV) needs about $(MIN_FREE_GIB) GiB free on its disk ' \
+	f'(torch with its CUDA libraries is about 6 GiB installed); only {free:.1f} GiB is free. ' \
+	'Free some space, or set MIN_FREE_GIB=0 to try anyway.')"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install -q -e ".[dev]"
