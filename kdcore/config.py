@@ -67,6 +67,9 @@ class TrainerConfig(StrictModel):
     clip_norm: PositiveFloat | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     eval_every: PositiveInt = 100
+    select: Literal["best", "last"] = Field(
+        "best", description="which evaluated student best/ keeps (and the test split scores): the best on the "
+                            "task's metric, or the last one (every evaluation is logged either way)")
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 100
     keep_checkpoints: PositiveInt = 2

@@ -454,7 +454,8 @@ class Trainer:
                 metrics = evaluate_model(self.built, self.built.student, self.splits.valid, self._eval_batch_size())
             value = metrics[self.built.task.metric]
             best = state["best_metric"]
-            better = best is None or (value > best if self.built.task.greater_is_better else value < best)
+            better = (self.trainer_config.select == "last" or best is None
+                      or (value > best if self.built.task.greater_is_better else value < best))
         if self.dist.is_main:
             self._log({"type": "eval", "step": step, "split": "valid", **metrics})
             self.registry.hook.kd_on_evaluation_end(context=self.context, step=step, metrics=metrics)

@@ -54,6 +54,9 @@ def write_report(out_dir: Path, metrics: dict[str, Any], primary_metric: str) ->
                        primary_metric, f"Validation {primary_metric} (student)")
     teacher, student = metrics.get("teacher", {}), metrics.get("student", {})
     names = list(dict.fromkeys([*teacher, *student]))
+    last = metrics.get("selection") == "last"
+    kept = (f"Scored checkpoint: step {metrics.get('best_step')} (the last; trainer.select: last)" if last
+            else f"Best checkpoint: step {metrics.get('best_step')}")
     lines = [
         f"# kd run: task `{metrics['task']}`, plugin `{metrics['plugin']}`",
         "",
@@ -61,12 +64,12 @@ def write_report(out_dir: Path, metrics: dict[str, Any], primary_metric: str) ->
         "",
         "| metric | teacher | student |",
         "|---|---|---|",
-        *[f"| {n}{' (selects best)' if n == primary_metric else ''} | {_format(teacher.get(n, '—'))} | "
+        *[f"| {n}{' (selects best)' if n == primary_metric and not last else ''} | {_format(teacher.get(n, '—'))} | "
           f"{_format(student.get(n, '—'))} |" for n in names],
         f"| parameters | {metrics['params']['teacher']:,} | {metrics['params']['student']:,} |",
         "",
         f"Student parameters are {metrics['params']['student'] / max(1, metrics['params']['teacher']):.1%} of the "
-        f"teacher's. Best checkpoint: step {metrics.get('best_step')}. Training time: "
+        f"teacher's. {kept}. Training time: "
         f"{metrics['train_seconds']:.1f} s on {metrics.get('device', '?')}.",
         "",
         "## Curves",

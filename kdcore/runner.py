@@ -155,6 +155,7 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         "metric": built.task.metric,
         "metric_metadata": built.task.metric_metadata(),
         "best_step": state.get("best_step"),
+        "selection": built.resolved.config.trainer.select,
         "train_seconds": round(float(state["train_seconds"]), 3),
         "nonfinite_steps": state.get("nonfinite_steps", 0),
         "device": str(built.device),

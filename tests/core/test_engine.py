@@ -84,3 +84,25 @@ def test_eval_reproduces_the_final_student_metrics(tmp_path: Path, run_kd) -> No
     assert "Traceback" not in refused.stderr and not (out / "eval-files.json").exists()
     missing = run_kd("eval", "--run", str(out), "--source", str(tmp_path / "nope.txt"), cwd=tmp_path)
     assert missing.returncode == 2 and "nope.txt" in missing.stderr
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_trainer_select_keeps_the_best_or_the_last_evaluated_student(tmp_path: Path, run_kd, select: str) -> None:
+    out = tmp_path / select
+    # at lr 1.0 the toy student's validation accuracy peaks early and then falls: best and last differ
+    result = run_kd("run", *TINY, "--out", str(out), "--set", f"trainer.select={select}",
+                    "--set", "trainer.eval_every=5", "--set", "trainer.lr=1.0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    evals = [r for r in read_jsonl(out / "log.jsonl") if r["type"] == "eval"]
+    info = json.loads((out / "best" / "info.json").read_text())
+    if select == "last":
+        expected_step = evals[-1]["step"]
+    else:
+        best_value = max(r["accuracy"] for r in evals)
+        expected_step = next(r["step"] for r in evals if r["accuracy"] == best_value)  # the first of ties
+        assert expected_step != evals[-1]["step"]  # otherwise this run cannot tell the two rules apart
+    assert metrics["best_step"] == info["step"] == expected_step
+    assert metrics["selection"] == select
+    report = (out / "report.md").read_text()
+    assert ("(the last; trainer.select: last)" in report) == (select == "last")

@@ -37,6 +37,18 @@ def test_gendistiller_paper_preset_is_at_least_80_percent_below_the_teacher(run_
     assert params["student"] <= 0.7 * 23.49e6  # at least 30% below DistilHuBERT's 23.49M
 
 
+def test_default_gendistiller_is_at_least_30_percent_below_default_distilhubert(run_kd, tmp_path: Path) -> None:
+    """The embedded default's two students (docs/speech.md, results table): the papers' size ratio holds."""
+    params = {}
+    for plugin in ("gendistiller", "distilhubert"):
+        out = tmp_path / plugin
+        result = run_kd("run", "--task", "superb", "--plugin", plugin, "--dry-run", "--out", str(out),
+                        "--set", "data.synthetic.clips_per_keyword=2", "--set", "data.synthetic.asr_utterances=10")
+        assert result.returncode == 0, result.stderr[-3000:]
+        params[plugin] = json.loads((out / "plan.json").read_text())["params"]["student"]
+    assert params["gendistiller"] <= 0.7 * params["distilhubert"], params
+
+
 def test_tiny_end_to_end_run_writes_metrics_for_teacher_and_student(run_kd, tmp_path: Path) -> None:
     out = tmp_path / "run"
     started = time.perf_counter()
