@@ -68,7 +68,8 @@ class SuperbEvaluationConfig(StrictModel):
     valid_downstreams: list[Downstream] = Field(
         default_factory=lambda: ["keyword"],
         description="downstreams evaluated on the valid split during training (must include 'keyword', the "
-                    "checkpoint-selecting metric); the full suite costs several times more")
+                    "task's metric, which selects the student under trainer.select: best); the full suite costs "
+                    "several times more")
     test_downstreams: list[Downstream] = Field(default_factory=lambda: list(ALL_DOWNSTREAMS),
                                                description="downstreams of the final evaluation (test split)")
     normalize_layers: bool = Field(True, description="layer-normalise each upstream layer before the weighted sum")
@@ -79,8 +80,8 @@ class SuperbEvaluationConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> "SuperbEvaluationConfig":
         if "keyword" not in self.valid_downstreams or "keyword" not in self.test_downstreams:
-            raise ValueError("valid_downstreams and test_downstreams must include 'keyword': keyword_accuracy "
-                             "selects the best checkpoint and is reported for the test split")
+            raise ValueError("valid_downstreams and test_downstreams must include 'keyword': keyword_accuracy is the "
+                             "task's metric, reported for valid and test")
         return self
 
 
