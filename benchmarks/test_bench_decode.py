@@ -9,9 +9,13 @@ flattered by a model that stops early. Same batch, same beam, same thread count,
 measured side by side in one session; greedy uses kd's KV-cached decoder, beam search
 transformers' ``generate`` (what the tasks' evaluation uses). The ratios are written to
 ``benchmarks/results/decode.json``.
+
+``KD_BENCH_STUDENT='{"d_model": 128, "decoder_layers": 2}'`` (JSON, Marian config keys) measures a
+candidate student instead of the default; its ratios go to ``decode-candidate.json``.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ BATCH = 100         # the text tasks' eval_batch_size (wmt)
 NEW_TOKENS = 24
 SOURCE_TOKENS = {"wmt": 12, "summarization": 100}  # typical embedded source lengths
 ROWS: list[dict] = []
+STUDENT_OVERRIDES: dict = json.loads(os.environ.get("KD_BENCH_STUDENT", "{}"))
 
 
 def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
@@ -42,7 +47,7 @@ def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
     special = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
                "forced_eos_token_id": None}
     if role == "student":
-        values = {**STUDENT["args"]["config"], **special}
+        values = {**STUDENT["args"]["config"], **STUDENT_OVERRIDES, **special}
     else:
         task_class = {"wmt": TranslationTask, "summarization": SummarizationTask}[task]
         values = teacher_marian_config({**FALLBACK, **task_class.teacher_defaults}, **special)
@@ -70,8 +75,10 @@ def _write_results():  # noqa: ANN202
     yield
     if ROWS:
         RESULTS.mkdir(exist_ok=True)
-        atomic_write_json(RESULTS / "decode.json", {"group": "decode", "threads": THREADS, "batch": BATCH,
-                                                    "new_tokens": NEW_TOKENS, "rows": list(ROWS)})
+        name = "decode-candidate.json" if STUDENT_OVERRIDES else "decode.json"
+        atomic_write_json(RESULTS / name, {"group": "decode", "threads": THREADS, "batch": BATCH,
+                                           "new_tokens": NEW_TOKENS, "student_overrides": STUDENT_OVERRIDES,
+                                           "rows": list(ROWS)})
 
 
 @pytest.mark.parametrize("num_beams", [1, 5])
