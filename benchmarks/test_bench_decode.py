@@ -1,7 +1,7 @@
 """Decoding speed of the text tasks' default student against their default teacher (issue: ≥ 3× faster).
 
 Run with ``pytest benchmarks/test_bench_decode.py --benchmark-only``. Both models are
-built from the *current* defaults (``kd_tasks.text.presets.STUDENT`` and each task's
+built from the *current* defaults (``kd_tasks.text.presets.STUDENTS`` and each task's
 ``teacher_defaults``), so this benchmark follows any change to them. Weights are random
 and the end-of-sequence token is masked out (``final_logits_bias``), so every sentence
 decodes exactly ``NEW_TOKENS`` tokens: the comparison is per generated token, not
@@ -39,7 +39,7 @@ def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     from kd_plugins.text.models import TextTeacher
-    from kd_tasks.text.presets import STUDENT
+    from kd_tasks.text.presets import STUDENTS
     from kd_tasks.text.summarization import SummarizationTask
     from kd_tasks.text.teacher import FALLBACK, teacher_marian_config
     from kd_tasks.text.wmt import TranslationTask
@@ -47,7 +47,7 @@ def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
     special = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
                "forced_eos_token_id": None}
     if role == "student":
-        values = {**STUDENT["args"]["config"], **STUDENT_OVERRIDES, **special}
+        values = {**STUDENTS[task]["args"]["config"], **STUDENT_OVERRIDES, **special}
     else:
         task_class = {"wmt": TranslationTask, "summarization": SummarizationTask}[task]
         values = teacher_marian_config({**FALLBACK, **task_class.teacher_defaults}, **special)

@@ -14,10 +14,13 @@ def test_defaults_resolve_for_every_plugin(task: str, plugin: str) -> None:
     assert resolved.teacher_factory.name == "task-trained-seq2seq"
     assert resolved.student_factory.name == "seq2seq"
     config = resolved.student_config.config
-    assert (config["encoder_layers"], config["decoder_layers"], config["d_model"]) == (2, 1, 96)
+    expected = {"wmt": (2, 1, 96, 384), "summarization": (2, 2, 128, 512)}[task]
+    assert (config["encoder_layers"], config["decoder_layers"], config["d_model"], config["decoder_ffn_dim"]) == expected
+    assert resolved.config.trainer.max_steps == {"wmt": 2000, "summarization": 1500}[task]
     # The default student must decode much faster than the default teacher: a shallower and narrower decoder.
     teacher = resolved.task_cls.teacher_defaults
     assert config["decoder_layers"] < teacher["decoder_layers"] and config["d_model"] < teacher["d_model"]
+    assert config["decoder_ffn_dim"] < teacher["ffn_dim"]
 
 
 @pytest.mark.parametrize(("task", "preset", "teacher"), [
