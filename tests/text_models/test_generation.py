@@ -121,3 +121,35 @@ def test_kv_cache_is_faster_than_recomputing_the_prefix(tiny: SimpleNamespace) -
     print(f"\nKV cache: {cached.tokens_per_second:.0f} tokens/s; no cache: {uncached.tokens_per_second:.0f} tokens/s")
     assert cached.tokens == uncached.tokens
     assert cached.tokens_per_second > 2 * uncached.tokens_per_second
+
+
+@pytest.mark.parametrize("model_type", ["marian", "bart", "t5"])
+def test_beam_search_without_cross_attention_reordering_equals_transformers(tiny: SimpleNamespace,
+                                                                              model_type: str) -> None:
+    # Random weights and 5 beams over 12 steps: beams are reordered at nearly every step, so an
+    # optimisation that skipped a reorder that mattered would change the outputs.
+    hf = tiny.hf(model_type, layers=2)
+    model = TextStudent(hf).eval()
+    batch = tiny.batch(6, seed=1)
+    result = beam_search(model, batch["input_ids"], batch["attention_mask"], num_beams=5, max_new_tokens=12)
+    reference = hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=5,
+                            max_new_tokens=12, do_sample=False, early_stopping=True,
+                            pad_token_id=model.pad_token_id, eos_token_id=model.eos_token_id,
+                            decoder_start_token_id=model.decoder_start_token_id)
+    for tokens, length, expected in zip(result.sequences, result.lengths.tolist(), reference[:, 1:].tolist()):
+        if tiny.EOS in expected:
+            expected = expected[:expected.index(tiny.EOS) + 1]
+        assert tokens[:length].tolist() == expected[:length] and length == len(expected)
+
+
+def test_beam_cache_reorders_self_attention_only(tiny: SimpleNamespace) -> None:
+    from kd_plugins.text.generation import beam_cache
+
+    model = TextStudent(tiny.hf("marian"))
+    cache = beam_cache(model)
+    keys = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    cache.self_attention_cache.update(keys.clone(), keys.clone(), 0)
+    cache.cross_attention_cache.update(keys.clone(), keys.clone(), 0)
+    cache.reorder_cache(torch.tensor([1, 1, 3, 2]))
+    assert cache.self_attention_cache.layers[0].keys[:, 0, 0, 0].tolist() == [1.0, 1.0, 3.0, 2.0]
+    assert cache.cross_attention_cache.layers[0].keys[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
