@@ -65,7 +65,7 @@ class TrainerConfig(StrictModel):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     clip_norm: PositiveFloat | None = 1.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "native-bf16"] = "auto"
     eval_every: PositiveInt = 100
     select: Literal["best", "last"] = Field(
         "best", description="which evaluated student best/ keeps (and the test split scores): the best on the "

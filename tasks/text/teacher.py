@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -54,21 +54,35 @@ class TaskTeacherConfig(StrictModel):
     batch_size: PositiveInt | None = None
     lr: PositiveFloat | None = None
     warmup_steps: int | None = Field(None, ge=0)
+    precision: Literal["fp32", "bf16", "native-bf16"] | None = Field(
+        None, description="autocast of the teacher stage's forward pass; native-bf16: bf16 where the device computes "
+                          "it in hardware (CUDA, CPUs with AVX512-BF16/AMX), else fp32")
     seed: int = Field(0, description="teacher initialisation and data order (independent of the run seed)")
     log_every: PositiveInt = 50
 
 
 FALLBACK = {"encoder_layers": 6, "decoder_layers": 6, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
-            "train_steps": 1000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100}
+            "train_steps": 1000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "precision": "fp32"}
 
 
-def effective_settings(config: TaskTeacherConfig, task: Any) -> dict[str, Any]:
-    """The config with every null replaced by the task's default (then the generic fallback)."""
+def effective_settings(config: TaskTeacherConfig, task: Any, device: torch.device | None = None) -> dict[str, Any]:
+    """The config with every null replaced by the task's default (then the generic fallback).
+
+    ``precision`` is resolved for ``device`` (default: the CPU) to what training will use, ``fp32`` or ``bf16``, so
+    the cache key names the teacher that was really trained: a bf16-trained teacher differs from an fp32 one.
+    """
+    from kdcore.engine import autocast_dtype
+
     task_defaults = dict(getattr(task, "teacher_defaults", {}) or {})
     settings: dict[str, Any] = {}
     for key, fallback in FALLBACK.items():
         value = getattr(config, key)
         settings[key] = value if value is not None else task_defaults.get(key, fallback)
+    dtype = autocast_dtype(settings["precision"], device or torch.device("cpu"))
+    settings["precision"] = "fp32" if dtype is None else "bf16"
+    if settings["precision"] == "fp32":
+        # fp32 teachers keep the cache keys they had before the setting existed.
+        del settings["precision"]
     settings["seed"] = config.seed
     return settings
 
@@ -109,6 +123,7 @@ def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log
     tokenizer = task.tokenizer
     train = task.build_data(0).train
     steps, batch_size = settings["train_steps"], settings["batch_size"]
+    bf16 = settings.get("precision", "fp32") == "bf16"  # weights and optimiser stay fp32; only the forward autocasts
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings["seed"])
         hf_model = untrained_teacher(task, settings).to(device)
@@ -122,15 +137,17 @@ def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log
         started = time.perf_counter()
         recent: list[float] = []
         log.info("Teacher stage: training a %d+%d-layer d=%d Marian (%s parameters) for %d steps of %d examples "
-                 "on %d training pairs (cached afterwards).", settings["encoder_layers"], settings["decoder_layers"],
-                 settings["d_model"], f"{model.num_parameters():,}", steps, batch_size, len(train))
+                 "on %d training pairs in %s (cached afterwards).", settings["encoder_layers"],
+                 settings["decoder_layers"], settings["d_model"], f"{model.num_parameters():,}", steps, batch_size,
+                 len(train), "bf16 autocast" if bf16 else "fp32")
         for step in range(steps):
             if not batches:
                 batches = task.epoch_batches(train, batch_size, generator) or []
             batch = task.collate([train[i] for i in batches.pop()])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            logits = model.forward_signals(batch, LOGITS).logits
-            loss = nll_loss(logits, batch["labels"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model.forward_signals(batch, LOGITS).logits
+                loss = nll_loss(logits, batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -176,7 +193,7 @@ class TaskTrainedTeacherFactory(ModelFactory):
         if not hasattr(task, "data_fingerprint") or not hasattr(task, "tokenizer"):
             raise KDUserError(f"teacher 'task-trained-seq2seq' trains on a text task's data (wmt, summarization); "
                               f"task '{task.name}' is not one. Name a teacher with teacher.name.")
-        settings = effective_settings(config, task)
+        settings = effective_settings(config, task, context.device)
         key_material = json.dumps({"recipe": TEACHER_RECIPE, "task": task.name, "data": task.data_fingerprint(),
                                    "settings": settings}, sort_keys=True)
         key = hashlib.sha256(key_material.encode()).hexdigest()[:16]

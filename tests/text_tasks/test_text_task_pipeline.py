@@ -8,6 +8,7 @@ encoder input, its mask, the label shift and the decoding loop are all right.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,32 @@ def test_the_teacher_stage_learns_to_copy_its_source_and_greedy_decoding_matches
             assert theirs[:len(ours)] == ours and set(theirs[len(ours):]) <= {task.tokenizer.pad_token_id}
         else:
             assert theirs[:cap - 1] == ours[:cap - 1]
+
+
+def test_teacher_stage_precision_resolves_per_device_and_names_the_cache_key(monkeypatch: Any) -> None:
+    import kdcore.engine
+    from kd_tasks.text.summarization import SummarizationTask
+    from kd_tasks.text.teacher import TaskTeacherConfig, effective_settings
+
+    summarization = SummarizationTask.__new__(SummarizationTask)
+    translation = TranslationTask.__new__(TranslationTask)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kdcore.engine, "native_bf16", lambda device: True)
+    assert effective_settings(TaskTeacherConfig(), summarization, cpu)["precision"] == "bf16"
+    # fp32 teachers (wmt's default, or native-bf16 on a CPU without bf16 units) keep the keys they always had.
+    assert "precision" not in effective_settings(TaskTeacherConfig(), translation, cpu)
+    monkeypatch.setattr(kdcore.engine, "native_bf16", lambda device: False)
+    assert "precision" not in effective_settings(TaskTeacherConfig(), summarization, cpu)
+    assert effective_settings(TaskTeacherConfig(precision="bf16"), translation, cpu)["precision"] == "bf16"
+
+
+def test_teacher_stage_in_bf16_autocast_trains_fp32_weights_and_differs_from_fp32(tmp_path: Path) -> None:
+    task = _task(tmp_path)
+    settings = {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "heads": 2, "ffn_dim": 64, "dropout": 0.0,
+                "train_steps": 30, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "seed": 0}
+    fp32_model, fp32_stats = train_teacher(task, settings, torch.device("cpu"), log_every=10)
+    bf16_model, bf16_stats = train_teacher(task, {**settings, "precision": "bf16"}, torch.device("cpu"), log_every=10)
+    assert all(p.dtype == torch.float32 for p in bf16_model.parameters())
+    assert math.isfinite(bf16_stats["final_loss"]) and abs(bf16_stats["final_loss"] - fp32_stats["final_loss"]) < 0.5
+    # Same seed and data: only the autocast differs, so different weights show it was applied.
+    assert any(not torch.equal(a, b) for a, b in zip(fp32_model.parameters(), bf16_model.parameters()))
