@@ -34,6 +34,10 @@ from kd_plugins.text.schedules import BetaSchedule
 log = logging.getLogger(__name__)
 
 
+#: Generation cap when neither method.generation.max_new_tokens nor the task's data.max_target_tokens gives one.
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
 class StudentGeneration(BaseModel):
     """How the student decodes the sequences that replace data targets."""
 
@@ -42,7 +46,9 @@ class StudentGeneration(BaseModel):
     strategy: Strategy = Field("greedy", description="greedy or top_k sampling")
     top_k: int = Field(5, ge=1, description="top_k: candidates per step")
     temperature: float = Field(1.0, gt=0.0, description="top_k: softmax temperature")
-    max_new_tokens: int = Field(128, ge=1, description="hard cap on generated tokens")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="hard cap on generated tokens; null: the task's longest training target "
+                                "(data.max_target_tokens), else 128")
     max_length_ratio: float | None = Field(
         2.0, gt=0.0, description="also cap at ratio x the longest data target of the batch, plus max_length_offset "
                                  "(null: only max_new_tokens)")
@@ -51,10 +57,11 @@ class StudentGeneration(BaseModel):
 
     def limit(self, data_labels: torch.Tensor) -> int:
         """Generation length cap for a batch whose data targets are ``data_labels``."""
+        cap = self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         if self.max_length_ratio is None:
-            return self.max_new_tokens
+            return cap
         longest = int((data_labels != IGNORE_INDEX).sum(dim=1).max()) if data_labels.numel() else 0
-        return max(1, min(self.max_new_tokens, math.ceil(self.max_length_ratio * longest) + self.max_length_offset))
+        return max(1, min(cap, math.ceil(self.max_length_ratio * longest) + self.max_length_offset))
 
 
 @dataclass
@@ -204,6 +211,14 @@ class ImitationKD(Method):
         if self.schedule.kind == "exponential":
             log.info("ImitKD β schedule: %g^(-t/T)%s.", self.schedule.base,
                      "" if config.schedule.base is not None else f" (task '{getattr(task, 'name', '?')}' default)")
+        if config.generation.max_new_tokens is None:
+            # Training targets are truncated to the task's data.max_target_tokens, so a generated sequence longer
+            # than that trains the student on something no data target has; for summarization (48) this also
+            # halves the cost of generating for a student that has not yet learnt to stop (2 x 48 + 5 otherwise).
+            task_cap = getattr(getattr(task, "data_config", None), "max_target_tokens", None)
+            config.generation.max_new_tokens = task_cap or DEFAULT_MAX_NEW_TOKENS
+            log.info("ImitKD generation: at most %d new tokens (%s).", config.generation.max_new_tokens,
+                     "the task's data.max_target_tokens" if task_cap else "default")
         # None: draw from torch's global RNG, which the engine seeds and checkpoints (resumable runs).
         self.generator: torch.Generator | None = None
 

@@ -153,3 +153,14 @@ def test_config_and_model_errors(tiny: SimpleNamespace, fake_task: Any) -> None:
         "gpt2", vocab_size=tiny.VOCAB, n_embd=8, n_layer=1, n_head=2, bos_token_id=2, eos_token_id=tiny.EOS)))
     with pytest.raises(KDUserError, match="encoder-decoder"):
         ImitationKD(ImitationConfig(), fake_task, teacher, causal, [])
+
+
+def test_generation_cap_defaults_to_the_tasks_longest_training_target(tiny: SimpleNamespace, fake_task: Any) -> None:
+    # No data config: the generic cap. A text task: its data.max_target_tokens (targets are truncated to it).
+    assert make_method(tiny, fake_task).config.generation.max_new_tokens == 128
+    task = SimpleNamespace(**vars(fake_task), data_config=SimpleNamespace(max_target_tokens=7))
+    method = make_method(tiny, task)
+    assert method.config.generation.max_new_tokens == 7
+    long_targets = torch.full((2, 40), 5)
+    assert method.config.generation.limit(long_targets) == 7  # not 2 x 40 + 5
+    assert make_method(tiny, task, generation={"max_new_tokens": 30}).config.generation.max_new_tokens == 30
