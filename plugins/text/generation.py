@@ -108,20 +108,21 @@ def generate(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.
         prefix, mask = input_ids, attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    cache_argument = _cache_argument(hf)
     past: Any = None
     produced: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         incremental = use_cache and past is not None
         if model.is_encoder_decoder:
             outputs = hf(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                         decoder_input_ids=prefix[:, -1:] if incremental else prefix, past_key_values=past,
-                         use_cache=use_cache, return_dict=True)
+                         decoder_input_ids=prefix[:, -1:] if incremental else prefix, use_cache=use_cache,
+                         return_dict=True, **{cache_argument: past})
         else:
             outputs = hf(input_ids=prefix[:, -1:] if incremental else prefix, attention_mask=mask,
-                         position_ids=positions[:, -1:] if incremental else positions, past_key_values=past,
-                         use_cache=use_cache, return_dict=True)
+                         position_ids=positions[:, -1:] if incremental else positions, use_cache=use_cache,
+                         return_dict=True, **{cache_argument: past})
         if use_cache:
-            past = outputs.past_key_values
+            past = outputs[cache_argument]
         logits = outputs.logits[:, -1, :]
         if suppress_pad and model.pad_token_id is not None and model.pad_token_id != model.eos_token_id:
             logits = logits.clone()
@@ -139,6 +140,12 @@ def generate(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
     sequences = torch.stack(produced, dim=1) if produced else input_ids.new_zeros((batch_size, 0))
     return Generated(sequences, _lengths_from(sequences, model.eos_token_id))
+
+
+def _cache_argument(hf_model: Any) -> str:
+    """The name of the key/value cache in ``hf_model``'s forward and outputs: ``cache`` in transformers >= 5.2x
+    (where ``past_key_values`` warns and is to be removed), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
 
 @functools.cache
@@ -186,10 +193,8 @@ def beam_search(model: HFTextModel, input_ids: torch.Tensor, attention_mask: tor
                              pad_token_id=model.pad_token_id, eos_token_id=model.eos_token_id,
                              decoder_start_token_id=model.decoder_start_token_id, top_k=None, top_p=None,
                              temperature=None)
-    # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns on some models, e.g. T5).
-    cache_argument = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     output = hf.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                         **{cache_argument: beam_cache(model)})
+                         **{_cache_argument(hf): beam_cache(model)})
     sequences = output[:, 1:]  # drop the decoder start token
     lengths = _lengths_from(sequences, model.eos_token_id)
     positions = torch.arange(sequences.shape[1], device=sequences.device)
