@@ -29,8 +29,12 @@ _TRAINER: dict[str, dict[str, Any]] = {
     # probe; 1,500 steps and the teacher stage did not fit 30 minutes on a slower 2-core machine (0.62 s per
     # imitation step in fp32). native-bf16: bf16 autocast where the CPU computes it natively (0.43 s per step there),
     # fp32 elsewhere; evaluation always runs in fp32.
+    # select: last. On 300 valid docstrings a generic fixed sentence ("Returns the ...") scores ROUGE-L ~11, as
+    # high as students that read: the best rule kept imitation seed 2's step-300 checkpoint (one output for every
+    # document, valid 11.3) over its step-1,200 student (87 distinct of 300, valid 10.6); docs/text.md.
     "summarization": {"max_steps": 1200, "batch_size": 32, "eval_batch_size": 50, "lr": 5e-4, "warmup_steps": 300,
-                      "eval_every": 300, "checkpoint_every": 300, "log_every": 20, "precision": "native-bf16"},
+                      "eval_every": 300, "checkpoint_every": 300, "log_every": 20, "precision": "native-bf16",
+                      "select": "last"},
 }
 
 _TINY: dict[str, dict[str, Any]] = {
