@@ -76,13 +76,14 @@ class SummarizationTask(TextTask):
     greater_is_better: ClassVar[bool] = True
     imitation_beta_base: ClassVar[float] = 10.0  # the authors' base for CNN/DailyMail
     #: Teacher stage defaults: the translation recipe (no dropout; docs/text.md, "Teacher stage") with batches of
-    #: 32, since documents are up to 128 tokens; the teacher sees twice the sentences of the student. lr 5e-4 after
+    #: 32, since documents are up to 128 tokens. lr 5e-4 after
     #: 300 warm-up steps, not translation's 1e-3 after 100: at 1e-3 the encoder collapsed to one output for every
     #: document (relative spread 0.27 after 300 steps, 1e-4 to 1.5e-3 after 2000; 1.1 at 5e-4 after 300 steps).
-    #: native-bf16: on CPUs with AVX512-BF16 the stage's 2,000 steps run about 1.5x faster under bf16 autocast
-    #: (0.40 vs 0.62 s per step on 2 cores), which the 30-minute cold run needs; fp32 elsewhere.
+    #: native-bf16: on CPUs with AVX512-BF16 the stage runs about 1.4x faster under bf16 autocast (0.42 vs 0.57 s
+    #: per step on 2 cores), which the 30-minute cold run needs; fp32 elsewhere. 1,400 steps: 2,000 took 980-1,025 s
+    #: of a 34.6-minute cold run (docs/text.md, "Timed default run").
     teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 3, "decoder_layers": 3, "d_model": 256,
-                                                  "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 2000,
+                                                  "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 1400,
                                                   "batch_size": 32, "lr": 5e-4, "warmup_steps": 300,
                                                   "precision": "native-bf16"}
     presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("summarization")
