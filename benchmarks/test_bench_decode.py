@@ -6,8 +6,8 @@ built from the *current* defaults (``kd_tasks.text.presets.STUDENTS`` and each t
 and the end-of-sequence token is masked out (``final_logits_bias``), so every sentence
 decodes exactly ``NEW_TOKENS`` tokens: the comparison is per generated token, not
 flattered by a model that stops early. Same batch, same beam, same thread count,
-measured side by side in one session; greedy uses kd's KV-cached decoder, beam search
-transformers' ``generate`` (what the tasks' evaluation uses). The ratios are written to
+measured side by side in one session; greedy uses kd's KV-cached decoder, beam search kd's
+lean implementation of transformers' beam search (what the tasks' evaluation uses). The ratios are written to
 ``benchmarks/results/decode.json``.
 
 ``KD_BENCH_STUDENT='{"d_model": 128, "decoder_layers": 2}'`` (JSON, Marian config keys) measures a

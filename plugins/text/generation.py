@@ -6,10 +6,13 @@ because sampling must draw from a caller-supplied ``torch.Generator`` (Hugging
 Face samples from the global RNG) and because the loop is short: encode once,
 then one decoder step per token reusing the key/value cache.
 
-:func:`beam_search` uses Hugging Face's ``generate(num_beams=...)``; it is used
-for sequence-level KD targets and beam evaluation. For encoder-decoder models it
-hands ``generate`` a cache that does not reorder the cross-attention keys/values
-after each step (:class:`BeamSharedCrossAttentionCache`): same outputs, less copying.
+:func:`beam_search` is used for sequence-level KD targets and beam evaluation.
+It runs transformers' beam-search algorithm (v5 ``_beam_search``, early stopping)
+in a leaner loop of its own (:func:`_lean_beam_search`: same outputs, about half
+the per-step work outside the model) whenever the model's generation config uses
+only what that loop implements, and Hugging Face ``generate(num_beams=...)``
+otherwise. Both share a cache that does not reorder the cross-attention
+keys/values after each step (:class:`BeamSharedCrossAttentionCache`).
 
 Both return a :class:`Generated`: decoder tokens *without* the decoder start
 token, padded with the model's pad id after the end, and per-row lengths that
@@ -180,22 +183,201 @@ def beam_cache(model: HFTextModel) -> Any:
     return _encoder_decoder_cache_class()(DynamicCache(config=config), DynamicCache(config=config))
 
 
+#: Generation-config fields whose processors :func:`_lean_beam_search` does not implement, with their neutral
+#: values; a config that sets any of them to something else is decoded by transformers' ``generate`` instead.
+_NEUTRAL_GENERATION_FIELDS: dict[str, tuple[Any, ...]] = {
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0), "forced_bos_token_id": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+    "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0), "constraints": (None,),
+    "force_words_ids": (None,), "renormalize_logits": (None, False), "remove_invalid_values": (None, False),
+    "guidance_scale": (None, 1.0), "watermarking_config": (None,), "stop_strings": (None,), "max_time": (None,),
+    "forced_decoder_ids": (None,), "logits_processor": (None,),
+}
+
+
+def _banned_tokens(generation_config: Any) -> list[int] | None:
+    """The single-token ``bad_words_ids`` (Marian bans its pad token), or None when a longer bad word is listed."""
+    bad_words = getattr(generation_config, "bad_words_ids", None) or []
+    if any(len(word) != 1 for word in bad_words):
+        return None
+    return [word[0] for word in bad_words]
+
+
+def lean_beam_search_supported(generation_config: Any) -> bool:
+    """Whether :func:`_lean_beam_search` reproduces ``generate`` for this config (else ``generate`` is used)."""
+    for name, neutral in _NEUTRAL_GENERATION_FIELDS.items():
+        value = getattr(generation_config, name, None)
+        if value not in neutral and not (isinstance(value, (list, tuple, dict)) and not value):
+            return False
+    eos = generation_config.eos_token_id
+    return (_banned_tokens(generation_config) is not None and generation_config.early_stopping is True
+            and not isinstance(eos, (list, tuple)))
+
+
+def _take_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tensor[b, indices[b, j], ...]`` for (batch, beam, ...) tensors (transformers' ``_gather_beams``)."""
+    while indices.dim() < tensor.dim():
+        indices = indices.unsqueeze(-1)
+    return torch.take_along_dim(tensor, indices, dim=1)
+
+
 @torch.no_grad()
-def beam_search(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                num_beams: int = 5, max_new_tokens: int = 64, length_penalty: float = 1.0) -> Generated:
-    """Beam search through Hugging Face ``generate`` (the model's generation config, with these overrides)."""
-    _require_seq2seq(model)
-    import copy
+def _lean_beam_search(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      generation_config: Any) -> torch.Tensor:
+    """transformers' beam search (v5 ``_beam_search`` with ``early_stopping=True``), step for step, made cheap.
+
+    Hand-written because transformers spends most of a small model's beam-search
+    time outside the model: per step it copies the logits, adds every beam's
+    score to all ``beams x vocab`` log-probabilities and takes top-k over that
+    whole row per sentence, and it reorders the cross-attention cache. Here each
+    beam first keeps its own ``2 x beams`` best tokens (the global top ``2 x
+    beams`` of a sentence are always among them), beam scores are added to those
+    only, and the cross-attention cache is never reordered. The candidate scores
+    are the same float operations on the same values, so the chosen tokens are
+    those of ``generate`` (tests compare token for token on Marian, BART and T5).
+    Returns the best hypothesis per sentence, decoder start token included, as
+    wide as the longest one.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
 
     hf = model.hf_model
-    generation_config = copy.deepcopy(hf.generation_config)
+    num_beams, length_penalty = generation_config.num_beams, generation_config.length_penalty
+    eos_token_id, forced_eos = generation_config.eos_token_id, generation_config.forced_eos_token_id
+    banned = _banned_tokens(generation_config) or []
+    batch_size, device = input_ids.shape[0], input_ids.device
+    rows = batch_size * num_beams
+    max_length = 1 + generation_config.max_new_tokens  # the decoder start token is the prompt
+    encoded = hf.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoded.last_hidden_state.repeat_interleave(num_beams, 0))
+    encoder_mask = attention_mask.repeat_interleave(num_beams, 0)
+    cache = beam_cache(model)
+    cache_argument = _cache_argument(hf)
+    keep = 2 * num_beams  # as transformers: enough candidates that num_beams stay open after some end
+    top_beams = torch.arange(keep, device=device) < num_beams
+    sentence_offsets = torch.arange(batch_size, device=device)[:, None] * num_beams
+    filler = model.pad_token_id if model.pad_token_id is not None else 0
+
+    running = torch.full((batch_size, num_beams, max_length), filler, dtype=torch.long, device=device)
+    running[:, :, 0] = model.decoder_start_token_id
+    running_scores = torch.zeros(batch_size, num_beams, device=device)
+    running_scores[:, 1:] = -1e9  # step one expands the first beam only (all beams are equal)
+    finished = running.clone()
+    finished_scores = torch.full((batch_size, num_beams), -1e9, device=device)
+    finished_lengths = torch.zeros(batch_size, num_beams, dtype=torch.long, device=device)
+    is_finished = torch.zeros(batch_size, num_beams, dtype=torch.bool, device=device)
+    may_improve = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+    length = 1
+    # Marian/BART/Pegasus: the decoder stack and the LM head with its bias in one addmm, instead of the model's
+    # forward, which adds final_logits_bias to all beams x vocab logits in a separate pass.
+    decoder = hf.get_decoder() if _head_is_plain_linear(model) else None
+    decoder_cache_argument = _cache_argument(decoder) if decoder is not None else cache_argument
+    while True:
+        step_inputs = running.view(rows, max_length)[:, length - 1:length]
+        if decoder is not None:
+            hidden = decoder(input_ids=step_inputs, encoder_hidden_states=encoder_outputs.last_hidden_state,
+                             encoder_attention_mask=encoder_mask, use_cache=True, return_dict=True,
+                             **{decoder_cache_argument: cache}).last_hidden_state
+            logits = model.logits_from_hidden(hidden[:, -1, :])
+        else:
+            logits = hf(encoder_outputs=encoder_outputs, attention_mask=encoder_mask, decoder_input_ids=step_inputs,
+                        use_cache=True, return_dict=True, **{cache_argument: cache}).logits[:, -1, :]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        del logits
+        if banned:
+            log_probs[:, banned] = float("-inf")
+        if forced_eos is not None and length == max_length - 1:
+            log_probs.fill_(float("-inf"))
+            log_probs[:, forced_eos] = 0.0
+        beam_best, beam_tokens = log_probs.topk(keep, dim=-1)  # (rows, keep)
+        candidates = (beam_best.view(batch_size, num_beams, keep) + running_scores[:, :, None]).view(batch_size, -1)
+        top_scores, top_flat = candidates.topk(keep, dim=-1)  # (batch, keep)
+        source_beams = top_flat // keep
+        top_tokens = beam_tokens.view(batch_size, -1).gather(1, top_flat)
+        top_sequences = _take_beams(running, source_beams)
+        top_sequences[:, :, length] = top_tokens
+        ends = (top_tokens == eos_token_id) | (length + 1 >= max_length)
+
+        # The open beams of the next step: the best candidates that did not end.
+        open_scores = top_scores + ends.to(torch.float32) * -1.0e9
+        next_beams = open_scores.topk(num_beams, dim=-1).indices
+        running = _take_beams(top_sequences, next_beams)
+        running_scores = _take_beams(open_scores, next_beams)
+        parent_rows = (_take_beams(source_beams, next_beams) + sentence_offsets).view(-1)
+
+        # Ended candidates among the first num_beams join the finished hypotheses if they beat them.
+        just_finished = ends & top_beams[None, :]
+        ended_scores = top_scores / (length ** length_penalty)
+        ended_scores += is_finished.all(dim=-1, keepdim=True).to(torch.float32) * -1.0e9
+        ended_scores += (~may_improve).to(torch.float32) * -1.0e9
+        ended_scores += (~just_finished) * -1.0e9
+        merged_scores = torch.cat((finished_scores, ended_scores), dim=1)
+        best = merged_scores.topk(num_beams, dim=-1).indices
+        finished = _take_beams(torch.cat((finished, top_sequences), dim=1), best)
+        finished_scores = _take_beams(merged_scores, best)
+        finished_lengths = _take_beams(torch.cat((finished_lengths, torch.full_like(ends, length, dtype=torch.long)),
+                                                 dim=1), best)
+        is_finished = _take_beams(torch.cat((is_finished, just_finished), dim=1), best)
+
+        cache.reorder_cache(parent_rows)
+        length += 1
+        # transformers' stopping heuristic with early_stopping=True: stop when no open beam can beat the worst
+        # finished hypothesis at its current length, when every sentence has num_beams finished ones, or at
+        # the length limit.
+        best_open = running_scores[:, :1] / ((length - 1) ** length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1.0e9)
+        may_improve = may_improve & (best_open > worst_finished).any(dim=-1, keepdim=True)
+        if not bool(may_improve.any()) or bool(is_finished.all()) or bool(ends.all()):
+            break
+    width = int(finished_lengths[:, 0].max())
+    return finished[:, 0, :1 + width]
+
+
+def _head_is_plain_linear(model: HFTextModel) -> bool:
+    """Whether the model's logits are ``decoder_output @ head.weight.T + final_logits_bias`` and nothing else.
+
+    That is the forward of the models that carry a ``final_logits_bias`` (Marian, BART, Pegasus); T5 rescales the
+    decoder output first and some models cap their logits, so those keep their own forward.
+    """
+    config = model.hf_model.config
+    return (getattr(model.hf_model, "final_logits_bias", None) is not None
+            and not getattr(config, "scale_decoder_outputs", False)
+            and getattr(config, "final_logit_softcapping", None) is None)
+
+
+def _beam_generation_config(model: HFTextModel, num_beams: int, max_new_tokens: int, length_penalty: float) -> Any:
+    import copy
+
+    generation_config = copy.deepcopy(model.hf_model.generation_config)
     generation_config.update(num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, max_length=None,
                              num_return_sequences=1, length_penalty=length_penalty, early_stopping=True,
                              pad_token_id=model.pad_token_id, eos_token_id=model.eos_token_id,
                              decoder_start_token_id=model.decoder_start_token_id, top_k=None, top_p=None,
                              temperature=None)
-    output = hf.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                         **{_cache_argument(hf): beam_cache(model)})
+    return generation_config
+
+
+@torch.no_grad()
+def beam_search(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                num_beams: int = 5, max_new_tokens: int = 64, length_penalty: float = 1.0,
+                implementation: Literal["auto", "transformers"] = "auto") -> Generated:
+    """Beam search with the model's generation config and these overrides.
+
+    ``auto`` decodes with :func:`_lean_beam_search` (transformers' algorithm, same
+    outputs, less work per step) when the config uses only what it implements,
+    otherwise, as ``transformers`` always does, with Hugging Face ``generate``.
+    """
+    _require_seq2seq(model)
+    hf = model.hf_model
+    generation_config = _beam_generation_config(model, num_beams, max_new_tokens, length_penalty)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if implementation == "auto" and lean_beam_search_supported(generation_config):
+        output = _lean_beam_search(model, input_ids, attention_mask, generation_config)
+    else:
+        output = hf.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                             **{_cache_argument(hf): beam_cache(model)})
     sequences = output[:, 1:]  # drop the decoder start token
     lengths = _lengths_from(sequences, model.eos_token_id)
     positions = torch.arange(sequences.shape[1], device=sequences.device)
@@ -245,4 +427,5 @@ def measure_speed(model: HFTextModel, input_ids: torch.Tensor, attention_mask: t
     return DecodingSpeed(seconds, sentences / seconds, tokens / seconds, tokens)
 
 
-__all__ = ["DecodingSpeed", "Generated", "Strategy", "beam_cache", "beam_search", "decode", "generate", "measure_speed"]
+__all__ = ["DecodingSpeed", "Generated", "Strategy", "beam_cache", "beam_search", "decode", "generate",
+           "lean_beam_search_supported", "measure_speed"]

@@ -153,3 +153,78 @@ def test_beam_cache_reorders_self_attention_only(tiny: SimpleNamespace) -> None:
     cache.reorder_cache(torch.tensor([1, 1, 3, 2]))
     assert cache.self_attention_cache.layers[0].keys[:, 0, 0, 0].tolist() == [1.0, 1.0, 3.0, 2.0]
     assert cache.cross_attention_cache.layers[0].keys[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def _transformers_reference(model: TextStudent, batch: dict, **options: object) -> list[list[int]]:
+    reference = beam_search(model, batch["input_ids"], batch["attention_mask"], implementation="transformers",
+                            **options)
+    return [row[:length].tolist() for row, length in zip(reference.sequences, reference.lengths.tolist())]
+
+
+@pytest.mark.parametrize("model_type", ["marian", "bart", "t5"])
+@pytest.mark.parametrize(("num_beams", "length_penalty", "eos_scale"), [(5, 1.0, 0.0), (4, 0.6, 8.0), (2, 2.0, 8.0),
+                                                                         (6, 1.0, 8.0)])
+def test_lean_beam_search_equals_transformers_generate(tiny: SimpleNamespace, model_type: str, num_beams: int,
+                                                      length_penalty: float, eos_scale: float) -> None:
+    # A large random eos row in the output layer makes hypotheses end at different steps (T5: 1 to 10
+    # tokens in one batch), so the finished-hypothesis bookkeeping, the length penalty and the early-stop
+    # heuristic all decide outputs; without it every row runs to the length limit.
+    from kd_plugins.text.generation import _beam_generation_config, lean_beam_search_supported
+
+    hf = tiny.hf(model_type, layers=2, seed=3)
+    if eos_scale:
+        with torch.no_grad():
+            weight = hf.get_output_embeddings().weight
+            eos_row = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0))
+            weight[tiny.EOS] = eos_row * weight[2:].std() * eos_scale
+    model = TextStudent(hf).eval()
+    assert lean_beam_search_supported(_beam_generation_config(model, num_beams, 10, length_penalty))
+    batch = tiny.batch(7, seed=2)
+    options = {"num_beams": num_beams, "max_new_tokens": 10, "length_penalty": length_penalty}
+    lean = beam_search(model, batch["input_ids"], batch["attention_mask"], **options)
+    got = [row[:length].tolist() for row, length in zip(lean.sequences, lean.lengths.tolist())]
+    expected = _transformers_reference(model, batch, **options)
+    assert got == expected
+    assert lean.sequences.shape[1] == max(len(row) for row in expected)
+    if eos_scale and model_type == "t5":
+        assert len({len(row) for row in got}) > 1, "the check needs hypotheses of different lengths"
+
+
+def test_lean_beam_search_applies_banned_tokens_and_forced_eos(tiny: SimpleNamespace) -> None:
+    hf = tiny.hf("marian", layers=2, seed=4)
+    with torch.no_grad():
+        hf.final_logits_bias[0, 5] = 6.0  # token 5 would win every step unless it is banned
+    hf.generation_config.bad_words_ids = [[5], [tiny.PAD]]
+    hf.generation_config.forced_eos_token_id = tiny.EOS  # the last step must emit eos
+    model = TextStudent(hf).eval()
+    batch = tiny.batch(5, seed=1)
+    lean = beam_search(model, batch["input_ids"], batch["attention_mask"], num_beams=3, max_new_tokens=6)
+    assert 5 not in lean.sequences.tolist()[0] and all(
+        row[length - 1] == tiny.EOS for row, length in zip(lean.sequences.tolist(), lean.lengths.tolist()))
+    assert [row[:n].tolist() for row, n in zip(lean.sequences, lean.lengths.tolist())] == _transformers_reference(
+        model, batch, num_beams=3, max_new_tokens=6)
+
+
+def test_beam_search_falls_back_to_transformers_for_processors_it_does_not_implement(tiny: SimpleNamespace,
+                                                                                    monkeypatch) -> None:
+    import kd_plugins.text.generation as generation
+
+    hf = tiny.hf("marian", layers=2)
+    hf.generation_config.no_repeat_ngram_size = 2
+    model = TextStudent(hf).eval()
+    assert not generation.lean_beam_search_supported(generation._beam_generation_config(model, 3, 8, 1.0))
+    hf.generation_config.bad_words_ids = [[3, 4]]  # a two-token bad word: also not implemented
+    hf.generation_config.no_repeat_ngram_size = 0
+    assert not generation.lean_beam_search_supported(generation._beam_generation_config(model, 3, 8, 1.0))
+    hf.generation_config.no_repeat_ngram_size = 2
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the lean path must not run for this config")
+
+    monkeypatch.setattr(generation, "_lean_beam_search", refuse)
+    batch = tiny.batch(4)
+    result = beam_search(model, batch["input_ids"], batch["attention_mask"], num_beams=3, max_new_tokens=8)
+    for row, length in zip(result.sequences.tolist(), result.lengths.tolist()):
+        tokens = row[:length]
+        pairs = list(zip(tokens, tokens[1:]))
+        assert len(pairs) == len(set(pairs))  # transformers' no-repeat-2-gram processor ran
