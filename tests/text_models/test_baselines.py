@@ -18,7 +18,8 @@ from kd_plugins.text.imitation import ImitationConfig, ImitationKD
 
 def count_teacher_calls(method: Any) -> list[int]:
     calls: list[int] = []
-    method.text_teacher.hf_model.register_forward_hook(lambda *args: calls.append(1))
+    # The encoder runs once per teacher call, whichever path decodes (beam search skips the model's forward).
+    method.text_teacher.hf_model.get_encoder().register_forward_hook(lambda *args: calls.append(1))
     return calls
 
 
