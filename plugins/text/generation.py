@@ -369,6 +369,8 @@ def beam_search(model: HFTextModel, input_ids: torch.Tensor, attention_mask: tor
     otherwise, as ``transformers`` always does, with Hugging Face ``generate``.
     """
     _require_seq2seq(model)
+    if implementation not in ("auto", "transformers"):
+        raise ValueError(f"beam_search: implementation must be 'auto' or 'transformers', not {implementation!r}")
     hf = model.hf_model
     generation_config = _beam_generation_config(model, num_beams, max_new_tokens, length_penalty)
     if attention_mask is None:

@@ -209,6 +209,8 @@ def test_beam_search_falls_back_to_transformers_for_processors_it_does_not_imple
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the lean path must not run for this config")
 
+    with pytest.raises(ValueError, match="'auto' or 'transformers'"):
+        beam_search(model, tiny.batch(2)["input_ids"], implementation="lean")
     monkeypatch.setattr(generation, "_lean_beam_search", refuse)
     batch = tiny.batch(4)
     result = beam_search(model, batch["input_ids"], batch["attention_mask"], num_beams=3, max_new_tokens=8)
