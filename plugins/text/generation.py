@@ -193,7 +193,7 @@ _NEUTRAL_GENERATION_FIELDS: dict[str, tuple[Any, ...]] = {
     "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0), "constraints": (None,),
     "force_words_ids": (None,), "renormalize_logits": (None, False), "remove_invalid_values": (None, False),
     "guidance_scale": (None, 1.0), "watermarking_config": (None,), "stop_strings": (None,), "max_time": (None,),
-    "forced_decoder_ids": (None,), "logits_processor": (None,),
+    "forced_decoder_ids": (None,),
 }
 
 
