@@ -43,10 +43,13 @@ class TranslationTask(TextTask):
     #: at lr 1e-3, models of this size start reading their source within a few hundred steps. What they reach is
     #: set by the number of sentences seen: 3,000 steps of 32 left a 2+2 teacher (valid BLEU 10.9) *below* the
     #: 2+1 d=128 student trained from scratch on 3,000 steps of 64 (16.8), so the teacher sees 4,000 x 64.
-    #: precision stays fp32 (the fallback): the wmt results were measured with the fp32 teacher and its cold run fits.
+    #: 2,000 steps in native-bf16 (bf16 autocast where the CPU computes it natively, fp32 elsewhere): 4,000 fp32 steps
+    #: took 970 s of a 26-minute cold run on one 2-core machine but ~0.42 s per step (~28 minutes) on a slower one,
+    #: where bf16 takes 0.34 s; the 30-minute cold run needs both the halving and bf16 (docs/text.md, "Timed default run").
     teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 3, "decoder_layers": 3, "d_model": 256,
-                                                  "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 4000,
-                                                  "batch_size": 64, "lr": 1e-3, "warmup_steps": 100}
+                                                  "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 2000,
+                                                  "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
+                                                  "precision": "native-bf16"}
     presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("wmt")
 
     @property

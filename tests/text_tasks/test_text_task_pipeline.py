@@ -131,10 +131,12 @@ def test_teacher_stage_precision_resolves_per_device_and_names_the_cache_key(mon
     cpu = torch.device("cpu")
     monkeypatch.setattr(kdcore.engine, "native_bf16", lambda device: True)
     assert effective_settings(TaskTeacherConfig(), summarization, cpu)["precision"] == "bf16"
-    # fp32 teachers (wmt's default, or native-bf16 on a CPU without bf16 units) keep the keys they always had.
-    assert "precision" not in effective_settings(TaskTeacherConfig(), translation, cpu)
+    assert effective_settings(TaskTeacherConfig(), translation, cpu)["precision"] == "bf16"
+    # fp32 teachers (an explicit fp32, or native-bf16 on a CPU without bf16 units) keep the keys they always had.
+    assert "precision" not in effective_settings(TaskTeacherConfig(precision="fp32"), translation, cpu)
     monkeypatch.setattr(kdcore.engine, "native_bf16", lambda device: False)
     assert "precision" not in effective_settings(TaskTeacherConfig(), summarization, cpu)
+    assert "precision" not in effective_settings(TaskTeacherConfig(), translation, cpu)
     assert effective_settings(TaskTeacherConfig(precision="bf16"), translation, cpu)["precision"] == "bf16"
 
 
