@@ -1,4 +1,4 @@
-"""The ``kd`` command: run, list, eval, summarize, --version.
+"""The ``kd`` command: run, list, eval, summarize, sweep, --version.
 
 User errors (unknown names, bad config values, malformed YAML, missing files)
 print one paragraph and exit with code 2, never a traceback.
@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="leave out run directories without metrics.json (still running or interrupted)")
     summary.add_argument("--decimals", type=int, default=3, help="decimals in the table (default 3)")
     summary.add_argument("--out", help="also write the Markdown table here, and the raw values to OUT.json")
+
+    sweep = commands.add_parser("sweep", help="run methods × seeds from a sweep file, then summarize them")
+    sweep.add_argument("file", help="sweep YAML (task, seeds, jobs, threads, set, runs; docs/architecture.md, \"kd sweep\")")
+    sweep.add_argument("--out", help="directory of the sweep's runs (default runs/sweeps/<file name>)")
+    sweep.add_argument("--jobs", type=int, help="runs at a time (overrides the file's jobs)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate and print the kd run commands, run nothing")
     return parser
 
 
@@ -224,6 +230,42 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from kdcore.io import atomic_write_json, atomic_write_text
+    from kdcore.summary import markdown_table, summarize, summary_json
+    from kdcore.sweep import load_sweep, plan_jobs, run_sweep, summary_groups, validate_entries
+
+    if args.jobs is not None and args.jobs < 1:
+        raise KDUserError(f"--jobs {args.jobs}: expected a positive number of runs at a time.")
+    config = load_sweep(args.file)
+    validate_entries(config, args.file)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / Path(args.file).stem
+    jobs = plan_jobs(config, out)
+    if args.dry_run:
+        for job in jobs:
+            state = "finished, skipped" if job.finished else "to run"
+            print(f"# {job.label}, seed {job.seed} ({state})\nkd {shlex.join(job.arguments)}")
+        return 0
+    _ensure_writable(out)
+    results = run_sweep(config, out, args.jobs)
+    failed = [job for job, returncode in results if returncode != 0]
+    groups = summary_groups(config, out)
+    if groups:
+        rows, metrics, task = summarize(groups, config.metrics, include_teacher=config.include_teacher)
+        table = markdown_table(rows, metrics, config.decimals)
+        print(table, end="")
+        atomic_write_text(out / "summary.md", f"Task `{task}`: mean ± sample standard deviation over n runs.\n\n{table}")
+        atomic_write_json(out / "summary.json", summary_json(rows, metrics, task))
+    if failed:
+        names = ", ".join(f"{job.label} seed {job.seed} ({out / 'logs' / job.directory.name}.log)" for job in failed)
+        print(f"kd sweep: {len(failed)} of {len(results)} runs failed: {names}. Run the same command again to retry "
+              f"them; finished runs are skipped.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kd`` console script; returns the exit code."""
     parser = _parser()
@@ -235,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USER_ERROR
         handler = {"run": _cmd_run, "list": _cmd_list, "eval": _cmd_eval,
-                   "summarize": _cmd_summarize}[args.command]
+                   "summarize": _cmd_summarize, "sweep": _cmd_sweep}[args.command]
         return handler(args)
     except KDUserError as error:
         print(f"kd: error: {error}", file=sys.stderr)
