@@ -180,6 +180,8 @@ def run_sweep(config: SweepConfig, out: Path, jobs: int | None = None) -> list[t
         first_threads = config.threads * workers if config.threads is not None else None
         job, returncode, _ = _execute(pending.pop(0), logs, first_threads)
         results.append((job, returncode))
+    # On Ctrl-C the running kd runs get it too (same process group) and stop cleanly, and Executor.map cancels
+    # the runs not yet started (tested); the same command later continues the interrupted ones with --resume.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for job, returncode, _ in pool.map(lambda job: _execute(job, logs, config.threads), pending):
             results.append((job, returncode))

@@ -116,3 +116,27 @@ def test_the_shipped_sweeps_of_the_docs_validate(name: str) -> None:
     config = load_sweep(path)
     validate_entries(config, path)
     assert config.task == name and len(config.runs) == 5 and config.seeds == [0, 1, 2]
+
+
+def test_ctrl_c_lets_no_further_run_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import time
+
+    import kdcore.sweep as sweep_module
+
+    started: list[str] = []
+
+    def fake_execute(job: sweep_module.SweepJob, logs: Path, threads: int | None) -> tuple:
+        started.append(job.directory.name)
+        if len(started) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # what a Ctrl-C delivers to kd itself: KeyboardInterrupt in main
+            time.sleep(0.5)  # the interrupted kd run takes a moment to stop
+        return job, 130, 0.5
+
+    monkeypatch.setattr(sweep_module, "_execute", fake_execute)
+    config = load_sweep(_write(tmp_path / "toy.yaml", {**SWEEP, "jobs": 1}))
+    with pytest.raises(KeyboardInterrupt):
+        sweep_module.run_sweep(config, tmp_path / "out")
+    time.sleep(0.6)  # the worker has finished its job and would have taken the next one by now
+    assert started == ["vanilla-s0"]
