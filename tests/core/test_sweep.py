@@ -136,7 +136,12 @@ def test_ctrl_c_lets_no_further_run_start(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(sweep_module, "_execute", fake_execute)
     config = load_sweep(_write(tmp_path / "toy.yaml", {**SWEEP, "jobs": 1}))
-    with pytest.raises(KeyboardInterrupt):
-        sweep_module.run_sweep(config, tmp_path / "out")
+    # Python's own Ctrl-C behaviour, whatever handler an earlier test or library left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep_module.run_sweep(config, tmp_path / "out")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     time.sleep(0.6)  # the worker has finished its job and would have taken the next one by now
     assert started == ["vanilla-s0"]
