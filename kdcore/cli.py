@@ -215,8 +215,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from kdcore.io import atomic_write_json, atomic_write_text
-    from kdcore.summary import markdown_table, parse_group, summarize, summary_json
+    from kdcore.summary import markdown_table, parse_group, summarize
 
     groups = [parse_group(spec, args.skip_unfinished) for spec in args.groups]
     rows, metrics, task = summarize(groups, args.metrics, include_teacher=not args.no_teacher)
@@ -225,16 +224,23 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         _ensure_writable(out.parent)
-        atomic_write_text(out, f"Task `{task}`: mean ± sample standard deviation over n runs.\n\n{table}")
-        atomic_write_json(out.with_suffix(".json"), summary_json(rows, metrics, task))
+        _write_summary(out, rows, metrics, task, table)
     return 0
+
+
+def _write_summary(path: Path, rows: list, metrics: list[str], task: str, table: str) -> None:
+    """The Markdown table at ``path`` and the raw per-run values next to it (``.json``)."""
+    from kdcore.io import atomic_write_json, atomic_write_text
+    from kdcore.summary import summary_json
+
+    atomic_write_text(path, f"Task `{task}`: mean ± sample standard deviation over n runs.\n\n{table}")
+    atomic_write_json(path.with_suffix(".json"), summary_json(rows, metrics, task))
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import shlex
 
-    from kdcore.io import atomic_write_json, atomic_write_text
-    from kdcore.summary import markdown_table, summarize, summary_json
+    from kdcore.summary import markdown_table, summarize
     from kdcore.sweep import load_sweep, plan_jobs, run_sweep, summary_groups, validate_entries
 
     if args.jobs is not None and args.jobs < 1:
@@ -256,8 +262,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         rows, metrics, task = summarize(groups, config.metrics, include_teacher=config.include_teacher)
         table = markdown_table(rows, metrics, config.decimals)
         print(table, end="")
-        atomic_write_text(out / "summary.md", f"Task `{task}`: mean ± sample standard deviation over n runs.\n\n{table}")
-        atomic_write_json(out / "summary.json", summary_json(rows, metrics, task))
+        _write_summary(out / "summary.md", rows, metrics, task, table)
     if failed:
         names = ", ".join(f"{job.label} seed {job.seed} ({out / 'logs' / job.directory.name}.log)" for job in failed)
         print(f"kd sweep: {len(failed)} of {len(results)} runs failed: {names}. Run the same command again to retry "
