@@ -133,6 +133,13 @@ class LayeredConfig:
 
 
 def _merge_into(target: dict, incoming: Mapping, prefix: tuple[str, ...], label: str, provenance: dict[str, str]) -> None:
+    if len(prefix) == 2 and prefix[0] == "objectives" and _renames(target, incoming):
+        # An objective's args belong to its name: a layer that swaps forward_kl for logit_mse must not inherit
+        # temperature from the layer below (it would be refused as an unknown key of the new objective).
+        target.pop("args", None)
+        stale = ".".join((*prefix, "args"))
+        for key in [k for k in provenance if k == stale or k.startswith(stale + ".")]:
+            del provenance[key]
     for key, value in incoming.items():
         path = (*prefix, str(key))
         if isinstance(value, Mapping) and isinstance(target.get(key), dict):
@@ -140,6 +147,11 @@ def _merge_into(target: dict, incoming: Mapping, prefix: tuple[str, ...], label:
         else:
             target[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
             _record(provenance, path, value, label)
+
+
+def _renames(target: Mapping, incoming: Mapping) -> bool:
+    old, new = target.get("name"), incoming.get("name")
+    return new is not None and old is not None and new != old
 
 
 def _record(provenance: dict[str, str], path: tuple[str, ...], value: Any, label: str) -> None:

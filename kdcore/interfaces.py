@@ -3,8 +3,10 @@
 Data flows one way: a :class:`Task` yields batches, the :class:`Teacher` turns a
 batch into :class:`~kdcore.signals.Signals`, each :class:`Objective` turns
 teacher and student signals into a loss, and the engine steps the optimiser.
-A :class:`Method` (what ``kd run --plugin NAME`` names) decides how a batch
-becomes a loss: which signals to ask for, whether the student generates, etc.
+A :class:`Method` (what ``kd run --plugin NAME`` names) decides *where* teacher and
+student meet (data prefixes, the student's own generations, the teacher's outputs,
+generated layers) and returns a :class:`Comparison`; the configured objectives decide
+*how* the two sides are compared, and their weighted sum is the loss.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from kdcore.signals import Signal, SignalRequest, Signals
+
+#: Every signal kind: what a method offers when it hands over whatever the models return (vanilla KD).
+ALL_SIGNALS: frozenset[Signal] = frozenset(Signal)
 
 Batch = Mapping[str, Any]
 
@@ -233,19 +238,38 @@ class StepOutput:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-class Method(abc.ABC):
-    """A distillation algorithm: how a batch becomes a loss.
+@dataclass
+class Comparison:
+    """Where teacher and student meet for one micro-batch: what the objectives compare.
 
-    The default :meth:`training_step` is classic distillation: ask the teacher
-    and student for what the objectives need, then sum the weighted objectives.
-    Methods where the student generates (ImitKD) or predicts layers
-    (GenDistiller) override it.
+    ``student`` and ``teacher`` hold the signals on the same positions; ``batch`` is what objectives read besides
+    them: ``labels`` aligned with the logit positions (``IGNORE_INDEX`` where nothing is scored) and
+    ``attention_mask`` aligned with the hidden states' positions. ``parts`` are the method's own numbers to log
+    (e.g. ImitKD's β).
+    """
+
+    student: Signals
+    teacher: Signals
+    batch: Batch
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class Method(abc.ABC):
+    """A distillation algorithm: where teacher and student meet.
+
+    A method arranges the inputs on which the two are compared (:meth:`compare`) and says which signals it can hand
+    over (``student_offers`` / ``teacher_offers``); the loss is always the weighted sum of the configured objectives
+    over that comparison (:meth:`training_step`). The papers' losses are each method's default objectives
+    (:meth:`defaults`), so any objective, built-in or installed, that asks for signals the method offers plugs in.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Config: ClassVar[type[BaseModel]] = EmptyConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Signals :meth:`compare` can hand the objectives from each side; planning refuses objectives asking for others.
+    student_offers: ClassVar[frozenset[Signal]] = ALL_SIGNALS
+    teacher_offers: ClassVar[frozenset[Signal]] = ALL_SIGNALS
 
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
                  objectives: Sequence[WeightedObjective]) -> None:
@@ -266,31 +290,62 @@ class Method(abc.ABC):
         return {}
 
     def student_request(self) -> SignalRequest:
+        """What the objectives ask of the student (the union of their requests)."""
         request = SignalRequest()
         for item in self.objectives:
             request = request | item.objective.student_request()
         return request
 
     def teacher_request(self) -> SignalRequest:
+        """What the objectives ask of the teacher (the union of their requests)."""
         request = SignalRequest()
         for item in self.objectives:
             request = request | item.objective.teacher_request()
         return request
 
-    def training_step(self, batch: Batch, step: int) -> StepOutput:
-        """Loss for one micro-batch at optimiser step ``step`` (0-based)."""
-        teacher_signals = self.teacher.signals(batch, self.teacher_request())
+    def compare(self, batch: Batch, step: int) -> Comparison:
+        """Where teacher and student meet at optimiser step ``step`` (0-based); classic KD: on the same batch.
+
+        The teacher is not run when no objective asks it for anything (e.g. NLL alone).
+        """
+        teacher_request = self.teacher_request()
+        teacher_signals = self.teacher.signals(batch, teacher_request) if teacher_request.signals else Signals()
         student_signals = self.student.forward_signals(batch, self.student_request())
-        combined = combine_objectives(self.objectives, student_signals, teacher_signals, batch)
-        return StepOutput(combined.loss, combined.parts)
+        return Comparison(student_signals, teacher_signals, batch)
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        """The weighted sum of the objectives over :meth:`compare`'s comparison (methods override ``compare``)."""
+        comparison = self.compare(batch, step)
+        combined = combine_objectives(self.objectives, comparison.student, comparison.teacher, comparison.batch)
+        return StepOutput(combined.loss, {**comparison.parts, **combined.parts})
 
     def trainable_modules(self) -> nn.Module:
         """The module whose parameters the optimiser updates (the student by default)."""
         return self.student
 
 
+def objectives_misfit(method: type[Method], objectives: Sequence[tuple[str, Objective]]) -> str | None:
+    """Why ``method`` cannot feed these ``(label, objective)`` pairs, or None when it can (planning's check)."""
+    problems = []
+    for label, objective in objectives:
+        for role, asked, offered in (("student", objective.student_request().required, method.student_offers),
+                                     ("teacher", objective.teacher_request().required, method.teacher_offers)):
+            missing = asked - offered
+            if missing:
+                problems.append(
+                    f"objective '{label}' ({objective.name}) asks the {role} for "
+                    f"{', '.join(sorted(s.value for s in asked))}, but method '{method.name}' offers the {role}'s "
+                    f"{', '.join(sorted(s.value for s in offered)) or 'nothing'}")
+    if not objectives:
+        return f"method '{method.name}' has no objectives: its loss would be empty. Configure at least one under 'objectives'."
+    if problems:
+        return ("; ".join(problems) + ". Choose objectives that read what the method offers (kd list shows them), "
+                "or a method that offers these signals.")
+    return None
+
+
 __all__ = [
-    "Batch", "BuildContext", "DataSplits", "EmptyConfig", "Method", "Model", "ModelFactory", "Objective",
+    "ALL_SIGNALS", "Batch", "BuildContext", "Comparison", "DataSplits", "EmptyConfig", "Method", "Model", "ModelFactory", "Objective",
     "ObjectiveOutput", "Signal", "SignalRequest", "Signals", "StepOutput", "Student", "Task", "Teacher",
-    "WeightedObjective", "combine_objectives",
+    "WeightedObjective", "combine_objectives", "objectives_misfit",
 ]

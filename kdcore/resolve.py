@@ -13,7 +13,7 @@ from kdcore.config import (
 )
 from kdcore.errors import KDUserError, did_you_mean
 from kdcore.interfaces import (
-    BuildContext, Method, Model, ModelFactory, Objective, Student, Task, Teacher, WeightedObjective,
+    BuildContext, Method, Model, ModelFactory, Objective, Student, Task, Teacher, WeightedObjective, objectives_misfit,
 )
 from kdcore.registry import Registry
 
@@ -134,8 +134,18 @@ def validate_layers(registry: Registry, layers: LayeredConfig) -> ResolvedRun:
         cls = registry.load("objective", spec.name or label)
         objective_config = validate_model(cls.Config, spec.args, f"objectives.{label}.args", layers)
         objectives.append(ResolvedObjective(label, cls, objective_config, spec.weight))
+    check_objectives_fit(method_cls, objectives)
     return ResolvedRun(config, task_cls, method_cls, data_config, method_config, teacher_factory, teacher_config,
                        student_factory, student_config, objectives)
+
+
+def check_objectives_fit(method_cls: type[Method], objectives: list[ResolvedObjective]) -> None:
+    """Planning (also under --dry-run) refuses objectives that ask for signals the method cannot hand over."""
+    if method_cls.training_step is not Method.training_step:
+        return  # TRANSITIONAL (removed when every built-in method uses compare): legacy methods own their loss
+    problem = objectives_misfit(method_cls, [(item.label, item.cls(item.config)) for item in objectives])
+    if problem is not None:
+        raise KDUserError(f"The objectives do not fit plugin '{method_cls.name}': {problem}")
 
 
 def resolve_saved_run(registry: Registry, run_dir: Path, sets: list[str] | None = None) -> ResolvedRun:

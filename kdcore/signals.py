@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+#: Label value of a position that no loss scores (padding, prompts): PyTorch's and Hugging Face's convention.
+#: The one definition in kd; every module that masks labels imports it from here (or from kdcore.api).
+IGNORE_INDEX = -100
+
 
 class Signal(str, enum.Enum):
     """A kind of model output an objective can ask for."""
@@ -21,6 +25,11 @@ class Signal(str, enum.Enum):
     HIDDEN_STATES = "hidden_states"
     SEQUENCES = "sequences"
     FINAL_HIDDEN = "final_hidden"  # last hidden state before the output projection (fused path)
+
+
+#: Signals an objective may ask for and still work without: a logit objective asks for the final hidden state to take
+#: the fused path and falls back to logits when a method cannot hand it over.
+OPTIONAL_SIGNALS: frozenset[Signal] = frozenset({Signal.FINAL_HIDDEN})
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,16 @@ class SignalRequest:
 
     def wants(self, signal: Signal) -> bool:
         return signal in self.signals
+
+    @property
+    def required(self) -> frozenset[Signal]:
+        """The signals without which the asker cannot work (all but :data:`OPTIONAL_SIGNALS`)."""
+        return frozenset(self.signals - OPTIONAL_SIGNALS)
+
+
+def request(*signals: Signal, hidden_layers: tuple[int, ...] | None = None) -> SignalRequest:
+    """A :class:`SignalRequest` for the given signals, e.g. ``request(Signal.LOGITS)``."""
+    return SignalRequest(frozenset(signals), hidden_layers)
 
 
 @dataclass

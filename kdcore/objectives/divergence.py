@@ -37,11 +37,10 @@ import torch
 from torch import Tensor
 
 from kdcore.errors import KDUserError
-from kdcore.signals import SparseLogits
+from kdcore.signals import IGNORE_INDEX, SparseLogits
 
 DivergenceKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 DIVERGENCE_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-IGNORE_INDEX = -100
 
 # Stand-in for log(0) / -inf logits: exp() of it is exactly 0 in float32, and differences
 # of two such values stay finite, so masked-vocabulary entries never create NaN.

@@ -25,15 +25,14 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from kdcore.errors import KDUserError
 from kdcore.fused import fused_linear_divergence
 from kdcore.interfaces import Batch, Objective, ObjectiveOutput
-from kdcore.objectives.divergence import IGNORE_INDEX, divergence
+from kdcore.objectives.divergence import divergence
+from kdcore.objectives.inputs import counted_positions, hidden_states_of, labels_of, logits_of
 from kdcore.objectives.hidden import hidden_state_positions, masked_mean, multi_layer_hidden_loss
 from kdcore.objectives.nll import token_nll
 from kdcore.objectives.uld import uld_loss
@@ -105,35 +104,6 @@ class ULDConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------- helpers
-def _logits_of(signals: Signals, role: str, objective: str) -> Tensor | SparseLogits:
-    """The model's logits, or the projection of its final hidden state when only that was returned."""
-    if signals.logits is not None:
-        return signals.logits
-    if signals.final_hidden is not None and signals.output_weight is not None:
-        return F.linear(signals.final_hidden, signals.output_weight.to(signals.final_hidden.dtype),
-                        None if signals.output_bias is None else signals.output_bias.to(signals.final_hidden.dtype))
-    raise KDUserError(
-        f"The objective {objective!r} needs the {role}'s logits, but the {role} model returned neither 'logits' nor "
-        f"'final_hidden' with 'output_weight'. Use a {role} that produces logits (a classifier or language model), "
-        f"or remove this objective from the config's 'objectives'.")
-
-
-def _labels_for(batch: Batch, logits_shape: Sequence[int], objective: str) -> Tensor | None:
-    labels = batch.get("labels")
-    if labels is None:
-        return None
-    if tuple(labels.shape) != tuple(logits_shape[:-1]):
-        raise KDUserError(
-            f"The objective {objective!r} found batch['labels'] of shape {tuple(labels.shape)}, but the logits have "
-            f"positions {tuple(logits_shape[:-1])}: labels must give one id (or -100) per logit position. The task's "
-            f"collate or the model must align them (e.g. shift labels for a causal LM).")
-    return labels
-
-
-def _counted(labels: Tensor | None, positions: int) -> float:
-    return float(positions) if labels is None else float((labels != IGNORE_INDEX).sum())
-
-
 def _fused_ready(signals: Signals) -> bool:
     return signals.final_hidden is not None and signals.output_weight is not None
 
@@ -200,24 +170,24 @@ class _DivergenceObjective(Objective):
         if self.use_fused(student, teacher):
             assert student.final_hidden is not None and student.output_weight is not None
             assert teacher.final_hidden is not None and teacher.output_weight is not None
-            labels = _labels_for(batch, (*student.final_hidden.shape[:-1], 0), self.name)
+            labels = labels_of(batch, (*student.final_hidden.shape[:-1], 0), self.name)
             loss = fused_linear_divergence(
                 student.final_hidden, student.output_weight, teacher.final_hidden.to(student.final_hidden.device),
                 teacher.output_weight.to(student.final_hidden.device), self.name,
                 student_bias=student.output_bias, teacher_bias=teacher.output_bias, labels=labels,
                 temperature=config.temperature, chunk_size=config.chunk_size, **self._parameters())
             positions = student.final_hidden[..., 0].numel()
-            return ObjectiveOutput(loss, {"fused": 1.0, "positions": _counted(labels, positions)})
-        student_logits = _logits_of(student, "student", self.name)
-        teacher_logits = _logits_of(teacher, "teacher", self.name)
+            return ObjectiveOutput(loss, {"fused": 1.0, "positions": counted_positions(labels, positions)})
+        student_logits = logits_of(student, "student", self.name)
+        teacher_logits = logits_of(teacher, "teacher", self.name)
         assert isinstance(student_logits, Tensor)
-        labels = _labels_for(batch, student_logits.shape, self.name)
+        labels = labels_of(batch, student_logits.shape, self.name)
         if isinstance(teacher_logits, Tensor):
             teacher_logits = teacher_logits.to(student_logits.device)
         loss = divergence(student_logits, teacher_logits, self.name, labels=labels, temperature=config.temperature,
                           chunk_size=config.chunk_size, **self._parameters())
         positions = student_logits[..., 0].numel()
-        return ObjectiveOutput(loss, {"fused": 0.0, "positions": _counted(labels, positions)})
+        return ObjectiveOutput(loss, {"fused": 0.0, "positions": counted_positions(labels, positions)})
 
 
 class ForwardKLObjective(_DivergenceObjective):
@@ -276,11 +246,11 @@ class TokenNLLObjective(Objective):
             raise KDUserError("The objective 'nll' needs batch['labels'] (the target ids, -100 = ignore), but the "
                               "task's batches have no 'labels'. Remove 'nll' from the config's 'objectives' or use a "
                               "task with labels.")
-        logits = _logits_of(student, "student", self.name)
+        logits = logits_of(student, "student", self.name)
         assert isinstance(logits, Tensor)
-        labels = _labels_for(batch, logits.shape, self.name)
+        labels = labels_of(batch, logits.shape, self.name)
         assert labels is not None
-        return ObjectiveOutput(token_nll(logits, labels), {"positions": _counted(labels, 0)})
+        return ObjectiveOutput(token_nll(logits, labels), {"positions": counted_positions(labels, 0)})
 
 
 # --------------------------------------------------------------------------- hidden states
@@ -323,18 +293,14 @@ class _HiddenObjective(Objective):
         return list(enumerate(teacher_layers))
 
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
-        for role, signals in (("student", student), ("teacher", teacher)):
-            if not signals.hidden_states:
-                raise KDUserError(
-                    f"The objective {self.name!r} compares hidden states, but the {role} model returned none. Use a "
-                    f"{role} that exposes hidden states or remove this objective from the config's 'objectives'.")
-        assert student.hidden_states is not None and teacher.hidden_states is not None
+        student_states = hidden_states_of(student, "student", self.name)
+        teacher_states = hidden_states_of(teacher, "teacher", self.name)
         attention_mask = batch.get("attention_mask")
-        pairs = self.pairs(student.hidden_states, teacher.hidden_states)
+        pairs = self.pairs(student_states, teacher_states)
         student_layers, teacher_layers = [], []
         for student_index, teacher_index in pairs:
-            student_hidden = student.hidden_states[student_index]
-            teacher_hidden = teacher.hidden_states[teacher_index].to(student_hidden.device)
+            student_hidden = student_states[student_index]
+            teacher_hidden = teacher_states[teacher_index].to(student_hidden.device)
             if student_hidden.shape != teacher_hidden.shape:
                 raise KDUserError(
                     f"The objective {self.name!r} compares student hidden state {student_index} of shape "
@@ -405,15 +371,15 @@ class ULDObjective(Objective):
         return SignalRequest(frozenset({Signal.LOGITS}))
 
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
-        student_logits = _logits_of(student, "student", self.name)
-        teacher_logits = _logits_of(teacher, "teacher", self.name)
+        student_logits = logits_of(student, "student", self.name)
+        teacher_logits = logits_of(teacher, "teacher", self.name)
         assert isinstance(student_logits, Tensor)
         if student_logits.dim() != 3:
             raise KDUserError(f"The objective 'uld' expects (batch, time, vocab) logits, got student logits of shape "
                               f"{tuple(student_logits.shape)}; use it with sequence models.")
         student_labels = batch.get("labels")
         if student_labels is not None:
-            student_labels = _labels_for(batch, student_logits.shape, self.name)
+            student_labels = labels_of(batch, student_logits.shape, self.name)
         teacher_labels: Any = batch.get(self.config.teacher_labels_key)
         loss = uld_loss(student_logits, teacher_logits, temperature=self.config.temperature,
                         student_labels=student_labels, teacher_labels=teacher_labels)
