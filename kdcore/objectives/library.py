@@ -15,9 +15,8 @@ Contract with models:
   :func:`~kdcore.fused.fused_linear_divergence`; otherwise they fall back to the logits.
   If a model answered FINAL_HIDDEN but left ``logits`` empty, the logits are computed
   from the final hidden state and the projection.
-* hidden-state objectives read ``student.hidden_states`` and ``teacher.hidden_states``
-  (tuples of ``(B, T, D)``) and use ``batch["attention_mask"]`` as the position mask when
-  its shape is ``(B, T)``.
+
+The hidden-state objectives are in :mod:`kdcore.objectives.layers`.
 """
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ from kdcore.errors import KDUserError
 from kdcore.fused import fused_linear_divergence
 from kdcore.interfaces import Batch, Objective, ObjectiveOutput
 from kdcore.objectives.divergence import divergence
-from kdcore.objectives.inputs import counted_positions, hidden_states_of, labels_of, logits_of
-from kdcore.objectives.hidden import hidden_state_positions, masked_mean, multi_layer_hidden_loss
+from kdcore.objectives.inputs import counted_positions, labels_of, logits_of
 from kdcore.objectives.nll import token_nll
 from kdcore.objectives.uld import uld_loss
 from kdcore.signals import Signal, SignalRequest, Signals, SparseLogits
@@ -74,22 +72,6 @@ class NLLConfig(BaseModel):
     """Token NLL takes no options."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class HiddenConfig(BaseModel):
-    """Config of the hidden-state objectives."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    teacher_layers: list[int] | None = Field(
-        None, description="student hidden_states[i] is compared with teacher hidden_states[teacher_layers[i]]; "
-                          "unset: pair them in order (same count required)")
-
-
-class DistilHubertConfig(HiddenConfig):
-    """Config of DistilHuBERT's loss."""
-
-    cos_weight: float = Field(1.0, ge=0, description="lambda in L1 - lambda * log sigmoid(cos)")
 
 
 class ULDConfig(BaseModel):
@@ -253,109 +235,6 @@ class TokenNLLObjective(Objective):
         return ObjectiveOutput(token_nll(logits, labels), {"positions": counted_positions(labels, 0)})
 
 
-# --------------------------------------------------------------------------- hidden states
-class _HiddenObjective(Objective):
-    """Shared adapter for the hidden-state kinds; ``name`` is the kind."""
-
-    Config: ClassVar[type[BaseModel]] = HiddenConfig
-
-    def student_request(self) -> SignalRequest:
-        return SignalRequest(frozenset({Signal.HIDDEN_STATES}))
-
-    def teacher_request(self) -> SignalRequest:
-        # All layers (None): teacher_layers index into the full tuple, so a subset would shift the indices.
-        return SignalRequest(frozenset({Signal.HIDDEN_STATES}))
-
-    def _cos_weight(self) -> float:
-        return 1.0
-
-    def pairs(self, student_states: Sequence[Tensor], teacher_states: Sequence[Tensor]) -> list[tuple[int, int]]:
-        """(student index, teacher index) pairs from ``teacher_layers``."""
-        teacher_layers = self.config.teacher_layers
-        if teacher_layers is None:
-            if len(student_states) != len(teacher_states):
-                raise KDUserError(
-                    f"The objective {self.name!r} pairs student and teacher hidden states in order, but the student "
-                    f"returned {len(student_states)} and the teacher {len(teacher_states)}. Set "
-                    f"args.teacher_layers to a list of {len(student_states)} teacher layer indices (0..."
-                    f"{len(teacher_states) - 1}), e.g. every k-th layer.")
-            return [(i, i) for i in range(len(student_states))]
-        if len(teacher_layers) != len(student_states):
-            raise KDUserError(
-                f"The objective {self.name!r} has args.teacher_layers = {teacher_layers} ({len(teacher_layers)} "
-                f"entries), but the student returned {len(student_states)} hidden states: give one teacher layer "
-                f"index per student hidden state.")
-        for layer in teacher_layers:
-            if not -len(teacher_states) <= layer < len(teacher_states):
-                raise KDUserError(
-                    f"The objective {self.name!r} has teacher layer {layer} in args.teacher_layers, but the teacher "
-                    f"returned {len(teacher_states)} hidden states (valid indices 0...{len(teacher_states) - 1}).")
-        return list(enumerate(teacher_layers))
-
-    def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
-        student_states = hidden_states_of(student, "student", self.name)
-        teacher_states = hidden_states_of(teacher, "teacher", self.name)
-        attention_mask = batch.get("attention_mask")
-        pairs = self.pairs(student_states, teacher_states)
-        student_layers, teacher_layers = [], []
-        for student_index, teacher_index in pairs:
-            student_hidden = student_states[student_index]
-            teacher_hidden = teacher_states[teacher_index].to(student_hidden.device)
-            if student_hidden.shape != teacher_hidden.shape:
-                raise KDUserError(
-                    f"The objective {self.name!r} compares student hidden state {student_index} of shape "
-                    f"{tuple(student_hidden.shape)} with teacher layer {teacher_index} of shape "
-                    f"{tuple(teacher_hidden.shape)}; they must have the same shape. Pick matching layers in "
-                    f"args.teacher_layers, or use a method that projects the student (e.g. prediction heads).")
-            student_layers.append(student_hidden)
-            teacher_layers.append(teacher_hidden)
-        leading = tuple(student_layers[0].shape[:-1])
-        mask = attention_mask if attention_mask is not None and tuple(attention_mask.shape) == leading else None
-        if all(tuple(layer.shape[:-1]) == leading for layer in student_layers):
-            # one autograd node for all layers (gradients computed in forward): see multi_layer_hidden_loss
-            total, per_layer = multi_layer_hidden_loss(student_layers, teacher_layers, self.name, mask=mask,
-                                                       cos_weight=self._cos_weight())
-            parts = {f"layer{index}": float(value) for (index, _), value in zip(pairs, per_layer.detach())}
-            return ObjectiveOutput(total, parts)
-        # layers with different position counts (e.g. different frame rates): one at a time
-        total: Tensor | None = None
-        parts = {}
-        for (student_index, _), student_hidden, teacher_hidden in zip(pairs, student_layers, teacher_layers):
-            layer_mask = attention_mask if attention_mask is not None and \
-                tuple(attention_mask.shape) == tuple(student_hidden.shape[:-1]) else None
-            per_position = hidden_state_positions(student_hidden, teacher_hidden, self.name,
-                                                  cos_weight=self._cos_weight())
-            layer_loss = masked_mean(per_position, layer_mask)
-            parts[f"layer{student_index}"] = float(layer_loss.detach())
-            total = layer_loss if total is None else total + layer_loss
-        assert total is not None
-        return ObjectiveOutput(total, parts)
-
-
-class HiddenL1Objective(_HiddenObjective):
-    name: ClassVar[str] = "l1"
-    description: ClassVar[str] = "L1 between student and teacher hidden states"
-
-
-class HiddenMSEObjective(_HiddenObjective):
-    name: ClassVar[str] = "mse"
-    description: ClassVar[str] = "MSE between student and teacher hidden states"
-
-
-class HiddenCosineObjective(_HiddenObjective):
-    name: ClassVar[str] = "cosine"
-    description: ClassVar[str] = "1 - cosine similarity between student and teacher hidden states"
-
-
-class DistilHubertObjective(_HiddenObjective):
-    name: ClassVar[str] = "l1_logsigmoid_cos"
-    description: ClassVar[str] = "DistilHuBERT's L1 - log sigmoid(cos) per predicted layer"
-    Config: ClassVar[type[BaseModel]] = DistilHubertConfig
-
-    def _cos_weight(self) -> float:
-        return float(self.config.cos_weight)
-
-
 # --------------------------------------------------------------------------- cross-tokenizer
 class ULDObjective(Objective):
     """ULD: L1 between sorted probability vectors; student and teacher may use different tokenizers."""
@@ -387,7 +266,6 @@ class ULDObjective(Objective):
 
 
 __all__ = [
-    "DistilHubertObjective", "ForwardKLObjective", "HiddenCosineObjective", "HiddenL1Objective", "HiddenMSEObjective",
-    "JSDObjective", "ReverseKLObjective", "SkewForwardKLObjective", "SkewReverseKLObjective", "TVDObjective",
+    "ForwardKLObjective", "JSDObjective", "ReverseKLObjective", "SkewForwardKLObjective", "SkewReverseKLObjective", "TVDObjective",
     "TokenNLLObjective", "ULDObjective", "FUSED_AUTO_MIN_VOCAB",
 ]

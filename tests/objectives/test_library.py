@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Objective
 from kdcore.objectives import divergence, hidden_state_loss, token_nll, uld_loss
-from kdcore.objectives import library
+from kdcore.objectives import layers, library
 from kdcore.objectives.logit_cache import TeacherLogitCache
 from kdcore.signals import Signal, Signals, SparseLogits
 
@@ -94,7 +94,7 @@ NAMES = {
 
 @pytest.mark.parametrize("class_name", sorted(NAMES))
 def test_objective_classes_have_names_descriptions_and_strict_configs(class_name: str) -> None:
-    cls = getattr(library, class_name)
+    cls = getattr(library, class_name, None) or getattr(layers, class_name)
     assert issubclass(cls, Objective) and cls.name == NAMES[class_name]
     assert cls.description and "\n" not in cls.description
     with pytest.raises(ValidationError):
@@ -107,7 +107,8 @@ def test_registry_yaml_points_at_these_classes() -> None:
 
     entries = yaml.safe_load(resources.files("kdcore").joinpath("registry.yaml").read_text())["objectives"]
     for class_name, name in NAMES.items():
-        assert entries[name]["target"] == f"kdcore.objectives.library:{class_name}"
+        module = "library" if hasattr(library, class_name) else "layers"
+        assert entries[name]["target"] == f"kdcore.objectives.{module}:{class_name}"
 
 
 def test_logit_objective_configs_validate_ranges() -> None:
@@ -183,7 +184,7 @@ def test_hidden_objectives_pair_layers_and_report_parts() -> None:
     student_states = (randn(2, 3, 4, seed=17), randn(2, 3, 4, seed=18))
     teacher_states = tuple(randn(2, 3, 4, seed=20 + i) for i in range(4))
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    objective = library.DistilHubertObjective(library.DistilHubertObjective.Config(teacher_layers=[1, 3],
+    objective = layers.DistilHubertObjective(layers.DistilHubertObjective.Config(teacher_layers=[1, 3],
                                                                                    cos_weight=0.5))
     assert objective.teacher_request().hidden_layers is None
     output = objective(Signals(hidden_states=student_states), Signals(hidden_states=teacher_states),
@@ -193,12 +194,12 @@ def test_hidden_objectives_pair_layers_and_report_parts() -> None:
     torch.testing.assert_close(output.loss, per_layer[0] + per_layer[1])
     assert output.parts["layer1"] == pytest.approx(float(per_layer[1]))
     with pytest.raises(KDUserError, match="teacher_layers"):
-        library.HiddenMSEObjective()(Signals(hidden_states=student_states), Signals(hidden_states=teacher_states), {})
+        layers.HiddenMSEObjective()(Signals(hidden_states=student_states), Signals(hidden_states=teacher_states), {})
     with pytest.raises(KDUserError, match="valid indices"):
-        library.HiddenL1Objective(library.HiddenL1Objective.Config(teacher_layers=[0, 9]))(
+        layers.HiddenL1Objective(layers.HiddenL1Objective.Config(teacher_layers=[0, 9]))(
             Signals(hidden_states=student_states), Signals(hidden_states=teacher_states), {})
     with pytest.raises(KDUserError, match="returned none"):
-        library.HiddenCosineObjective()(Signals(), Signals(hidden_states=teacher_states), {})
+        layers.HiddenCosineObjective()(Signals(), Signals(hidden_states=teacher_states), {})
 
 
 def test_uld_objective_reads_teacher_labels_key() -> None:
