@@ -38,6 +38,7 @@ from kdcore.distributed import DataParallelStudent
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, DataSplits, Model
 from kdcore.io import atomic_write_json, read_jsonl, rewrite_jsonl
+from kdcore.precision import autocast_dtype
 from kdcore.registry import Registry
 from kdcore.resolve import BuiltRun
 
@@ -73,39 +74,6 @@ def lr_factor(step: int, config: TrainerConfig) -> float:
     else:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 matrix products in hardware (CUDA with bf16, or a CPU with AVX512-BF16/AMX).
-
-    On such CPUs oneDNN runs bf16 autocast about 1.5x faster than fp32 for a d=256 transformer (docs/text.md,
-    "Teacher stage"); on the others it emulates bf16 and is slower than fp32, hence the check.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, or None for full fp32.
-
-    ``native-bf16`` is bf16 where :func:`native_bf16` holds and fp32 elsewhere (the text teacher stage's default).
-    """
-    if precision == "fp32":
-        return None
-    if precision == "native-bf16":
-        return torch.bfloat16 if native_bf16(device) else None
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None  # CPU autocast is slower than fp32 for most small models; opt in with bf16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise KDUserError("trainer.precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU.")
-        return torch.float16
-    return torch.bfloat16
 
 
 @dataclass

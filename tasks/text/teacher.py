@@ -71,7 +71,7 @@ def effective_settings(config: TaskTeacherConfig, task: Any, device: torch.devic
     ``precision`` is resolved for ``device`` (default: the CPU) to what training will use, ``fp32`` or ``bf16``, so
     the cache key names the teacher that was really trained: a bf16-trained teacher differs from an fp32 one.
     """
-    from kdcore.engine import autocast_dtype
+    from kdcore.precision import autocast_dtype
 
     task_defaults = dict(getattr(task, "teacher_defaults", {}) or {})
     settings: dict[str, Any] = {}

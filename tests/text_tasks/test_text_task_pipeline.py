@@ -122,19 +122,19 @@ def test_the_teacher_stage_learns_to_copy_its_source_and_greedy_decoding_matches
 
 
 def test_teacher_stage_precision_resolves_per_device_and_names_the_cache_key(monkeypatch: Any) -> None:
-    import kdcore.engine
+    import kdcore.precision
     from kd_tasks.text.summarization import SummarizationTask
     from kd_tasks.text.teacher import TaskTeacherConfig, effective_settings
 
     summarization = SummarizationTask.__new__(SummarizationTask)
     translation = TranslationTask.__new__(TranslationTask)
     cpu = torch.device("cpu")
-    monkeypatch.setattr(kdcore.engine, "native_bf16", lambda device: True)
+    monkeypatch.setattr(kdcore.precision, "native_bf16", lambda device: True)
     assert effective_settings(TaskTeacherConfig(), summarization, cpu)["precision"] == "bf16"
     assert effective_settings(TaskTeacherConfig(), translation, cpu)["precision"] == "bf16"
     # fp32 teachers (an explicit fp32, or native-bf16 on a CPU without bf16 units) keep the keys they always had.
     assert "precision" not in effective_settings(TaskTeacherConfig(precision="fp32"), translation, cpu)
-    monkeypatch.setattr(kdcore.engine, "native_bf16", lambda device: False)
+    monkeypatch.setattr(kdcore.precision, "native_bf16", lambda device: False)
     assert "precision" not in effective_settings(TaskTeacherConfig(), summarization, cpu)
     assert "precision" not in effective_settings(TaskTeacherConfig(), translation, cpu)
     assert effective_settings(TaskTeacherConfig(precision="bf16"), translation, cpu)["precision"] == "bf16"
