@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from kd_plugins.text.models import IGNORE_INDEX, HFTextModel
+from kdcore.signals import IGNORE_INDEX
+from kd_plugins.text.models import HFTextModel
 
 Strategy = Literal["greedy", "top_k"]
 
@@ -48,6 +50,22 @@ class Generated:
     def to_lists(self) -> list[list[int]]:
         """Token ids per row, eos included, padding dropped."""
         return [row[:length].tolist() for row, length in zip(self.sequences, self.lengths.tolist())]
+
+
+def generation_length_limit(longest: int, cap: int, ratio: float | None, offset: int) -> int:
+    """How many tokens to decode for a batch whose longest reference (target or source) has ``longest`` tokens.
+
+    ``cap`` when ``ratio`` is None, else ``ceil(ratio * longest) + offset`` but at most ``cap`` and at least 1: a
+    model that has not yet learnt to stop would otherwise decode ``cap`` tokens for every short sentence.
+    """
+    if ratio is None:
+        return cap
+    return max(1, min(cap, math.ceil(ratio * longest) + offset))
+
+
+def longest_target(labels: torch.Tensor) -> int:
+    """The most target positions (labels that are not ``IGNORE_INDEX``) in any row of ``labels``; 0 when empty."""
+    return int((labels != IGNORE_INDEX).sum(dim=1).max()) if labels.numel() else 0
 
 
 def _require_seq2seq(model: HFTextModel) -> None:
@@ -430,4 +448,5 @@ def measure_speed(model: HFTextModel, input_ids: torch.Tensor, attention_mask: t
 
 
 __all__ = ["DecodingSpeed", "Generated", "Strategy", "beam_cache", "beam_search", "decode", "generate",
+           "generation_length_limit", "longest_target",
            "lean_beam_search_supported", "measure_speed"]
