@@ -42,6 +42,7 @@ from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Teacher
 from kdcore.io import atomic_write_bytes
 from kdcore.signals import Signal, SignalRequest, Signals
+from kd_plugins.speech.waveforms import waveform_lengths
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +233,7 @@ class CachedSpeechTeacher(Teacher):
 
     def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
         waveform = batch["waveform"]
-        lengths = batch.get("waveform_lengths")
-        if lengths is None:
-            lengths = torch.full((waveform.shape[0],), waveform.shape[1], dtype=torch.long)
-        lengths = torch.as_tensor(lengths).long().cpu()
+        lengths = waveform_lengths(waveform, batch.get("waveform_lengths"))
         samples = waveform.detach().to("cpu", torch.float32)  # one device-to-host copy for all the hashes
         keys = [waveform_key(samples[row, :int(length)]) for row, length in enumerate(lengths)]
         _ = self.directory  # computes the teacher hash and reads the index on first use
