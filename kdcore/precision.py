@@ -7,18 +7,20 @@ from collections.abc import Iterator
 import torch
 
 from kdcore.errors import KDUserError
+from kdcore.hardware import cpu_native_bf16
 
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 matrix products in hardware (CUDA with bf16, or a CPU with AVX512-BF16/AMX).
 
     On such CPUs oneDNN runs bf16 autocast faster than fp32 for a d=256 transformer (docs/text.md, "Teacher
-    stage"); on the others it emulates bf16 and is slower than fp32, hence the check.
+    stage"); on the others it emulates bf16 and is slower than fp32, hence the check of the CPU's flags
+    (:func:`kdcore.hardware.cpu_native_bf16`, which logs its answer once).
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.backends.mkldnn.is_available() and cpu_native_bf16()
     return False
 
 
