@@ -6,11 +6,25 @@ and imported only when used; third-party packages are found through the
 ``kd.plugins`` entry-point group. Names are matched exactly, never by
 substring. A name registered twice is an error naming both sources; a plugin
 that fails to load is recorded with its error and the others keep working.
+
+One source for names and descriptions: a class's ``name`` and ``description``
+class attributes. ``registry.yaml`` is generated from them
+(``python -m kdcore.registry --write``) and only written by hand where it says which
+class is a built-in of which kind (``target``). The file exists so that ``kd list``
+and name lookup stay fast, importing no torch-heavy module; the classes stay the
+source because third-party classes carry their own name and description, so one
+way of writing a component serves both, and a class imported directly (tests,
+notebooks) knows its name. tests/core/test_registry.py fails when the file differs
+from what ``--write`` produces.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib
 import importlib.metadata
+import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +87,15 @@ class RegistryFile(BaseModel):
     students: dict[str, LazyEntry] = {}
 
 
+def _import_target(target: str) -> Any:
+    """The object a ``module:attribute`` string names (importing the module)."""
+    module_name, _, attribute = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass
 class Entry:
     """One registered name."""
@@ -91,11 +114,8 @@ class Entry:
             return self._loaded
         obj = self.obj
         if obj is None:
-            module_name, _, attribute = str(self.target).partition(":")
             try:
-                obj = importlib.import_module(module_name)
-                for part in attribute.split("."):
-                    obj = getattr(obj, part)
+                obj = _import_target(str(self.target))
             except Exception as error:  # noqa: BLE001 - reported to the user with the entry's name
                 raise KDUserError(
                     f"The {self.kind} '{self.name}' ({self.source}) could not be loaded from '{self.target}': "
@@ -287,3 +307,99 @@ class Registry:
         return self.get(kind, name).load()
 
 
+
+
+# --- registry.yaml, generated from the classes ------------------------------------------------------------------
+
+_REGISTRY_HEADER = """\
+# Built-in kd entries: name -> {target: "module:attribute", description}.
+# GENERATED from each class's `name` and `description` by `python -m kdcore.registry --write`:
+# change those on the class, then rerun it (tests/core/test_registry.py fails on any difference).
+# Written by hand here: only which class is a built-in of which section (`target`); to add one,
+# put `<its name>: {target: "module:Class"}` under the section and run --write.
+# Read with yaml.safe_load; a target is imported only when its name is used.
+# Third-party packages add entries through the `kd.plugins` entry-point group
+# (docs/writing-plugins.md); a name may be registered only once.
+"""
+
+
+def generated_registry_text(registry_file: Path = DEFAULT_REGISTRY_FILE) -> str:
+    """``registry_file`` as ``--write`` makes it: each row's section and target kept, name and description the class's.
+
+    Imports every target (the one place that does); a target that is not a proper class of its section, or a
+    description that is empty or longer than one line, is a :class:`KDUserError`.
+    """
+    from kdcore import interfaces
+
+    try:
+        raw = yaml.safe_load(Path(registry_file).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise KDUserError(f"{registry_file} is not valid YAML: {error}") from None
+    unknown = sorted(set(raw) - {kind.section for kind in KINDS.values()})
+    if unknown:
+        raise KDUserError(f"{registry_file}: unknown section(s) {unknown}; the sections are "
+                          f"{[kind.section for kind in KINDS.values()]}.")
+    lines = [_REGISTRY_HEADER]
+    for kind in KINDS.values():
+        base = getattr(interfaces, kind.base)
+        rows: dict[str, tuple[str, str]] = {}
+        for key, row in (raw.get(kind.section) or {}).items():
+            target = row.get("target") if isinstance(row, dict) else None
+            where = f"{registry_file}: {kind.section}.{key}"
+            if not isinstance(target, str):
+                raise KDUserError(f"{where} has no 'target: module:Class'.")
+            try:
+                cls = _import_target(target)
+            except Exception as error:  # noqa: BLE001 - a developer tool: name the row and the error
+                raise KDUserError(f"{where}: target '{target}' could not be imported: "
+                                  f"{type(error).__name__}: {error}") from None
+            name = getattr(cls, "name", None) if isinstance(cls, type) and issubclass(cls, base) else None
+            if not isinstance(name, str) or not name:
+                raise KDUserError(f"{where}: '{target}' is not a {base.__name__} subclass with a 'name' attribute.")
+            description = getattr(cls, "description", "")
+            if not description or "\n" in description:
+                raise KDUserError(f"{where}: {cls.__qualname__}.description must be one non-empty line "
+                                  f"(what kd list shows), got {description!r}.")
+            if name in rows:
+                raise KDUserError(f"{where}: the name '{name}' is already taken by {rows[name][0]} in this section.")
+            rows[name] = (target, description)
+        lines.append(f"{kind.section}:" + ("" if rows else " {}"))
+        for name, (target, description) in rows.items():
+            # A JSON string is a YAML double-quoted scalar: any description round-trips.
+            lines += [f"  {name}:", f"    target: {target}",
+                      f"    description: {json.dumps(description, ensure_ascii=False)}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdcore.registry --write | --check``: regenerate registry.yaml, or report how it is stale."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kdcore.registry",
+        description="Regenerate registry.yaml from the built-in classes' name and description attributes.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true", help="rewrite the file")
+    action.add_argument("--check", action="store_true", help="exit 1 and show the diff when the file is stale")
+    parser.add_argument("--file", type=Path, default=DEFAULT_REGISTRY_FILE.resolve(), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        wanted = generated_registry_text(args.file)
+    except KDUserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    current = args.file.read_text(encoding="utf-8")
+    if wanted == current:
+        print(f"{args.file} is up to date.")
+        return 0
+    if args.check:
+        sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), wanted.splitlines(True),
+                                                   str(args.file), "generated from the classes"))
+        print(f"\n{args.file} is stale: run `python -m kdcore.registry --write`.")
+        return 1
+    args.file.write_text(wanted, encoding="utf-8")
+    print(f"Wrote {args.file}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,8 @@ class VanillaKD(Method):
     """Teacher and student on the same batch; weighted sum of objectives."""
 
     name: ClassVar[str] = "vanilla"
-    description: ClassVar[str] = "Classic KD (Hinton et al. 2015): weighted objectives on teacher/student outputs"
+    description: ClassVar[str] = ("Classic KD (Hinton et al. 2015): weighted objectives on teacher/student outputs of "
+                                  "the same batch")
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -1,15 +1,21 @@
 """Registry: lazy built-ins, exact names, duplicates, broken plugins."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kdcore.errors import KDUserError
 from kdcore.hookspecs import hookimpl
 from kdcore.interfaces import Method
-from kdcore.registry import BUILTIN_SOURCE, Registry
+from kdcore.registry import (
+    BUILTIN_SOURCE, DEFAULT_REGISTRY_FILE, Registry, RegistryFile, generated_registry_text,
+)
+from kdcore.registry import _import_target as load_target
+from kdcore.registry import main as registry_main
 
 
 def test_builtins_are_listed_without_importing_them() -> None:
@@ -81,3 +87,41 @@ def test_entry_whose_class_name_differs_is_rejected(tmp_path: Path) -> None:
     registry = Registry.discover(registry_file=bad, entry_points=False)
     with pytest.raises(KDUserError, match="must be equal"):
         registry.load("plugin", "classic")
+
+
+def test_registry_file_is_generated_from_the_classes() -> None:
+    """One source for names and descriptions: the classes; registry.yaml is what --write makes of them."""
+    assert generated_registry_text() == DEFAULT_REGISTRY_FILE.read_text(encoding="utf-8"), (
+        "registry.yaml differs from the classes' name/description: run `python -m kdcore.registry --write`")
+
+
+def test_write_takes_name_and_description_from_the_class(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    stale = tmp_path / "registry.yaml"
+    stale.write_text("plugins:\n  classic:\n    target: kd_plugins.vanilla:VanillaKD\n    description: old text\n"
+                     "objectives:\n  new-row: {target: kdcore.objectives.library:TVDObjective}\n")
+    assert registry_main(["--check", "--file", str(stale)]) == 1
+    assert "-    description: old text" in capsys.readouterr().out
+    assert registry_main(["--write", "--file", str(stale)]) == 0
+    data = RegistryFile.model_validate(yaml.safe_load(stale.read_text()))
+    assert set(data.plugins) == {"vanilla"} and set(data.objectives) == {"tvd"}
+    assert data.plugins["vanilla"].description == load_target("kd_plugins.vanilla:VanillaKD").description
+    assert data.objectives["tvd"].target == "kdcore.objectives.library:TVDObjective"
+    assert registry_main(["--check", "--file", str(stale)]) == 0
+
+
+def test_write_refuses_a_target_of_the_wrong_kind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    wrong = tmp_path / "registry.yaml"
+    wrong.write_text("tasks:\n  vanilla: {target: kd_plugins.vanilla:VanillaKD}\n")
+    before = wrong.read_text()
+    assert registry_main(["--write", "--file", str(wrong)]) == 2
+    error = capsys.readouterr().err
+    assert "tasks.vanilla" in error and "not a Task subclass" in error
+    assert wrong.read_text() == before
+
+
+def test_listing_imports_no_component_module() -> None:
+    """kd list reads registry.yaml only: neither torch nor any built-in component is imported."""
+    code = ("import sys; from kdcore.registry import Registry; Registry.discover(entry_points=False); "
+            "print(sorted(m for m in ('torch', 'kd_plugins', 'kd_tasks') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
