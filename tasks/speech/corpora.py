@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kdcore.errors import KDUserError
+from kdcore.progress import track
 
 from .audio import AudioReadStats, SkipReason, find_audio_files, read_audio
 
@@ -110,7 +111,7 @@ def load_audio_folder(root: str | Path, limit: int | None = None) -> SpeechCorpu
     if not files:
         raise KDUserError(f"The audio folder '{root}' holds no .wav/.flac/.ogg/.mp3 files (searched recursively).")
     stats, items = AudioReadStats(), []
-    for path in files:
+    for path in track(files, f"reading {root}", unit="file"):
         if limit is not None and len(items) >= limit:
             break
         waveform = read_audio(path, SAMPLE_RATE, stats)
@@ -151,7 +152,7 @@ def load_librispeech(root: str | Path, subset: str = "train-clean-100", limit: i
     dataset = torchaudio.datasets.LIBRISPEECH(str(base), url=subset, download=False)
     stats, items = AudioReadStats(), []
     indices = _spread(len(dataset), limit)
-    for index in indices:
+    for index in track(indices, f"reading LibriSpeech {subset}", unit="file"):
         try:
             relative, _rate, transcript, speaker, chapter, utterance = dataset.get_metadata(index)
         except (OSError, ValueError) as error:  # a missing or malformed .trans.txt line
@@ -205,7 +206,7 @@ def load_speech_commands(root: str | Path, subset: str, limit: int | None = None
     keyword_set = set(keywords)
     stats, items = AudioReadStats(), []
     indices = _spread(len(dataset), limit)
-    for index in indices:
+    for index in track(indices, f"reading Speech Commands {subset}", unit="file"):
         relative, _rate, label, speaker, number = dataset.get_metadata(index)
         waveform = read_audio(base / "SpeechCommands" / relative, SAMPLE_RATE, stats)
         if isinstance(waveform, SkipReason):

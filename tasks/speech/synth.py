@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from kdcore.errors import KDUserError
 from kdcore.io import atomic_write_json, atomic_write_text, sha256_file
+from kdcore.progress import track
 
 from ..text.manifest import MANIFEST_FORMAT, MANIFEST_NAME, content_hash, jsonl_text, valid_manifest
 from .augment import AugmentConfig, augment, make_noise, uniform
@@ -352,7 +353,8 @@ def _synthesize_plan(plan: list[_Planned], config: SynthConfig) -> tuple[dict[st
     clean: dict[str, torch.Tensor] = {}
     # One Resample module: its sinc kernel is computed once, not per clip (that was 60% of resampling time).
     resample = torchaudio.transforms.Resample(batch.sample_rate, SAMPLE_RATE)
-    for item, samples in zip(spoken, batch.clips):
+    for item, samples in track(zip(spoken, batch.clips), "synthetic speech: placing clips", total=len(spoken),
+                               unit="clip"):
         generator = torch.Generator().manual_seed(item.seed)
         speech = torch.from_numpy(samples).to(torch.float32) / 32768.0
         speech = resample(speech)
@@ -364,7 +366,7 @@ def _synthesize_plan(plan: list[_Planned], config: SynthConfig) -> tuple[dict[st
     split_clips = {s: [clean[u] for u in ids] for s, ids in split_ids.items()}
     position = {u: i for ids in split_ids.values() for i, u in enumerate(ids)}
     final: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
-    for item in plan:
+    for item in track(plan, "synthetic speech: augmenting clips", unit="clip"):
         # A second stream for augmentation, so changing placement does not change the noise drawn.
         generator = torch.Generator().manual_seed(item.seed ^ 0x5A5A5A5A)
         if item.request is None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.errors import KDUserError
+from kdcore.progress import track
 
 from .manifest import valid_manifest, write_corpus
 from .translation_data import Corpus, _default_cache_dir, dedup_key, letter_fraction, normalize_space, split_rank
@@ -305,6 +306,9 @@ def file_pairs(source: SourceFile) -> FilePairs:
     return pairs
 
 
+_PARSING = "summarization corpus: parsing docstrings"
+
+
 def _parse_all(files: list[SourceFile], workers: int) -> list[FilePairs]:
     """The pairs of each file, in the order of ``files``, parsed by ``workers`` processes.
 
@@ -317,10 +321,10 @@ def _parse_all(files: list[SourceFile], workers: int) -> list[FilePairs]:
 
         try:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                return list(pool.map(file_pairs, files, chunksize=64))
+                return list(track(pool.map(file_pairs, files, chunksize=64), _PARSING, total=len(files), unit="file"))
         except (OSError, BrokenProcessPool) as error:  # no process support here (e.g. no /dev/shm)
             log.warning("Parsing the docstrings in one process (%d workers failed: %s).", workers, error)
-    return [file_pairs(source) for source in files]
+    return [file_pairs(source) for source in track(files, _PARSING, unit="file")]
 
 
 def collect_pairs(files: Iterable[SourceFile], workers: int = 1) -> DocstringCorpus:
