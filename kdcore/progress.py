@@ -89,11 +89,12 @@ class Progress:
     ``what`` names the stage in the bar and the lines; ``total`` is the amount of work (None when unknown: the
     lines then carry no percentage or time left); ``initial`` is what was already done before (a resumed run),
     which does not count towards the rate. ``interval`` overrides ``$KD_PROGRESS_INTERVAL``; ``clock`` is the
-    monotonic clock the lines are timed with.
+    monotonic clock the lines are timed with. ``leave=False`` clears the bar when done (a stage nested in another,
+    such as an evaluation during training, so the terminal keeps one bar).
     """
 
     def __init__(self, what: str, total: int | None = None, *, unit: str = "it", initial: int = 0,
-                 mode: str = "auto", interval: float | None = None,
+                 mode: str = "auto", interval: float | None = None, leave: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.what, self.total, self.unit = what, total, unit
         self.done = self.initial = initial
@@ -103,8 +104,8 @@ class Progress:
         self._clock = clock
         self._started = self._last_line = clock()
         self._lines_written = 0
-        self._bar = (tqdm(total=total, initial=initial, desc=what, unit=unit, dynamic_ncols=True, file=sys.stderr)
-                     if self.display == "bar" else None)
+        self._bar = (tqdm(total=total, initial=initial, desc=what, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                          leave=leave) if self.display == "bar" else None)
         self._closed = False
 
     def __enter__(self) -> Progress:

@@ -171,3 +171,14 @@ def test_track_yields_everything_and_takes_the_length(stderr, caplog: pytest.Log
     assert seen == ["a", "b", "c"]
     assert _lines(caplog)[-1] == "clips: finished at clip 3/3 after 00:03"
     assert _lines(caplog)[0] == "clips: clip 1/3 (33%), 00:01 elapsed, ~00:02 left"
+
+
+def test_a_nested_bar_can_clear_itself(stderr) -> None:
+    terminal = stderr(Terminal())
+    with Progress("kept", 2) as progress:
+        progress.update(2)
+    kept = terminal.getvalue()
+    assert kept.endswith("\n")
+    with Progress("cleared", 2, leave=False) as progress:
+        progress.update(2)
+    assert not terminal.getvalue()[len(kept):].endswith("\n")
