@@ -2,8 +2,9 @@
 
 bf16 autocast pays off on a CPU only where it has bf16 dot-product instructions; elsewhere oneDNN emulates
 bf16 and is slower than fp32 (docs/performance.md, "Precision on CPUs"). PyTorch's own probe
-(``torch.ops.mkldnn._is_mkldnn_bf16_supported``) answers yes wherever bf16 can be emulated, so kd reads the
-flags itself:
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``) answers yes wherever bf16 can be emulated, and
+``torch.backends.cpu.get_cpu_capability()`` names the same ISA (``AVX512``) with and without AVX512-BF16, so kd
+reads the flags itself:
 
 * Linux: ``/proc/cpuinfo``. x86 needs ``avx512_bf16`` or ``amx_bf16``; ARM needs ``bf16`` (BFDOT/BFMMLA,
   which oneDNN's ARM kernels use).
