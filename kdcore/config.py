@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+    model_validator,
 )
 
 from kdcore.errors import KDUserError, did_you_mean
@@ -49,6 +50,15 @@ class ObjectiveSpec(StrictModel):
     name: str | None = Field(None, description="registered objective name; defaults to the label")
     weight: NonNegativeFloat = 1.0
     args: dict[str, Any] = Field(default_factory=dict, description="validated by the objective's Config")
+
+
+class EarlyStoppingConfig(StrictModel):
+    """Stop a run whose validation metric stopped improving (kdcore.early_stopping)."""
+
+    patience: PositiveInt = Field(description="in-loop evaluations in a row without an improvement before the run "
+                                              "stops")
+    min_delta: NonNegativeFloat = Field(0.0, description="how much the task's metric must improve on the best so "
+                                                         "far to count as an improvement")
 
 
 class TrainerConfig(StrictModel):
@@ -78,6 +88,21 @@ class TrainerConfig(StrictModel):
     evaluate_teacher: bool = True
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp replicates the student, fsdp shards it (FSDP2 fully_shard)")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="stop when the task's validation metric has not improved for `patience` evaluations")
+
+    @model_validator(mode="after")
+    def _early_stopping_can_act(self) -> "TrainerConfig":
+        stopping = self.early_stopping
+        # The run can stop early only at an evaluation before the last step, after patience + 1 of them.
+        if stopping is not None and (stopping.patience + 1) * self.eval_every >= self.max_steps:
+            before_end = (self.max_steps - 1) // self.eval_every
+            raise KDUserError(
+                f"trainer.early_stopping.patience = {stopping.patience} can never stop this run: it needs "
+                f"{stopping.patience + 1} validations before the last step, and trainer.eval_every = "
+                f"{self.eval_every} with trainer.max_steps = {self.max_steps} gives {before_end}. Lower "
+                f"trainer.eval_every or the patience, or remove trainer.early_stopping.")
+        return self
 
 
 class RunConfig(StrictModel):

@@ -123,6 +123,19 @@ def shutdown() -> None:
     _STATE = DistributedState()
 
 
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Run the block as if this process were alone (rank 0 of 1: no collectives), e.g. work rank 0 does by itself
+    while the other ranks wait in :func:`main_first`."""
+    global _STATE
+    outer = _STATE
+    _STATE = DistributedState()
+    try:
+        yield
+    finally:
+        _STATE = outer
+
+
 def barrier() -> None:
     if _STATE.enabled:
         torch.distributed.barrier()
@@ -153,9 +166,13 @@ def all_ranks_agree(flag: bool) -> bool:
     return bool(value.item())
 
 
-def any_rank(flag: bool) -> bool:
-    """True when ``flag`` is true on at least one rank."""
-    return not all_ranks_agree(not flag)
+def any_rank_each(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether it is true on at least one rank (one tiny all-reduce for all of them)."""
+    if not _STATE.enabled:
+        return tuple(flags)
+    values = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32, device=_flag_device())
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(value) for value in values.tolist())
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

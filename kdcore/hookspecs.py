@@ -3,7 +3,10 @@
 Registration hooks return a list of entries: either classes (with ``name`` and
 ``description`` class attributes) or :class:`kdcore.registry.LazyEntry` objects
 (``module:attribute`` strings, imported only when used). Lifecycle hooks are
-called by the engine on rank 0 and must not change the training state.
+called by the trainer on rank 0 with a :class:`kdcore.hooks.RunContext`: they read
+``context.state`` (step, metrics, best so far, output directory, ...) and may ask for a
+clean stop with ``context.control.request_stop(reason)``; they must not change the
+models or the optimiser.
 
 A third-party package exposes a module or object implementing some of these
 hooks through the ``kd.plugins`` entry-point group; see docs/writing-plugins.md.
@@ -11,12 +14,11 @@ hooks through the ``kd.plugins`` entry-point group; see docs/writing-plugins.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
-if TYPE_CHECKING:
-    from kdcore.engine import RunContext
+from kdcore.hooks import RunContext
 
 PROJECT_NAME = "kd"
 ENTRY_POINT_GROUP = "kd.plugins"
@@ -51,21 +53,22 @@ class KDHookSpecs:
 
     # --- lifecycle ----------------------------------------------------------
     @hookspec
-    def kd_on_train_start(self, context: "RunContext") -> None:
+    def kd_on_train_start(self, context: RunContext) -> None:
         """Before the first training step (also after a resume)."""
 
     @hookspec
-    def kd_on_step_end(self, context: "RunContext", step: int, logs: dict[str, float]) -> None:
+    def kd_on_step_end(self, context: RunContext, step: int, logs: dict[str, float]) -> None:
         """After each optimiser step; ``logs`` holds the loss and its parts."""
 
     @hookspec
-    def kd_on_evaluation_end(self, context: "RunContext", step: int, metrics: dict[str, float]) -> None:
-        """After each evaluation (in the loop and the final one)."""
+    def kd_on_evaluation_end(self, context: RunContext, step: int, metrics: dict[str, float]) -> None:
+        """After each evaluation: in the loop (``step`` > 0; ``context.state.last_metrics`` holds the same metrics)
+        and the final one on the test split (``step`` = -1)."""
 
     @hookspec
-    def kd_on_checkpoint_saved(self, context: "RunContext", step: int, path: Path) -> None:
+    def kd_on_checkpoint_saved(self, context: RunContext, step: int, path: Path) -> None:
         """After a checkpoint directory was written completely."""
 
     @hookspec
-    def kd_on_train_end(self, context: "RunContext", metrics: dict[str, Any]) -> None:
+    def kd_on_train_end(self, context: RunContext, metrics: dict[str, Any]) -> None:
         """After metrics.json and report.md were written."""

@@ -72,6 +72,11 @@ def write_report(out_dir: Path, metrics: dict[str, Any], primary_metric: str) ->
         f"teacher's. {kept}. Training time: "
         f"{metrics['train_seconds']:.1f} s on {metrics.get('device', '?')}.",
         "",
+    ]
+    stopped = metrics.get("stopped_early")
+    if stopped:
+        lines += [f"Stopped early at step {stopped['step']} of {stopped['max_steps']}: {stopped['reason']}.", ""]
+    lines += [
         "## Curves",
         "",
     ]

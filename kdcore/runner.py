@@ -13,14 +13,23 @@ from safetensors.torch import load_file
 
 from kdcore import distributed
 from kdcore.checkpoint import load_weights
-from kdcore.engine import Trainer, evaluate_model, seed_everything, write_resolved_config
+from kdcore.config import dump_yaml_atomic
 from kdcore.errors import KDUserError
+from kdcore.evaluation import evaluate_model
+from kdcore.hooks import RunState
 from kdcore.io import atomic_write_json
 from kdcore.registry import Registry
 from kdcore.report import write_metrics, write_report
 from kdcore.resolve import BuiltRun, ResolvedRun, build_components, select_device
+from kdcore.seeding import seed_everything
+from kdcore.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+
+def write_resolved_config(out_dir: Path, resolved_dict: dict[str, Any]) -> None:
+    """``config.yaml``: the fully resolved config that ``--resume`` and ``kd eval`` validate again."""
+    dump_yaml_atomic(resolved_dict, out_dir / "config.yaml")
 
 
 def versions() -> dict[str, str]:
@@ -102,10 +111,11 @@ def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool =
     try:
         # The output directory of rank 0 (a default --out has a timestamp that may differ by a second).
         out_dir = Path(distributed.broadcast_object(str(out_dir)))
-        built, splits = build(resolved, device)
         if state_of_ranks.is_main:
+            # Before building: a run killed during a long build step (a teacher stage) can be resumed.
             out_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(out_dir, resolved.to_dict())
+        built, splits = build(resolved, device)
         distributed.barrier()
         trainer = Trainer(built, splits, out_dir, registry)
         state = trainer.fit(resume=resume)
@@ -119,7 +129,7 @@ def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool =
             distributed.shutdown()
 
 
-def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, state: dict[str, Any],
+def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, state: RunState,
            trainer: Trainer) -> dict[str, Any]:
     """Final test evaluation of the best student; rank 0 writes metrics.json and report.md.
 
@@ -139,7 +149,7 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
             parallel.load_model_state(load_file(str(best), device="cpu"))
         else:
             load_weights(built.student, best)
-    batch_size = trainer._eval_batch_size()
+    batch_size = trainer.eval_batch_size()
     student_metrics = evaluate_model(built, built.student, splits.test, batch_size)
     teacher_metrics = (evaluate_model(built, built.teacher, splits.test, batch_size)
                        if built.resolved.config.trainer.evaluate_teacher else {})
@@ -154,15 +164,18 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         "student": student_metrics,
         "metric": built.task.metric,
         "metric_metadata": built.task.metric_metadata(),
-        "best_step": state.get("best_step"),
+        "best_step": state.best_step,
         "selection": built.resolved.config.trainer.select,
-        "train_seconds": round(float(state["train_seconds"]), 3),
-        "nonfinite_steps": state.get("nonfinite_steps", 0),
+        "train_seconds": round(float(state.train_seconds), 3),
+        "nonfinite_steps": state.nonfinite_steps,
         "device": str(built.device),
         "world_size": rank.world_size,
         "seed": built.resolved.config.seed,
         "versions": versions(),
     }
+    if state.stop_reason is not None:
+        metrics["stopped_early"] = {"step": state.stopped_at_step, "max_steps": state.max_steps,
+                                    "reason": state.stop_reason}
     write_metrics(out_dir, metrics)
     write_report(out_dir, metrics, built.task.metric)
     registry.hook.kd_on_train_end(context=trainer.context, metrics=metrics)

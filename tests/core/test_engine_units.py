@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict
 from kdcore import runner
 from kdcore.checkpoint import list_checkpoints, load_latest_checkpoint
 from kdcore.config import TrainerConfig
-from kdcore.engine import EpochSampler, lr_factor
+from kdcore.batches import EpochSampler
+from kdcore.optimization import lr_factor
 from kdcore.errors import KDUserError
 from kdcore.hookspecs import hookimpl
 from kdcore.interfaces import Method, StepOutput
