@@ -126,6 +126,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"Wrote {out_dir / 'plan.json'} (dry run: nothing trained).")
         return 0
     metrics = runner.run(resolved, registry, out_dir, resume=args.resume)
+    stopped = metrics.get("stopped_early")
+    if stopped:
+        print(f"Stopped early at step {stopped['step']} of {stopped['max_steps']}: {stopped['reason']}.")
     print(f"Done in {metrics['train_seconds']:.1f} s. Test {metrics['metric']}: student "
           f"{metrics['student'][metrics['metric']]:.4g}"
           + (f", teacher {metrics['teacher'][metrics['metric']]:.4g}" if metrics["teacher"] else "")

@@ -99,14 +99,16 @@ def test_early_stopping_without_in_loop_validation_exits_2_at_planning(tmp_path:
     assert "can never stop this run" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_toy_run_stops_on_a_plateau_and_writes_its_reports(tmp_path: Path) -> None:
+def test_toy_run_stops_on_a_plateau_and_writes_its_reports(tmp_path: Path, run_kd) -> None:
     out = tmp_path / "run"
-    registry = _registry()
-    metrics = runner.run(resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=PLATEAU), registry,
-                         out)
+    sets = [argument for value in PLATEAU for argument in ("--set", value)]
+    result = run_kd("run", "--task", "toy", "--plugin", "vanilla", "--preset", "tiny", *sets, "--out", str(out),
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
     stopped = metrics["stopped_early"]
+    assert f"Stopped early at step 15 of 40: {stopped['reason']}." in result.stdout
     assert stopped["step"] == 15 and stopped["max_steps"] == 40 and "early stopping" in stopped["reason"]
-    assert json.loads((out / "metrics.json").read_text())["stopped_early"] == stopped
     assert f"Stopped early at step 15 of 40: {stopped['reason']}" in (out / "report.md").read_text()
     records = read_jsonl(out / "log.jsonl")
     assert records[-1] == {"type": "stop", "step": 15, "reason": stopped["reason"]}
@@ -115,8 +117,6 @@ def test_toy_run_stops_on_a_plateau_and_writes_its_reports(tmp_path: Path) -> No
     assert list_checkpoints(out / "checkpoints")[-1].name == "step-00000015"
     assert metrics["best_step"] in (5, 10, 15) and (out / "best" / "student.safetensors").exists()
     assert set(metrics["student"]) >= {"accuracy", "nll"}  # the final test evaluation of the best student ran
-    # The early-stopping hook is registered only while its run trains.
-    assert registry.plugin_manager.get_plugin("kd-early-stopping") is None
 
 
 class _CrashAt:
@@ -147,6 +147,8 @@ def test_resume_keeps_the_patience_counter(tmp_path: Path) -> None:
     assert resumed["stopped_early"] == straight["stopped_early"] and resumed["student"] == straight["student"]
     assert read_jsonl(out / "log.jsonl") == read_jsonl(tmp_path / "straight" / "log.jsonl")
 
+    # The early-stopping hook is registered only while its run trains.
+    assert registry.plugin_manager.get_plugin("kd-early-stopping") is None
     # Resuming a run that stopped early trains no further: it ends where it stopped.
     again = runner.run(resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=PLATEAU), registry, out,
                        resume=True)
