@@ -1,15 +1,17 @@
 """Registered hidden-state objectives: student and teacher layers compared position by position.
 
 They read ``student.hidden_states`` and ``teacher.hidden_states`` (tuples of ``(B, T, D)``) and use
-``batch["attention_mask"]`` as the position mask when its shape is ``(B, T)``. The math lives in
-:mod:`kdcore.objectives.hidden`; formulas and config keys: docs/objectives.md.
+``batch["attention_mask"]`` as the position mask when its shape is ``(B, T)``. Each compared layer's loss is logged
+as a part ``layer<N>``: N is the teacher's layer number when the teacher side names its hidden states
+(``extra[HIDDEN_LAYER_IDS]``, e.g. a method that hands over selected target layers), else the student's index.
+The math lives in :mod:`kdcore.objectives.hidden`; formulas and config keys: docs/objectives.md.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 from torch import Tensor
 
 from kdcore.errors import KDUserError
@@ -17,6 +19,9 @@ from kdcore.interfaces import Batch, Objective, ObjectiveOutput
 from kdcore.objectives.hidden import hidden_state_positions, masked_mean, multi_layer_hidden_loss
 from kdcore.objectives.inputs import hidden_states_of
 from kdcore.signals import Signal, SignalRequest, Signals
+
+#: ``Signals.extra`` key: the layer number of each entry of ``hidden_states`` when a side holds a selection of layers.
+HIDDEN_LAYER_IDS = "hidden_layer_ids"
 
 
 class HiddenConfig(BaseModel):
@@ -27,6 +32,15 @@ class HiddenConfig(BaseModel):
     teacher_layers: list[int] | None = Field(
         None, description="student hidden_states[i] is compared with teacher hidden_states[teacher_layers[i]]; "
                           "unset: pair them in order (same count required)")
+    layer_weights: list[NonNegativeFloat] | None = Field(
+        None, min_length=1, description="one weight per compared layer (the layer losses are summed); unset: 1 each")
+
+    @model_validator(mode="after")
+    def _some_layer_counts(self) -> "HiddenConfig":
+        if self.layer_weights is not None and not any(self.layer_weights):
+            raise ValueError(f"layer_weights {self.layer_weights} are all 0: the loss would be 0 whatever the "
+                             f"student does; give at least one layer a positive weight (or remove the objective)")
+        return self
 
 
 class DistilHubertConfig(HiddenConfig):
@@ -73,11 +87,26 @@ class _HiddenObjective(Objective):
                     f"returned {len(teacher_states)} hidden states (valid indices 0...{len(teacher_states) - 1}).")
         return list(enumerate(teacher_layers))
 
+    def layer_weights(self, count: int) -> list[float]:
+        """One weight per compared layer: ``args.layer_weights``, or 1 each."""
+        weights = self.config.layer_weights
+        if weights is None:
+            return [1.0] * count
+        if len(weights) != count:
+            raise KDUserError(
+                f"The objective {self.name!r} has args.layer_weights = {weights} ({len(weights)} entries), but it "
+                f"compares {count} layers: give one weight per compared layer.")
+        return [float(weight) for weight in weights]
+
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
         student_states = hidden_states_of(student, "student", self.name)
         teacher_states = hidden_states_of(teacher, "teacher", self.name)
         attention_mask = batch.get("attention_mask")
         pairs = self.pairs(student_states, teacher_states)
+        weights = self.layer_weights(len(pairs))
+        layer_ids = teacher.extra.get(HIDDEN_LAYER_IDS)
+        names = [f"layer{student_index if layer_ids is None else layer_ids[teacher_index]}"
+                 for student_index, teacher_index in pairs]
         student_layers, teacher_layers = [], []
         for student_index, teacher_index in pairs:
             student_hidden = student_states[student_index]
@@ -95,20 +124,19 @@ class _HiddenObjective(Objective):
         if all(tuple(layer.shape[:-1]) == leading for layer in student_layers):
             # one autograd node for all layers (gradients computed in forward): see multi_layer_hidden_loss
             total, per_layer = multi_layer_hidden_loss(student_layers, teacher_layers, self.name, mask=mask,
-                                                       cos_weight=self._cos_weight())
-            parts = {f"layer{index}": float(value) for (index, _), value in zip(pairs, per_layer.detach())}
-            return ObjectiveOutput(total, parts)
+                                                       cos_weight=self._cos_weight(), layer_weights=weights)
+            return ObjectiveOutput(total, {name: float(value) for name, value in zip(names, per_layer.detach())})
         # layers with different position counts (e.g. different frame rates): one at a time
         total: Tensor | None = None
         parts = {}
-        for (student_index, _), student_hidden, teacher_hidden in zip(pairs, student_layers, teacher_layers):
+        for name, weight, student_hidden, teacher_hidden in zip(names, weights, student_layers, teacher_layers):
             layer_mask = attention_mask if attention_mask is not None and \
                 tuple(attention_mask.shape) == tuple(student_hidden.shape[:-1]) else None
             per_position = hidden_state_positions(student_hidden, teacher_hidden, self.name,
                                                   cos_weight=self._cos_weight())
             layer_loss = masked_mean(per_position, layer_mask)
-            parts[f"layer{student_index}"] = float(layer_loss.detach())
-            total = layer_loss if total is None else total + layer_loss
+            parts[name] = float(layer_loss.detach())
+            total = weight * layer_loss if total is None else total + weight * layer_loss
         assert total is not None
         return ObjectiveOutput(total, parts)
 
@@ -137,5 +165,5 @@ class DistilHubertObjective(_HiddenObjective):
         return float(self.config.cos_weight)
 
 
-__all__ = ["DistilHubertConfig", "DistilHubertObjective", "HiddenConfig", "HiddenCosineObjective", "HiddenL1Objective",
-           "HiddenMSEObjective"]
+__all__ = ["HIDDEN_LAYER_IDS", "DistilHubertConfig", "DistilHubertObjective", "HiddenConfig", "HiddenCosineObjective",
+           "HiddenL1Objective", "HiddenMSEObjective"]

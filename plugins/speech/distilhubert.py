@@ -4,15 +4,15 @@ The student is HuBERT's CNN feature extractor, a 512->768 projection, the
 convolutional positional embedding and 2 transformer layers (768 wide, 12
 heads, FFN 3072), initialised from the teacher's CNN and first 2 layers. One
 linear head per target teacher layer (4, 8, 12) reads the *last* student
-layer and predicts that teacher layer; the loss per layer is
-L1 - log sigmoid(cos) (``kdcore.objectives.hidden_state_loss`` kind
-``l1_logsigmoid_cos``), summed over the heads. After distillation the heads
-are dropped: the deployed model has 23.49M parameters with a HuBERT Base or
-WavLM Base+ teacher (see tests/speech_students/test_parameter_counts.py).
+layer and predicts that teacher layer. The method compares each head's
+prediction with its teacher layer; the default objective is the paper's
+L1 - log sigmoid(cos) per layer, summed over the heads (objective
+``l1_logsigmoid_cos``). After distillation the heads are dropped: the
+deployed model has 23.49M parameters with a HuBERT Base or WavLM Base+
+teacher (see tests/speech_students/test_parameter_counts.py).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -20,13 +20,13 @@ import torch
 from pydantic import BaseModel, Field, PositiveInt
 from torch import nn
 
-from kdcore.interfaces import Batch, BuildContext, Method, ModelFactory, StepOutput
+from kdcore.interfaces import Batch, Comparison, Teacher
 from kdcore.signals import SignalRequest, Signals
-from kd_plugins.speech.students import (
-    HIDDEN_STATES_REQUEST, PAPER_TRAINER, WAVLM_BASE_PLUS_CONFIG, HiddenLossConfig, SpeechStudent,
-    SpeechStudentConfig, align_frames, frame_signals, init_from_teacher, make_layers,
-    resolve_target_layers, resolve_teacher_dim, teacher_layers, weighted_layer_losses,
-)
+from kd_plugins.speech.layer_method import TeacherLayerMethod, paper_presets
+from kd_plugins.speech.speech_signals import align_frames, frame_signals
+from kd_plugins.speech.student_base import SpeechStudent, SpeechStudentConfig, SpeechStudentFactory
+from kd_plugins.speech.teacher_init import init_from_teacher
+from kd_plugins.speech.transformer_layer import make_layers
 
 
 class DistilHubertStudentConfig(SpeechStudentConfig):
@@ -44,6 +44,10 @@ class DistilHubertStudent(SpeechStudent):
         self.layers = make_layers(config)
         # One linear head per target layer on the last layer's output (s3prl: one Linear(768, 768 * n_tasks)).
         self.heads = nn.ModuleList(nn.Linear(config.hidden_size, teacher_dim) for _ in self.target_layers)
+
+    def initialise_from(self, teacher: Teacher) -> None:
+        """The teacher's CNN, projection, positional conv and first layers (DistilHuBERT's initialisation)."""
+        init_from_teacher(self.front_end, self.layers, teacher, self.config.init_from_teacher)
 
     def encode(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The student's hidden states (front end, then each layer) and the frame mask."""
@@ -73,30 +77,13 @@ class DistilHubertStudent(SpeechStudent):
         return self.num_parameters() - sum(p.numel() for p in self.heads.parameters())
 
 
-class DistilHubertStudentFactory(ModelFactory):
+class DistilHubertStudentFactory(SpeechStudentFactory):
     """Builds a DistilHuBERT student sized for the run's teacher, initialised from it when possible."""
 
     name: ClassVar[str] = "distilhubert-student"
     description: ClassVar[str] = "DistilHuBERT student: HuBERT CNN + 2 transformer layers + per-layer linear heads"
     Config: ClassVar[type[BaseModel]] = DistilHubertStudentConfig
-
-    def build(self, config: BaseModel, context: BuildContext) -> DistilHubertStudent:
-        assert isinstance(config, DistilHubertStudentConfig)
-        target_layers = resolve_target_layers(config, context.teacher)
-        teacher_dim = resolve_teacher_dim(config, context.teacher)
-        with seeded(context.seed):
-            student = DistilHubertStudent(config, teacher_dim, target_layers)
-        if context.teacher is not None:
-            init_from_teacher(student.front_end, student.layers, context.teacher, config.init_from_teacher)
-        return student
-
-
-@contextlib.contextmanager
-def seeded(seed: int):  # noqa: ANN201 - a context manager
-    """Initialise a model from ``seed`` without disturbing the global RNG (same student for the same seed)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+    student_class: ClassVar[type[SpeechStudent]] = DistilHubertStudent
 
 
 #: The paper's student (23.49M without the heads with a WavLM Base+/HuBERT Base teacher).
@@ -104,55 +91,25 @@ PAPER_STUDENT_ARGS: dict[str, Any] = {"hidden_size": 768, "num_layers": 2, "num_
                                       "target_layers": [4, 8, 12], "init_from_teacher": True}
 
 
-class DistilHubertMethod(Method):
-    """Predict the target teacher layers with one head each; sum of per-layer hidden-state losses."""
+class DistilHubertMethod(TeacherLayerMethod):
+    """Each head's prediction against its target teacher layer."""
 
     name: ClassVar[str] = "distilhubert"
     description: ClassVar[str] = ("DistilHuBERT (Chang et al. 2022): 2-layer student, linear heads predict teacher "
                                   "layers 4/8/12, L1 - log sigmoid(cos)")
-    Config: ClassVar[type[BaseModel]] = HiddenLossConfig
-    presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {
-            "teacher": {"name": "wavlm", "args": {"source": None, "config": dict(WAVLM_BASE_PLUS_CONFIG)}},
-            "student": {"name": "distilhubert-student", "args": dict(PAPER_STUDENT_ARGS)},
-            "method": {"loss": "l1_logsigmoid_cos", "cos_weight": 1.0},
-            "trainer": dict(PAPER_TRAINER),
-        },
-        # Real Base teachers (the superb task's presets of the same names pick the checkpoint): paper sizes.
-        "wavlm-base-plus": {"student": {"name": "distilhubert-student", "args": dict(PAPER_STUDENT_ARGS)}},
-        "hubert-base": {"student": {"name": "distilhubert-student", "args": dict(PAPER_STUDENT_ARGS)}},
-    }
+    student_factory = DistilHubertStudentFactory
+    speech_student: DistilHubertStudent
+    # Sized for the superb task's default teacher (Whisper tiny.en encoder, 384 wide): FFN 4x the width as in
+    # DistilHuBERT (3072 = 4 x 768); GenDistiller's default keeps the papers' 2304 : 3072 ratio.
+    default_student_args: ClassVar[dict[str, Any]] = {"num_layers": 2, "ffn_dim": 1536}
+    presets: ClassVar[dict[str, dict[str, Any]]] = paper_presets(DistilHubertStudentFactory.name, PAPER_STUDENT_ARGS)
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        # Sized for the superb task's default teacher (Whisper tiny.en encoder, 384 wide): FFN 4x the width as
-        # in DistilHuBERT (3072 = 4 x 768); GenDistiller's default keeps the papers' 2304 : 3072 ratio.
-        return {"student": {"name": "distilhubert-student", "args": {"num_layers": 2, "ffn_dim": 1536}}}
-
-    def _speech_student(self) -> DistilHubertStudent:
-        if not isinstance(self.student, DistilHubertStudent):
-            from kdcore.errors import KDUserError
-
-            raise KDUserError(f"--plugin distilhubert needs student 'distilhubert-student', got "
-                              f"{type(self.student).__name__}; set student.name: distilhubert-student.")
-        return self.student
-
-    def teacher_request(self) -> SignalRequest:
-        return self._speech_student().teacher_request()
-
-    def student_request(self) -> SignalRequest:
-        return HIDDEN_STATES_REQUEST
-
-    def training_step(self, batch: Batch, step: int) -> StepOutput:
-        """Teacher target layers -> student head predictions -> weighted sum of per-layer losses."""
-        student = self._speech_student()
-        teacher_signals = self.teacher.signals(batch, self.teacher_request())
-        targets = teacher_layers(teacher_signals, student.target_layers)
-        predictions, student_mask = student.predict(batch)
-        _, mask = align_frames(student_mask, teacher_signals.extra.get("frame_mask"), targets[0].shape[1],
-                               self.config.max_frame_mismatch)
-        loss, parts = weighted_layer_losses(predictions, targets, student.target_layers, mask, self.config)
-        return StepOutput(loss, parts)
+    def compare(self, batch: Batch, step: int) -> Comparison:
+        """Teacher target layers against the heads' predictions of them, on the common frames."""
+        targets, teacher_mask = self.teacher_targets(batch)
+        predictions, student_mask = self.speech_student.predict(batch)
+        _, mask = align_frames(student_mask, teacher_mask, targets[0].shape[1], self.config.max_frame_mismatch)
+        return self.comparison(predictions, targets, mask)
 
 
 __all__ = ["DistilHubertMethod", "DistilHubertStudent", "DistilHubertStudentConfig", "DistilHubertStudentFactory"]

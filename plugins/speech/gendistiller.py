@@ -2,7 +2,7 @@
 
 A small student *generates* the chosen teacher layers (e.g. 4, 8, 12) one
 after another. It has DistilHuBERT's front end (shared code, see
-:mod:`kd_plugins.speech.students`) and a generator: transformer layers over a
+:mod:`kd_plugins.speech.student_base`) and a generator: transformer layers over a
 sequence of (layer, time) positions, block by block::
 
     block 0 input: the front-end features x0        -> predicts teacher layer 4
@@ -34,15 +34,14 @@ import torch
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 from torch import nn
 
-from kdcore.errors import KDUserError
-from kdcore.interfaces import Batch, BuildContext, Method, ModelFactory, StepOutput
+from kdcore.interfaces import Batch, Comparison, Teacher
 from kdcore.signals import SignalRequest, Signals
-from kd_plugins.speech.distilhubert import seeded
-from kd_plugins.speech.students import (
-    HIDDEN_STATES_REQUEST, PAPER_TRAINER, WAVLM_BASE_PLUS_CONFIG, HiddenLossConfig, SpeechStudent,
-    SpeechStudentConfig, align_frames, find_hf_speech_model, frame_signals, init_from_teacher, make_layers,
-    resolve_target_layers, resolve_teacher_dim, teacher_layers, weighted_layer_losses,
-)
+from kd_plugins.speech.layer_method import LayerMethodConfig, TeacherLayerMethod, paper_presets
+from kd_plugins.speech.speech_signals import align_frames, frame_signals
+from kd_plugins.speech.student_base import SpeechStudent, SpeechStudentConfig, SpeechStudentFactory
+from kd_plugins.speech.teacher_init import init_from_teacher
+from kd_plugins.speech.teacher_shape import find_hf_speech_model
+from kd_plugins.speech.transformer_layer import make_layers
 
 CurrentBlockAttention = Literal["full", "same_time"]
 
@@ -123,8 +122,14 @@ class GenDistillerStudent(SpeechStudent):
     def num_blocks(self) -> int:
         return len(self.target_layers)
 
-    def teacher_request(self) -> SignalRequest:
-        return super().teacher_request()  # inputs (all but the last target) are a subset of the targets
+    def initialise_from(self, teacher: Teacher) -> None:
+        """The generator's layers start as the teacher's first layers (DistilHuBERT's initialisation) when their
+        shapes match; otherwise the front end alone is copied, so both methods start from the teacher's CNN."""
+        # At the paper sizes the generator's FFN (2304) is narrower than a Base teacher's (3072).
+        mode = self.config.init_from_teacher
+        copied = init_from_teacher(self.front_end, self.generator, teacher, "auto" if mode is not False else False)
+        if not copied and mode is not False and find_hf_speech_model(teacher) is not None:
+            init_from_teacher(self.front_end, [], teacher, mode)
 
     # ----------------------------------------------------------------------- one block's input and output
 
@@ -211,37 +216,21 @@ class GenDistillerStudent(SpeechStudent):
         return frame_signals(generated, frame_mask, teacher_layers=tuple(self.target_layers))
 
 
-class GenDistillerStudentFactory(ModelFactory):
+class GenDistillerStudentFactory(SpeechStudentFactory):
     """Builds a GenDistiller student sized for the run's teacher, initialised from it when possible."""
 
     name: ClassVar[str] = "gendistiller-student"
     description: ClassVar[str] = ("GenDistiller student: HuBERT CNN front end + block-causal generator of the "
                                   "teacher's layers")
     Config: ClassVar[type[BaseModel]] = GenDistillerStudentConfig
-
-    def build(self, config: BaseModel, context: BuildContext) -> GenDistillerStudent:
-        assert isinstance(config, GenDistillerStudentConfig)
-        target_layers = resolve_target_layers(config, context.teacher)
-        teacher_dim = resolve_teacher_dim(config, context.teacher)
-        with seeded(context.seed):
-            student = GenDistillerStudent(config, teacher_dim, target_layers)
-        if context.teacher is not None:
-            # The generator's layers start as the teacher's first layers (DistilHuBERT's initialisation) when
-            # their shapes match. At the paper sizes the generator's FFN (2304) is narrower than a Base teacher's
-            # (3072): then the front end alone is copied, so both methods start from the teacher's CNN.
-            mode = config.init_from_teacher
-            copied = init_from_teacher(student.front_end, student.generator, context.teacher,
-                                       "auto" if mode is not False else False)
-            if not copied and mode is not False and find_hf_speech_model(context.teacher) is not None:
-                init_from_teacher(student.front_end, [], context.teacher, mode)
-        return student
+    student_class: ClassVar[type[SpeechStudent]] = GenDistillerStudent
 
 
 TrainInputs = Literal["teacher", "generated"]
 
 
-class GenDistillerConfig(HiddenLossConfig):
-    """Loss per generated layer, what blocks 1.. read in training, and the scheduled-sampling schedule."""
+class GenDistillerConfig(LayerMethodConfig):
+    """What blocks 1.. read in training, and the scheduled-sampling schedule."""
 
     # 'generated' by default: on the embedded superb default, teacher forcing left a gap between the layers the
     # student learns from (the teacher's) and the ones it generates from when deployed (its own); training on
@@ -272,46 +261,23 @@ PAPER_STUDENT_ARGS: dict[str, Any] = {"hidden_size": 768, "num_layers": 1, "num_
                                       "target_layers": [4, 8, 12], "init_from_teacher": True}
 
 
-class GenDistillerMethod(Method):
-    """Teacher-forced generation of the target layers (optionally with scheduled sampling); loss per layer."""
+class GenDistillerMethod(TeacherLayerMethod):
+    """Each generated layer against its target teacher layer: teacher-forced (optionally with scheduled sampling)
+    or generated as deployed."""
 
     name: ClassVar[str] = "gendistiller"
     description: ClassVar[str] = ("GenDistiller (Gao et al. 2023): a small student generates the teacher's layers "
                                   "autoregressively (causal across layers, full across time)")
     Config: ClassVar[type[BaseModel]] = GenDistillerConfig
-    presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {
-            "teacher": {"name": "wavlm", "args": {"source": None, "config": dict(WAVLM_BASE_PLUS_CONFIG)}},
-            "student": {"name": "gendistiller-student", "args": dict(PAPER_STUDENT_ARGS)},
-            "method": {"loss": "l1_logsigmoid_cos", "cos_weight": 1.0, "train_inputs": "teacher"},
-            "trainer": dict(PAPER_TRAINER),
-        },
-        # Real Base teachers (the superb task's presets of the same names pick the checkpoint): paper sizes.
-        "wavlm-base-plus": {"student": {"name": "gendistiller-student", "args": dict(PAPER_STUDENT_ARGS)},
-                            "method": {"train_inputs": "teacher"}},
-        "hubert-base": {"student": {"name": "gendistiller-student", "args": dict(PAPER_STUDENT_ARGS)},
-                        "method": {"train_inputs": "teacher"}},
-    }
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        # Sized for the superb task's default teacher (Whisper tiny.en encoder, 384 wide): two generator layers
-        # with a narrow FFN (the width), 2.83M parameters, 36% below the default DistilHuBERT (4.45M) as the
-        # papers' 33%. Depth over FFN width: measured against one layer with FFN 1152 (2.53M) and 2 x 576
-        # (docs/speech.md, assumption 10).
-        return {"student": {"name": "gendistiller-student", "args": {"num_layers": 2, "ffn_dim": 384}}}
-
-    def _speech_student(self) -> GenDistillerStudent:
-        if not isinstance(self.student, GenDistillerStudent):
-            raise KDUserError(f"--plugin gendistiller needs student 'gendistiller-student', got "
-                              f"{type(self.student).__name__}; set student.name: gendistiller-student.")
-        return self.student
-
-    def teacher_request(self) -> SignalRequest:
-        return self._speech_student().teacher_request()
-
-    def student_request(self) -> SignalRequest:
-        return HIDDEN_STATES_REQUEST
+    student_factory = GenDistillerStudentFactory
+    speech_student: GenDistillerStudent
+    # Sized for the superb task's default teacher (Whisper tiny.en encoder, 384 wide): two generator layers with a
+    # narrow FFN (the width), 2.83M parameters, 36% below the default DistilHuBERT (4.45M) as the papers' 33%.
+    # Depth over FFN width: measured against one layer with FFN 1152 (2.53M) and 2 x 576 (docs/speech.md,
+    # assumption 10).
+    default_student_args: ClassVar[dict[str, Any]] = {"num_layers": 2, "ffn_dim": 384}
+    presets: ClassVar[dict[str, dict[str, Any]]] = paper_presets(GenDistillerStudentFactory.name, PAPER_STUDENT_ARGS,
+                                                                 method={"train_inputs": "teacher"})
 
     def sampling_probability(self, step: int) -> float:
         """Probability that a block's input is the student's own previous layer at ``step``."""
@@ -321,34 +287,27 @@ class GenDistillerMethod(Method):
         progress = min(1.0, step / (self.total_steps - 1))
         return config.sampling_start + (config.sampling_end - config.sampling_start) * progress
 
-    def training_step(self, batch: Batch, step: int) -> StepOutput:
+    def compare(self, batch: Batch, step: int) -> Comparison:
         """Teacher forcing (or, with ``train_inputs: generated``, generation as deployed, differentiated end
-        to end); each block's prediction is scored against its teacher layer."""
-        student = self._speech_student()
-        teacher_signals = self.teacher.signals(batch, self.teacher_request())
-        targets = teacher_layers(teacher_signals, student.target_layers)
+        to end); each block's prediction meets its teacher layer."""
+        student = self.speech_student
+        targets, teacher_mask = self.teacher_targets(batch)
         front_end, student_mask = student.features(batch)
-        frames, mask = align_frames(student_mask, teacher_signals.extra.get("frame_mask"), targets[0].shape[1],
-                                    self.config.max_frame_mismatch)
+        frames, mask = align_frames(student_mask, teacher_mask, targets[0].shape[1], self.config.max_frame_mismatch)
         # The generator runs on the common frames; the teacher's inputs must have the student's time axis.
-        front_end, frame_mask = front_end[:, :frames], mask
+        front_end = front_end[:, :frames]
         if self.config.train_inputs == "generated":
-            predictions = student.generate(front_end, frame_mask)
-            loss, parts = weighted_layer_losses(predictions, targets, student.target_layers, mask, self.config)
-            parts["sampling_prob"] = 1.0
-            return StepOutput(loss, parts)
+            return self.comparison(student.generate(front_end, mask), targets, mask, {"sampling_prob": 1.0})
         inputs = [target[:, :frames].to(front_end.dtype) for target in targets[:-1]]
         probability = self.sampling_probability(step)
         if probability > 0 and inputs:
             own = torch.rand(front_end.shape[0], len(inputs), device=front_end.device) < probability
             with torch.no_grad():
-                generated = student.generate(front_end.detach(), frame_mask, inputs, use_teacher=~own)
+                generated = student.generate(front_end.detach(), mask, inputs, use_teacher=~own)
             inputs = [torch.where(own[:, index, None, None], generated[index], teacher)
                       for index, teacher in enumerate(inputs)]
-        predictions = student.teacher_forced(front_end, frame_mask, inputs)
-        loss, parts = weighted_layer_losses(predictions, targets, student.target_layers, mask, self.config)
-        parts["sampling_prob"] = probability
-        return StepOutput(loss, parts)
+        predictions = student.teacher_forced(front_end, mask, inputs)
+        return self.comparison(predictions, targets, mask, {"sampling_prob": probability})
 
 
 __all__ = [

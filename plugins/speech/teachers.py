@@ -31,21 +31,28 @@ from torch.nn import functional as F
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, ModelFactory, Teacher
 from kdcore.signals import SignalRequest, Signals
-from kd_plugins.speech.students import WAVLM_BASE_PLUS_CONFIG, _normalize_per_utterance, lengths_to_mask
+from kd_plugins.speech.waveforms import (
+    SAMPLE_RATE, checked_waveform, lengths_to_mask, normalize_per_utterance, receptive_field,
+)
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
-
-#: transformers ``HubertConfig`` arguments of HuBERT Base (facebook/hubert-base-ls960): 12 layers, 768 wide,
-#: FFN 3072, 12 heads, the 7-layer CNN with GroupNorm, conv positional embedding 128/16, post-LN.
-HUBERT_BASE_CONFIG: dict[str, Any] = {
+#: transformers config arguments both Base architectures share: 12 layers, 768 wide, FFN 3072, 12 heads, the 7-layer
+#: CNN with GroupNorm, conv positional embedding 128/16, post-LN.
+_BASE_ARCHITECTURE: dict[str, Any] = {
     "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
     "hidden_act": "gelu", "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
     "conv_stride": [5, 2, 2, 2, 2, 2, 2], "conv_bias": False, "feat_extract_norm": "group",
     "do_stable_layer_norm": False, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
-    "feat_proj_layer_norm": False, "layer_norm_eps": 1e-5,
+    "layer_norm_eps": 1e-5,
 }
+
+#: transformers ``WavLMConfig`` arguments of WavLM Base+ (microsoft/wavlm-base-plus): the speech methods' paper
+#: presets build the teacher from this with random weights, so parameter counts come out right without downloads.
+WAVLM_BASE_PLUS_CONFIG: dict[str, Any] = {**_BASE_ARCHITECTURE, "num_buckets": 320, "max_bucket_distance": 800}
+
+#: transformers ``HubertConfig`` arguments of HuBERT Base (facebook/hubert-base-ls960).
+HUBERT_BASE_CONFIG: dict[str, Any] = {**_BASE_ARCHITECTURE, "feat_proj_layer_norm": False}
 
 #: Named architectures (random weights: for ``--dry-run`` parameter counts and tests, never for real targets).
 NAMED_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
@@ -57,22 +64,6 @@ HUB_IDS = {"wavlm": "microsoft/wavlm-base-plus", "hubert": "facebook/hubert-base
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _check_batch(batch: Batch, minimum_samples: int, teacher: str) -> tuple[torch.Tensor, torch.Tensor]:
-    waveform = batch["waveform"]
-    if waveform.dim() != 2:
-        raise KDUserError(f"The {teacher} teacher expects batch['waveform'] of shape (batch, samples) at 16 kHz; got "
-                          f"shape {tuple(waveform.shape)}. Down-mix and batch the audio in the task's collate.")
-    lengths = batch.get("waveform_lengths")
-    if lengths is None:
-        lengths = torch.full((waveform.shape[0],), waveform.shape[1], dtype=torch.long)
-    lengths = torch.as_tensor(lengths).long().cpu()
-    if int(lengths.min()) < minimum_samples:
-        raise KDUserError(f"An utterance of {int(lengths.min())} samples is too short for the {teacher} teacher "
-                          f"(needs at least {minimum_samples} samples = {minimum_samples / SAMPLE_RATE * 1000:.0f} ms "
-                          f"at 16 kHz); drop or pad such clips in the data.")
-    return waveform, lengths
 
 
 def run_grouped_by_length(waveform: torch.Tensor, lengths: torch.Tensor,
@@ -163,7 +154,7 @@ class HFSpeechTeacher(Teacher):
         self.normalize_waveform = normalize_waveform
         self.batching = batching
         self.name = name
-        self.receptive_field = _receptive_field(model.config)
+        self.receptive_field = receptive_field(zip(model.config.conv_kernel, model.config.conv_stride))
 
     @property
     def hidden_size(self) -> int:
@@ -186,11 +177,12 @@ class HFSpeechTeacher(Teacher):
         return list(output.hidden_states)
 
     def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
-        waveform, lengths = _check_batch(batch, self.receptive_field, self.name)
+        waveform, lengths = checked_waveform(batch["waveform"], batch.get("waveform_lengths"), self.receptive_field,
+                                             f"the {self.name} teacher")
         device = next(self.model.parameters()).device
         waveform = waveform.to(device).float()
         if self.normalize_waveform:
-            waveform = _normalize_per_utterance(waveform, lengths.to(device))
+            waveform = normalize_per_utterance(waveform, lengths.to(device))
         if self.batching == "padded":
             hidden = self._run(waveform, lengths)
             frames = self.model._get_feat_extract_output_lengths(lengths).long()
@@ -201,16 +193,22 @@ class HFSpeechTeacher(Teacher):
         return Signals(hidden_states=tuple(hidden), extra={"frame_mask": mask})
 
 
-def _receptive_field(config: Any) -> int:
-    field, hop = 1, 1
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        field += (kernel - 1) * hop
-        hop *= stride
-    return field
-
-
 def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+
+
+def _model_location(source: str, allow_download: bool, expected: str) -> tuple[str, bool]:
+    """Where transformers loads ``source`` from, and whether it may read local files only: an existing directory, or
+    a hub id (downloaded only with ``allow_download``). ``expected`` says what the directory holds, for errors."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KDUserError(f"teacher.args.source {source} is a file; give the directory that holds {expected}.")
+        return str(path), True
+    if _looks_like_path(source):
+        raise KDUserError(f"teacher.args.source directory {source} does not exist; give an existing directory with "
+                          f"{expected}, or a hub id.")
+    return source, not allow_download
 
 
 def _hub_help(kind: str, source: str) -> str:
@@ -280,16 +278,8 @@ class _HFSpeechTeacherFactory(ModelFactory):
 
         source = str(config.source)
         path = Path(source).expanduser()
-        if path.exists():
-            if not path.is_dir():
-                raise KDUserError(f"teacher.args.source {source} is a file; give the directory that holds the "
-                                  f"model's config.json and weights.")
-            location, local_only = str(path), True
-        elif _looks_like_path(source):
-            raise KDUserError(f"teacher.args.source directory {source} does not exist; give an existing directory "
-                              f"with a transformers {self.kind} model (config.json + weights) or a hub id.")
-        else:
-            location, local_only = source, not config.allow_download
+        location, local_only = _model_location(source, config.allow_download,
+                                               f"a transformers {self.kind} model (config.json + weights)")
         options = {"local_files_only": local_only, "revision": config.revision}
         try:
             hf_config = AutoConfig.from_pretrained(location, **options)
@@ -420,7 +410,8 @@ class WhisperEncoderTeacher(Teacher):
         return [torch.cat(parts, dim=1) for parts in zip(*per_window)]
 
     def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
-        waveform, lengths = _check_batch(batch, self.MINIMUM_SAMPLES, "whisper-encoder")
+        waveform, lengths = checked_waveform(batch["waveform"], batch.get("waveform_lengths"), self.MINIMUM_SAMPLES,
+                                             "the whisper-encoder teacher")
         device = self.encoder.conv1.weight.device
         hidden, mask = run_grouped_by_length(waveform.to(device), lengths, self._run_group)
         return Signals(hidden_states=tuple(hidden), extra={"frame_mask": mask})
@@ -444,22 +435,18 @@ class WhisperEncoderTeacherFactory(ModelFactory):
         elif path.is_dir() and (path / "model.bin").is_file():
             model = load_ctranslate2_whisper(path, cache_dir=context.cache_dir)
         else:
-            model = self._transformers_model(config, path)
+            model = self._transformers_model(config)
         encoder = model.get_encoder()
         return with_cache(WhisperEncoderTeacher(encoder.eval(), int(model.config.num_mel_bins)), config, context)
 
     @staticmethod
-    def _transformers_model(config: WhisperEncoderTeacherConfig, path: Path) -> nn.Module:
+    def _transformers_model(config: WhisperEncoderTeacherConfig) -> nn.Module:
         from transformers import WhisperModel
 
         source = config.source
-        if path.exists():
-            location, local_only = str(path), True
-        elif _looks_like_path(source):
-            raise KDUserError(f"teacher.args.source directory {source} does not exist; give 'embedded', a "
-                              f"CTranslate2 Whisper directory (model.bin) or a transformers Whisper directory.")
-        else:
-            location, local_only = source, not config.allow_download
+        location, local_only = _model_location(
+            source, config.allow_download, "a transformers Whisper model (config.json + weights) or a CTranslate2 "
+                                           "Whisper model (model.bin), or set source: embedded")
         try:
             return WhisperModel.from_pretrained(location, local_files_only=local_only, revision=config.revision)
         except OSError as error:
@@ -471,7 +458,8 @@ class WhisperEncoderTeacherFactory(ModelFactory):
 
 
 __all__ = [
-    "HUBERT_BASE_CONFIG", "HUB_IDS", "NAMED_CONFIGS", "HFSpeechTeacher", "HFSpeechTeacherConfig",
+    "HUBERT_BASE_CONFIG", "HUB_IDS", "NAMED_CONFIGS", "WAVLM_BASE_PLUS_CONFIG", "HFSpeechTeacher",
+    "HFSpeechTeacherConfig",
     "HubertTeacherFactory", "WavLMTeacherFactory", "WhisperEncoderTeacher", "WhisperEncoderTeacherConfig",
     "WhisperEncoderTeacherFactory", "run_grouped_by_length",
 ]

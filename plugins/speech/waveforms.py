@@ -30,8 +30,9 @@ def checked_waveform(waveform: torch.Tensor, lengths: torch.Tensor | None, minim
     shorter than ``minimum_samples``, the receptive field of the model's first frame.
     """
     if waveform.dim() != 2:
-        raise KDUserError(f"{model[0].upper()}{model[1:]} expects batch['waveform'] of shape (batch, samples) at 16 kHz; "
-                          f"got shape {tuple(waveform.shape)}. Down-mix and batch the audio in the task's collate.")
+        raise KDUserError(f"{model[0].upper()}{model[1:]} expects batch['waveform'] of shape (batch, samples) at "
+                          f"16 kHz; got shape {tuple(waveform.shape)}. Down-mix and batch the audio in the task's "
+                          f"collate.")
     lengths = waveform_lengths(waveform, lengths)
     if int(lengths.min()) < minimum_samples:
         raise KDUserError(f"An utterance of {int(lengths.min())} samples is too short for {model}: its first frame "
@@ -50,7 +51,7 @@ def receptive_field(kernels_and_strides: Sequence[tuple[int, int]]) -> int:
 
 
 def conv_output_lengths(lengths: torch.Tensor, conv_layers: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Frames a valid (unpadded) conv stack of ``(channels, kernel, stride)`` layers produces from ``lengths`` samples."""
+    """Frames a valid (unpadded) conv stack of ``(channels, kernel, stride)`` layers makes from ``lengths`` samples."""
     frames = lengths.long()
     for _, kernel, stride in conv_layers:
         frames = torch.div(frames - kernel, stride, rounding_mode="floor") + 1

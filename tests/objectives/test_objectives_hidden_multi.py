@@ -95,3 +95,30 @@ def test_bad_arguments_are_refused() -> None:
         multi_layer_hidden_loss([layer], [torch.zeros(2, 3, 5)], "l1")
     with pytest.raises(ValueError, match="mask"):
         multi_layer_hidden_loss([layer], [layer], "l1", mask=torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("frames", [(3, 3), (3, 5)])  # one autograd node, and layers of different lengths
+def test_objective_layer_weights_and_part_names(frames: tuple[int, int]) -> None:
+    from pydantic import ValidationError
+
+    from kdcore.errors import KDUserError
+    from kdcore.objectives.layers import HIDDEN_LAYER_IDS, HiddenL1Objective
+    from kdcore.signals import Signals
+
+    students = tuple(torch.randn(2, length, 4) for length in frames)
+    teachers = tuple(torch.randn(2, length, 4) for length in frames)
+    objective = HiddenL1Objective(HiddenL1Objective.Config(layer_weights=[0.5, 3.0]))
+    named_teacher = Signals(hidden_states=teachers, extra={HIDDEN_LAYER_IDS: (4, 8)})
+    output = objective(Signals(hidden_states=students), named_teacher, {})
+    per_layer = [hidden_state_loss(s, t, "l1") for s, t in zip(students, teachers)]
+    torch.testing.assert_close(output.loss, 0.5 * per_layer[0] + 3.0 * per_layer[1])
+    assert output.parts == pytest.approx({"layer4": float(per_layer[0]), "layer8": float(per_layer[1])})
+    unnamed = HiddenL1Objective()(Signals(hidden_states=students), Signals(hidden_states=teachers), {})
+    assert set(unnamed.parts) == {"layer0", "layer1"}
+    with pytest.raises(KDUserError, match="layer_weights"):
+        HiddenL1Objective(HiddenL1Objective.Config(layer_weights=[1.0]))(
+            Signals(hidden_states=students), Signals(hidden_states=teachers), {})
+    with pytest.raises(ValidationError, match="all 0"):
+        HiddenL1Objective.Config(layer_weights=[0.0, 0.0])
+    with pytest.raises(ValidationError):
+        HiddenL1Objective.Config(layer_weights=[1.0, -1.0])

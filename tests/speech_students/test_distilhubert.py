@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from kd_plugins.speech.distilhubert import DistilHubertStudent, DistilHubertStudentConfig, DistilHubertStudentFactory
-from kd_plugins.speech.students import align_frames, conv_output_lengths, init_from_teacher, teacher_layers
+from kd_plugins.speech.speech_signals import align_frames, teacher_layers
+from kd_plugins.speech.teacher_init import init_from_teacher
+from kd_plugins.speech.waveforms import conv_output_lengths
 from kdcore.errors import KDUserError
 from kdcore.interfaces import BuildContext
 from kdcore.signals import SignalRequest, Signals
@@ -109,7 +111,7 @@ def test_teacher_layer_selection_and_frame_alignment() -> None:
 
 
 def test_automatic_target_layers(tiny_sizes: dict, teacher_factory, tmp_path) -> None:
-    from kd_plugins.speech.students import evenly_spaced_layers
+    from kd_plugins.speech.teacher_shape import evenly_spaced_layers
 
     assert evenly_spaced_layers(12, 3) == [4, 8, 12]
     assert evenly_spaced_layers(4, 3) == [1, 3, 4]

@@ -6,9 +6,12 @@ import torch
 
 from kd_plugins.speech.distilhubert import DistilHubertMethod, DistilHubertStudentConfig, DistilHubertStudentFactory
 from kd_plugins.speech.gendistiller import GenDistillerMethod, GenDistillerStudentConfig, GenDistillerStudentFactory
-from kdcore.interfaces import BuildContext, Method
+from kdcore.interfaces import BuildContext, Method, WeightedObjective
+from kdcore.objectives.layers import DistilHubertObjective
 
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+#: The methods' default objective: the papers' L1 - log sigmoid(cos) per target layer.
+PAPER_LOSS = [WeightedObjective("kd", DistilHubertObjective(), 1.0)]
 
 
 def _train(method: Method, batch: dict, steps: int = 8) -> list[float]:
@@ -35,7 +38,7 @@ def test_distilhubert_training_reduces_loss(tiny_sizes: dict, audio_batch: dict,
     teacher = teacher_factory("wavlm", layers=4)
     student = _build(DistilHubertStudentFactory, DistilHubertStudentConfig(**tiny_sizes, **NO_DROPOUT), teacher,
                      tmp_path)
-    method = DistilHubertMethod(DistilHubertMethod.Config(), None, teacher, student, [])
+    method = DistilHubertMethod(DistilHubertMethod.Config(), None, teacher, student, PAPER_LOSS)
     losses = _train(method, audio_batch)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.9 * losses[0], losses
@@ -50,35 +53,37 @@ def test_gendistiller_training_reduces_loss(tiny_sizes: dict, audio_batch: dict,
                      tmp_path)
     config = GenDistillerMethod.Config(train_inputs="teacher", sampling_start=sampling, sampling_end=sampling,
                                        sampling_schedule="constant")
-    method = GenDistillerMethod(config, None, teacher, student, [])
+    method = GenDistillerMethod(config, None, teacher, student, PAPER_LOSS)
     before = [p.detach().clone() for p in student.parameters()]
     losses = _train(method, audio_batch)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()) if b.requires_grad and b.dim() > 1)
     parts = method.training_step(audio_batch, 0).parts
-    assert set(parts) == {"layer2", "layer3", "layer4", "sampling_prob"} and parts["sampling_prob"] == sampling
+    assert set(parts) == {"kd", "kd/layer2", "kd/layer3", "kd/layer4", "sampling_prob"}
+    assert parts["sampling_prob"] == sampling
 
 
 @pytest.mark.usefixtures("hidden_state_loss_available")
 def test_gendistiller_generated_inputs_train_the_deployed_generation(tiny_sizes: dict, audio_batch: dict,
                                                                      teacher_factory, tmp_path) -> None:
     """train_inputs 'generated': the loss is the one of generate() and reaches block 0 through later blocks."""
-    from kd_plugins.speech.students import teacher_layers, weighted_layer_losses
+    from kd_plugins.speech.speech_signals import teacher_layers
+    from kdcore.objectives import multi_layer_hidden_loss
 
     teacher = teacher_factory("wavlm", layers=4)
     student = _build(GenDistillerStudentFactory, GenDistillerStudentConfig(**tiny_sizes, **NO_DROPOUT), teacher,
                      tmp_path)
     config = GenDistillerMethod.Config(train_inputs="generated")
-    method = GenDistillerMethod(config, None, teacher, student, [])
+    method = GenDistillerMethod(config, None, teacher, student, PAPER_LOSS)
     method.on_train_start(4)
     output = method.training_step(audio_batch, 0)
     assert output.parts["sampling_prob"] == 1.0
     with torch.no_grad():
         front_end, mask = student.features(audio_batch)
         targets = teacher_layers(teacher.signals(audio_batch, student.teacher_request()), student.target_layers)
-        expected, _ = weighted_layer_losses(student.generate(front_end, mask), targets, student.target_layers, mask,
-                                            config)
+        expected, _ = multi_layer_hidden_loss(student.generate(front_end, mask), targets, "l1_logsigmoid_cos",
+                                              mask=mask)
     assert torch.allclose(output.loss.detach(), expected, atol=1e-5)
     # Same values as replaying the generated layers as detached inputs, but other gradients: they flow back
     # through each block's generated input into the blocks before it.

@@ -10,7 +10,7 @@ from transformers import WavLMConfig, WavLMModel
 from kdcore.errors import KDUserError
 from kdcore.interfaces import BuildContext
 from kdcore.signals import Signal, SignalRequest
-from kd_plugins.speech.students import find_hf_speech_model, teacher_hidden_size, teacher_num_layers
+from kd_plugins.speech.teacher_shape import find_hf_speech_model, teacher_hidden_size, teacher_num_layers
 from kd_plugins.speech.teacher_cache import CachedSpeechTeacher
 from kd_plugins.speech.teachers import WavLMTeacherFactory
 

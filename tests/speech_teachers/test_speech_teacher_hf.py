@@ -11,7 +11,9 @@ from kdcore.errors import KDUserError
 from kdcore.interfaces import BuildContext
 from kdcore.registry import Registry
 from kdcore.signals import Signal, SignalRequest
-from kd_plugins.speech.students import align_frames, conv_output_lengths, teacher_hidden_size, teacher_num_layers
+from kd_plugins.speech.speech_signals import align_frames
+from kd_plugins.speech.teacher_shape import teacher_hidden_size, teacher_num_layers
+from kd_plugins.speech.waveforms import conv_output_lengths
 from kd_plugins.speech.teachers import (
     HUBERT_BASE_CONFIG, HubertTeacherFactory, WavLMTeacherFactory,
 )
@@ -89,7 +91,8 @@ def test_padded_batching_masks_padding(tmp_path, context, batch):
 
 
 def test_student_frames_align_with_the_teacher(tmp_path, context, batch):
-    from kd_plugins.speech.students import SpeechFrontEnd, SpeechStudentConfig
+    from kd_plugins.speech.front_end import SpeechFrontEnd
+    from kd_plugins.speech.student_base import SpeechStudentConfig
 
     _save("wavlm", tmp_path / "model")
     teacher = WavLMTeacherFactory().build(WavLMTeacherFactory.Config(source=str(tmp_path / "model"), cache=False), context)

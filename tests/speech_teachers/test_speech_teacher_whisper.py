@@ -10,8 +10,9 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 from kdcore.errors import KDUserError
 from kdcore.interfaces import BuildContext
 from kdcore.signals import Signal, SignalRequest
-from kd_plugins.speech.students import conv_output_lengths, DEFAULT_CONV_LAYERS, teacher_hidden_size, \
-    teacher_num_layers
+from kd_plugins.speech.front_end import DEFAULT_CONV_LAYERS
+from kd_plugins.speech.teacher_shape import teacher_hidden_size, teacher_num_layers
+from kd_plugins.speech.waveforms import conv_output_lengths
 from kd_plugins.speech.teachers import WhisperEncoderTeacherFactory
 
 REQUEST = SignalRequest(frozenset({Signal.HIDDEN_STATES}))

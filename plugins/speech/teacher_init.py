@@ -1,0 +1,93 @@
+"""Initialising a speech student from a WavLM/HuBERT teacher, as DistilHuBERT does.
+
+The student's front end and transformer layers mirror transformers' module names
+(:mod:`kd_plugins.speech.front_end`, :mod:`kd_plugins.speech.transformer_layer`), so the teacher's CNN, feature
+projection, positional conv, encoder layer norm and first layers copy over by name.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kdcore.errors import KDUserError
+from kd_plugins.speech.front_end import SpeechFrontEnd
+from kd_plugins.speech.teacher_shape import find_hf_speech_model
+from kd_plugins.speech.transformer_layer import SpeechTransformerLayer
+
+log = logging.getLogger(__name__)
+
+
+def copy_transformer_layer(target: SpeechTransformerLayer, source: nn.Module) -> None:
+    """Fill ``target`` from a transformers HuBERT/WavLM/wav2vec2 encoder layer (WavLM's relative-position
+    bias has no counterpart in the student and is left out, as DistilHuBERT does)."""
+    attention = source.attention
+    with torch.no_grad():
+        target.attention.in_proj_weight.copy_(torch.cat(
+            [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight], dim=0))
+        target.attention.in_proj_bias.copy_(torch.cat(
+            [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias], dim=0))
+        target.attention.out_proj.load_state_dict(attention.out_proj.state_dict())
+        target.layer_norm.load_state_dict(source.layer_norm.state_dict())
+        target.feed_forward["intermediate_dense"].load_state_dict(
+            source.feed_forward.intermediate_dense.state_dict())
+        target.feed_forward["output_dense"].load_state_dict(source.feed_forward.output_dense.state_dict())
+        target.final_layer_norm.load_state_dict(source.final_layer_norm.state_dict())
+
+
+def init_from_teacher(front_end: SpeechFrontEnd, layers: Sequence[SpeechTransformerLayer], teacher: nn.Module,
+                      mode: bool | Literal["auto"]) -> bool:
+    """Copy the teacher's CNN, projection, positional conv, encoder layer norm and first ``len(layers)`` layers.
+
+    Returns whether weights were copied. ``mode=True`` raises :class:`KDUserError`
+    when the teacher is not a transformers WavLM/HuBERT model or the shapes differ;
+    ``"auto"`` then keeps the random initialisation and says so in the log.
+    """
+    if mode is False:
+        return False
+    source = find_hf_speech_model(teacher)
+    problem = None
+    if source is None:
+        problem = f"the teacher {type(teacher).__name__} holds no transformers WavLM/HuBERT/wav2vec2 model"
+    elif getattr(source.config, "do_stable_layer_norm", False) != front_end.layer_norm_first:
+        problem = ("the teacher's layer-norm placement (do_stable_layer_norm="
+                   f"{source.config.do_stable_layer_norm}) differs from the student's layer_norm_first="
+                   f"{front_end.layer_norm_first}")
+    elif len(source.encoder.layers) < len(layers):
+        problem = f"the teacher has {len(source.encoder.layers)} layers, fewer than the student's {len(layers)}"
+    else:
+        try:
+            _copy_front_end_and_layers(front_end, layers, source)
+        except (RuntimeError, AttributeError, KeyError) as error:
+            problem = f"the shapes differ ({str(error).splitlines()[0]})"
+    if problem is None:
+        log.info("student initialised from the teacher: CNN, projection, positional conv and %d layer(s)", len(layers))
+        return True
+    if mode == "auto":
+        log.info("student not initialised from the teacher (%s); random initialisation", problem)
+        return False
+    raise KDUserError(f"student.args.init_from_teacher is true, but {problem}. Set init_from_teacher to 'auto' "
+                      f"or false, or use a WavLM/HuBERT teacher with the student's sizes.")
+
+
+def _copy_front_end_and_layers(front_end: SpeechFrontEnd, layers: Sequence[SpeechTransformerLayer],
+                               source: nn.Module) -> None:
+    # Load into copies first so a shape error leaves the student untouched.
+    staged_front = copy.deepcopy(front_end)
+    staged_front.feature_extractor.load_state_dict(source.feature_extractor.state_dict())
+    staged_front.feature_projection.load_state_dict(source.feature_projection.state_dict())
+    staged_front.pos_conv_embed.load_state_dict(source.encoder.pos_conv_embed.state_dict())
+    staged_front.layer_norm.load_state_dict(source.encoder.layer_norm.state_dict())
+    staged_layers = [copy.deepcopy(layer) for layer in layers]
+    for staged, teacher_layer in zip(staged_layers, source.encoder.layers):
+        copy_transformer_layer(staged, teacher_layer)
+    front_end.load_state_dict(staged_front.state_dict())
+    for layer, staged in zip(layers, staged_layers):
+        layer.load_state_dict(staged.state_dict())
+
+
+__all__ = ["copy_transformer_layer", "init_from_teacher"]
