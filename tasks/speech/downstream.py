@@ -41,6 +41,7 @@ from kdcore.config import StrictModel
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Model
 from kdcore.signals import Signal, SignalRequest
+from kd_tasks.sampling import seeded_subset
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +196,13 @@ class UtteranceClassifier(nn.Module):
         return self.head(self.layer_sum(pooled))
 
 
-def _subset(count: int, limit: int | None, generator: torch.Generator) -> list[int]:
-    if limit is None or limit >= count:
-        return list(range(count))
-    return sorted(torch.randperm(count, generator=generator)[:limit].tolist())
-
-
 def train_utterance_classifier(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int,
                                config: UtteranceHeadConfig, seed: int) -> UtteranceClassifier:
     """Fit an :class:`UtteranceClassifier` on ``pooled`` ``(N, layers, width)`` features (seeded)."""
     if pooled.shape[0] == 0:
         raise ValueError("no training items for the utterance classifier")
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.tensor(_subset(pooled.shape[0], config.max_train_items, generator))
+    chosen = torch.tensor(seeded_subset(pooled.shape[0], config.max_train_items, generator))
     pooled, labels = pooled[chosen], labels[chosen]
     # enable_grad: the runner evaluates under no_grad, but the heads are trained here.
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -310,7 +305,7 @@ def train_ctc_head(frames: Sequence[torch.Tensor], texts: Sequence[str], config:
     if not frames:
         raise ValueError("no training utterances for the CTC head")
     generator = torch.Generator().manual_seed(seed)
-    chosen = _subset(len(frames), config.max_train_items, generator)
+    chosen = seeded_subset(len(frames), config.max_train_items, generator)
     frames = [frames[i] for i in chosen]
     texts = [texts[i] for i in chosen]
     vocabulary = CharVocabulary(texts)

@@ -41,6 +41,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from kdcore.config import StrictModel
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, DataSplits, Model, Task
+from kd_tasks.sampling import length_bucketed_batches, seeded_subset
 from kd_tasks.speech.downstream import (
     CTCHeadConfig, UtteranceHeadConfig, character_error_rate, classifier_accuracy, extract_features,
     train_ctc_head, train_utterance_classifier, transcribe, word_error_rate,
@@ -328,18 +329,10 @@ class SuperbTask(Task):
     def epoch_batches(self, dataset: Sequence[Any], batch_size: int,
                       generator: torch.Generator) -> list[list[int]] | None:
         """Length-bucketed batches: shuffle, sort pools of ``bucket_size`` batches by length, shuffle batches."""
-        count = len(dataset)
-        batch_size = min(batch_size, count)
-        order = torch.randperm(count, generator=generator).tolist()
-        pool = batch_size * self.config.bucket_size
-        batches: list[list[int]] = []
-        for start in range(0, count, pool):
-            chunk = sorted(order[start:start + pool], key=lambda i: _num_samples(dataset[i]))
-            batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size))
-        if not batches:
+        if not dataset:
             return None
-        permutation = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in permutation]
+        return length_bucketed_batches([_num_samples(item) for item in dataset], batch_size, self.config.bucket_size,
+                                       generator)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -357,8 +350,10 @@ class SuperbTask(Task):
                        else settings.test_downstreams)
         seed = settings.seed + self._run_seed
         generator = torch.Generator().manual_seed(seed)
-        train_sets = {name: _cap(self._labelled(self._downstream_train, name), _budget(settings, name), generator)
-                      for name in downstreams}
+        train_sets: dict[str, list[Any]] = {}
+        for name in downstreams:  # in order: each draws its subset from the one generator
+            labelled = self._labelled(self._downstream_train, name)
+            train_sets[name] = [labelled[i] for i in seeded_subset(len(labelled), _budget(settings, name), generator)]
         test_sets = {name: self._labelled(dataset, name) for name in downstreams}
         # One upstream pass over every item some downstream needs (train and scored items).
         train_items = _union(train_sets.values())
@@ -454,14 +449,6 @@ def _is_silence(item: Any) -> bool:
 
 def _budget(settings: SuperbEvaluationConfig, name: str) -> int | None:
     return {"keyword": settings.keyword, "asr": settings.asr, "speaker": settings.speaker}[name].max_train_items
-
-
-def _cap(items: list[Any], limit: int | None, generator: torch.Generator) -> list[Any]:
-    """A seeded subset of at most ``limit`` items (all of them when ``limit`` is None)."""
-    if limit is None or len(items) <= limit:
-        return items
-    chosen = sorted(torch.randperm(len(items), generator=generator)[:limit].tolist())
-    return [items[i] for i in chosen]
 
 
 def _union(groups: Any) -> list[Any]:

@@ -23,6 +23,8 @@ from typing import Any
 
 from kdcore.errors import KDUserError
 
+from .data_config import SplitFiles
+
 log = logging.getLogger(__name__)
 
 TextRecord = dict[str, str]
@@ -116,6 +118,23 @@ def read_parallel_lines(source_path: Path, reference_path: Path, *, empty: str =
 
 
 # --------------------------------------------------------------------------------------- row formats
+
+#: File endings :func:`format_of` recognises, and the reader format each one means.
+FORMAT_OF_SUFFIX = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+
+
+def format_of(path: Path, declared: str) -> str:
+    """``declared`` unless it is ``auto``; then ``dataset`` for a folder, else the format of the file ending."""
+    if declared != "auto":
+        return declared
+    if path.is_dir():
+        return "dataset"
+    suffix = path.suffix.lower()
+    if suffix not in FORMAT_OF_SUFFIX:
+        raise KDUserError(f"Cannot tell the format of '{path}' from its extension '{suffix}'. Use .tsv, .csv, .jsonl "
+                          f"or a dataset folder, or set data.format.")
+    return FORMAT_OF_SUFFIX[suffix]
+
 
 
 def read_tsv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -250,6 +269,40 @@ def sacrebleu_test_set(name: str, langpair: str) -> list[TextRecord]:
     return read_parallel_lines(source_path, reference_paths[0], empty="skip")
 
 
-__all__ = ["Layout", "ReadStats", "TextRecord", "pick_layout", "read_csv_rows", "read_dataset_rows",
-           "read_jsonl_rows", "read_lines", "read_parallel_lines", "read_text", "read_tsv_rows", "records_from_rows",
-           "sacrebleu_test_set"]
+def configured_layouts(source_field: str | None, target_field: str | None,
+                       detected: tuple[Layout, ...]) -> tuple[Layout, ...]:
+    """The layout named by ``data.source_field``/``target_field`` when set, else the task's ``detected`` ones."""
+    if source_field or target_field:
+        if not (source_field and target_field):
+            raise KDUserError("Set both data.source_field and data.target_field (or neither, to detect them).")
+        return (Layout("data.source_field/target_field", source_field, target_field, "id"),)
+    return detected
+
+
+def read_split(name: str, files: SplitFiles, declared_format: str, layouts: tuple[Layout, ...]) -> list[TextRecord]:
+    """The records of split ``name`` from its files (``data.<name>.*``); skipped rows are counted and logged."""
+    stats = ReadStats()
+    if files.path is None:
+        assert files.source is not None and files.reference is not None  # SplitFiles guarantees one origin
+        records = read_parallel_lines(Path(files.source).expanduser(), Path(files.reference).expanduser(),
+                                      empty="skip", stats=stats)
+    else:
+        path = Path(files.path).expanduser()
+        if not path.exists():
+            raise KDUserError(f"data.{name}.path '{path}' does not exist.")
+        kind = format_of(path, declared_format)
+        readers = {"tsv": read_tsv_rows, "csv": read_csv_rows, "jsonl": read_jsonl_rows}
+        rows = read_dataset_rows(path, files.split or name) if kind == "dataset" else readers[kind](path)
+        # A TSV file has no header: its first column is the source, its second the target.
+        records = records_from_rows(rows, (Layout("tsv", "0", "1"),) if kind == "tsv" else layouts,
+                                    prefix=f"{name}:{path.name}", stats=stats)
+    stats.log(f"data.{name}")
+    if not records:
+        raise KDUserError(f"data.{name} holds no usable examples ({stats.rows} rows read, skipped: "
+                          f"{stats.skipped or 'none'}).")
+    return records
+
+
+__all__ = ["FORMAT_OF_SUFFIX", "Layout", "ReadStats", "TextRecord", "configured_layouts", "format_of", "pick_layout",
+           "read_csv_rows", "read_dataset_rows", "read_jsonl_rows", "read_lines", "read_parallel_lines", "read_split",
+           "read_text", "read_tsv_rows", "records_from_rows", "sacrebleu_test_set"]

@@ -13,7 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from .base import TextDataConfig, TextTask
+from .base import TextTask
+from .data_config import TextDataConfig
 from .files import Layout, TextRecord
 from .presets import text_presets, text_task_defaults
 from .summarization_data import DEFAULT_PACKAGES

@@ -20,6 +20,9 @@ from typing import Any
 from kdcore.errors import KDUserError
 from kdcore.io import atomic_write_json
 
+from .data_config import TextDataConfig
+from .files import TextRecord
+
 log = logging.getLogger(__name__)
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -86,5 +89,25 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-__all__ = ["EOS", "PAD", "TOKENIZER_RECIPE", "UNK", "cached_trained_tokenizer", "tokenizer_fingerprint",
-           "train_bpe_tokenizer", "training_text_hash"]
+def task_tokenizer(config: TextDataConfig, cache_dir: Path, train: Sequence[TextRecord]) -> tuple[Any, Path | None]:
+    """The tokenizer ``data.tokenizer`` names and its directory (None for a hub id).
+
+    ``train``: a BPE tokenizer trained on the ``train`` records' sources and targets (cached); else a model's
+    tokenizer directory, ``tokenizer.json`` or hub id. A tokenizer without a padding token is refused.
+    """
+    if config.tokenizer == "train":
+        texts = [r["source"] for r in train] + [r["target"] for r in train]
+        tokenizer, directory = cached_trained_tokenizer(cache_dir, texts, config.vocab_size)
+    else:
+        from kd_plugins.text.models import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer, local_files_only=config.local_files_only)
+        path = Path(config.tokenizer).expanduser()
+        directory = path if path.exists() else None
+    if tokenizer.pad_token_id is None:
+        raise KDUserError(f"The tokenizer '{config.tokenizer}' has no padding token; seq2seq batches need one.")
+    return tokenizer, directory
+
+
+__all__ = ["EOS", "PAD", "TOKENIZER_RECIPE", "UNK", "cached_trained_tokenizer", "task_tokenizer",
+           "tokenizer_fingerprint", "train_bpe_tokenizer", "training_text_hash"]

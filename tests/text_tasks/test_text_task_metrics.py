@@ -132,7 +132,7 @@ def test_references_scored_are_the_untruncated_text(tmp_path: Path) -> None:
 
 def test_a_model_giving_one_output_for_every_input_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
     # The summarization defaults produced exactly this: one sentence for all 1000 test documents.
-    from kd_tasks.text.base import distinct_fraction, warn_if_input_ignored
+    from kd_tasks.text.diagnostics import distinct_fraction, warn_if_input_ignored
 
     constant = ["Return the given graph."] * 999 + ["Return a list."]
     assert distinct_fraction(constant) == pytest.approx(2 / 1000)
@@ -146,7 +146,7 @@ def test_a_model_giving_one_output_for_every_input_is_flagged(caplog: pytest.Log
 
 def test_the_warning_says_whether_the_encoder_collapsed(caplog: pytest.LogCaptureFixture) -> None:
     # The remedies differ: a collapsed encoder needs a gentler lr; a working one a decoder trained longer.
-    from kd_tasks.text.base import warn_if_input_ignored
+    from kd_tasks.text.diagnostics import warn_if_input_ignored
 
     constant = ["Kalibrieren"] * 100
     with caplog.at_level("WARNING"):
