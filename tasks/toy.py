@@ -112,7 +112,9 @@ class _MLP(nn.Module):
         return signals
 
 
-class ToyMLPTeacher(Teacher):
+class _ToyMLPModel:
+    """What the toy teacher and student share: an :class:`_MLP` answering the signal requests (mixed in first)."""
+
     def __init__(self, network: _MLP) -> None:
         super().__init__()
         self.network = network
@@ -121,13 +123,12 @@ class ToyMLPTeacher(Teacher):
         return self.network.signals(batch, request)
 
 
-class ToyMLPStudent(Student):
-    def __init__(self, network: _MLP) -> None:
-        super().__init__()
-        self.network = network
+class ToyMLPTeacher(_ToyMLPModel, Teacher):
+    """The toy task's teacher: a (wide) MLP, frozen."""
 
-    def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
-        return self.network.signals(batch, request)
+
+class ToyMLPStudent(_ToyMLPModel, Student):
+    """The toy task's student: a (narrow) MLP."""
 
 
 class ToyMLPConfig(StrictModel):
