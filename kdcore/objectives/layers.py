@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, field_validator
 from torch import Tensor
 
 from kdcore.errors import KDUserError
@@ -35,12 +35,13 @@ class HiddenConfig(BaseModel):
     layer_weights: list[NonNegativeFloat] | None = Field(
         None, min_length=1, description="one weight per compared layer (the layer losses are summed); unset: 1 each")
 
-    @model_validator(mode="after")
-    def _some_layer_counts(self) -> "HiddenConfig":
-        if self.layer_weights is not None and not any(self.layer_weights):
-            raise ValueError(f"layer_weights {self.layer_weights} are all 0: the loss would be 0 whatever the "
-                             f"student does; give at least one layer a positive weight (or remove the objective)")
-        return self
+    @field_validator("layer_weights")
+    @classmethod
+    def _some_layer_counts(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and not any(weights):
+            raise ValueError(f"layer_weights {weights} are all 0: the loss would be 0 whatever the student does; "
+                             f"give at least one layer a positive weight (or remove the objective)")
+        return weights
 
 
 class DistilHubertConfig(HiddenConfig):
