@@ -8,6 +8,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -143,3 +144,12 @@ def test_logit_mse_averages_over_the_scored_positions() -> None:
     assert float(objective(student, teacher, {"labels": labels}).loss) == pytest.approx(1.0)
     summed = _load("kd-example-objective").LogitMSE(objective.Config(reduction="sum"))
     assert float(summed(student, Signals(logits=torch.ones(2, 3, 5)), {}).loss) == pytest.approx(5.0)
+
+
+def test_public_api_reference_names_every_export() -> None:
+    """kdcore.api's docstring is the short reference: every exported name is in it, and every export resolves."""
+    import kdcore.api as api
+
+    assert all(hasattr(api, name) for name in api.__all__)
+    missing = [name for name in api.__all__ if not re.search(rf"\b{re.escape(name)}\b", api.__doc__ or "")]
+    assert not missing, f"kdcore.api exports {missing} without describing them in its docstring"
