@@ -87,7 +87,7 @@ class RegistryFile(BaseModel):
     students: dict[str, LazyEntry] = {}
 
 
-def _import_target(target: str) -> Any:
+def import_target(target: str) -> Any:
     """The object a ``module:attribute`` string names (importing the module)."""
     module_name, _, attribute = target.partition(":")
     obj: Any = importlib.import_module(module_name)
@@ -115,7 +115,7 @@ class Entry:
         obj = self.obj
         if obj is None:
             try:
-                obj = _import_target(str(self.target))
+                obj = import_target(str(self.target))
             except Exception as error:  # noqa: BLE001 - reported to the user with the entry's name
                 raise KDUserError(
                     f"The {self.kind} '{self.name}' ({self.source}) could not be loaded from '{self.target}': "
@@ -307,8 +307,6 @@ class Registry:
         return self.get(kind, name).load()
 
 
-
-
 # --- registry.yaml, generated from the classes ------------------------------------------------------------------
 
 _REGISTRY_HEADER = """\
@@ -349,7 +347,7 @@ def generated_registry_text(registry_file: Path = DEFAULT_REGISTRY_FILE) -> str:
             if not isinstance(target, str):
                 raise KDUserError(f"{where} has no 'target: module:Class'.")
             try:
-                cls = _import_target(target)
+                cls = import_target(target)
             except Exception as error:  # noqa: BLE001 - a developer tool: name the row and the error
                 raise KDUserError(f"{where}: target '{target}' could not be imported: "
                                   f"{type(error).__name__}: {error}") from None

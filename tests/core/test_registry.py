@@ -12,9 +12,8 @@ from kdcore.errors import KDUserError
 from kdcore.hookspecs import hookimpl
 from kdcore.interfaces import Method
 from kdcore.registry import (
-    BUILTIN_SOURCE, DEFAULT_REGISTRY_FILE, Registry, RegistryFile, generated_registry_text,
+    BUILTIN_SOURCE, DEFAULT_REGISTRY_FILE, Registry, RegistryFile, generated_registry_text, import_target,
 )
-from kdcore.registry import _import_target as load_target
 from kdcore.registry import main as registry_main
 
 
@@ -104,7 +103,7 @@ def test_write_takes_name_and_description_from_the_class(tmp_path: Path, capsys:
     assert registry_main(["--write", "--file", str(stale)]) == 0
     data = RegistryFile.model_validate(yaml.safe_load(stale.read_text()))
     assert set(data.plugins) == {"vanilla"} and set(data.objectives) == {"tvd"}
-    assert data.plugins["vanilla"].description == load_target("kd_plugins.vanilla:VanillaKD").description
+    assert data.plugins["vanilla"].description == import_target("kd_plugins.vanilla:VanillaKD").description
     assert data.objectives["tvd"].target == "kdcore.objectives.library:TVDObjective"
     assert registry_main(["--check", "--file", str(stale)]) == 0
 
