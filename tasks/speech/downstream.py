@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from kdcore.config import StrictModel
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Model
+from kdcore.progress import track
 from kdcore.signals import Signal, SignalRequest
 from kd_tasks.sampling import seeded_subset
 
@@ -141,7 +142,8 @@ def extract_features(model: Model, items: Sequence[Any], collate: Callable[[Sequ
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, count, batch_size):
+        for start in track(range(0, count, batch_size), "superb evaluation: upstream hidden states", unit="batch",
+                           leave=False):
             indices = order[start:start + batch_size]
             batch = collate([items[i] for i in indices])
             batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
@@ -211,7 +213,7 @@ def train_utterance_classifier(pooled: torch.Tensor, labels: torch.Tensor, num_c
         optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         model.train()
         batch = min(config.batch_size, pooled.shape[0])
-        for _ in range(config.steps):
+        for _ in track(range(config.steps), "superb evaluation: utterance head", unit="step", leave=False):
             index = torch.randint(0, pooled.shape[0], (batch,), generator=generator)
             loss = F.cross_entropy(model(pooled[index]), labels[index])
             optimiser.zero_grad(set_to_none=True)
@@ -316,7 +318,7 @@ def train_ctc_head(frames: Sequence[torch.Tensor], texts: Sequence[str], config:
         optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
         model.train()
         batch = min(config.batch_size, len(frames))
-        for _ in range(config.steps):
+        for _ in track(range(config.steps), "superb evaluation: CTC head", unit="step", leave=False):
             index = torch.randint(0, len(frames), (batch,), generator=generator).tolist()
             padded, lengths = _pad_frames([frames[i] for i in index])
             log_probs = model(padded, lengths)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kdcore.interfaces import Batch
+from kdcore.progress import track
 
 from .data_config import TextDataConfig
 
@@ -40,7 +41,8 @@ def decode_items(model: Any, items: Sequence[Any], collate: Callable[[Sequence[A
     hypotheses: list[str] = [""] * len(items)
     tokens = 0
     started = time.perf_counter()
-    for indices in chunks:
+    what = "text evaluation: greedy decoding" if num_beams == 1 else f"text evaluation: beam-{num_beams} decoding"
+    for indices in track(chunks, what, unit="batch", leave=False):
         generated = run(indices)
         tokens += int(generated.lengths.sum())
         texts = tokenizer.batch_decode(generated.to_lists(), skip_special_tokens=True)
