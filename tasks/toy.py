@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -17,10 +18,11 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from kdcore.checkpoint import load_weights, save_weights
-from kdcore.config import StrictModel
+from kdcore.config import StrictModel, TrainerConfig
 from kdcore.interfaces import (
     Batch, BuildContext, DataSplits, Model, ModelFactory, Signal, SignalRequest, Signals, Student, Task, Teacher,
 )
+from kdcore.teacher_stage import remove_partial_directory, teacher_stage_lock, train_teacher_stage
 
 
 class ToyDataConfig(StrictModel):
@@ -162,8 +164,12 @@ class ToyMLPStudentFactory(ModelFactory):
         return ToyMLPStudent(_MLP(n_features, n_classes, config.hidden, config.layers, config.dropout))
 
 
+#: Part of the toy teacher's cache key. /2: trained on the engine (teacher stage), not by a loop of its own.
+TOY_TEACHER_RECIPE = "toy-mlp-teacher/2"
+
+
 class ToyMLPTeacherFactory(ModelFactory):
-    """Teacher stage for the toy task: trains a wide MLP on the labels once and caches it."""
+    """Teacher stage for the toy task: trains a wide MLP on the labels once (on the engine) and caches it."""
 
     name: ClassVar[str] = "toy-mlp-teacher"
     description: ClassVar[str] = "Wide MLP teacher for the toy task, trained on first use and cached"
@@ -171,30 +177,32 @@ class ToyMLPTeacherFactory(ModelFactory):
 
     def build(self, config: ToyTeacherConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
         n_features, n_classes = _shape(context)
-        network = _MLP(n_features, n_classes, config.hidden, config.layers, config.dropout)
-        key = json.dumps({"data": context.task.data_config.model_dump(), "teacher": config.model_dump()},
-                         sort_keys=True)
+        key = json.dumps({"recipe": TOY_TEACHER_RECIPE, "data": context.task.data_config.model_dump(),
+                          "teacher": config.model_dump()}, sort_keys=True)
         path = context.cache_dir / "toy" / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-        teacher = ToyMLPTeacher(network)
-        if path.exists():
-            load_weights(teacher, path)
-            return teacher
-        splits = context.task.build_data(context.seed)
-        inputs = torch.stack([x for x, _ in splits.train])
-        labels = torch.tensor([y for _, y in splits.train])
-        generator = torch.Generator().manual_seed(0)  # the cached teacher must not depend on the run seed
+        teacher = ToyMLPTeacher(_MLP(n_features, n_classes, config.hidden, config.layers, config.dropout))
+        if context.dry_run and not path.exists():
+            return teacher  # a plan reports the parameter count only: the untrained model has the same
+        with teacher_stage_lock(path):
+            if not path.exists():
+                self._train(config, context, path)
+            remove_partial_directory(path)
+        load_weights(teacher, path)
+        return teacher
+
+    @staticmethod
+    def _train(config: ToyTeacherConfig, context: BuildContext, path: Path) -> None:
+        """The teacher stage: Adam at a constant rate on batches of 128, seeded by 0 (not the run seed)."""
+        n_features, n_classes = _shape(context)
         with torch.random.fork_rng():
             torch.manual_seed(0)
             network = _MLP(n_features, n_classes, config.hidden, config.layers, config.dropout)
-            optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
-            for _ in range(config.train_steps):
-                index = torch.randint(0, len(labels), (128,), generator=generator)
-                loss = nn.functional.cross_entropy(network.signals({"inputs": inputs[index]},
-                                                                   SignalRequest()).logits, labels[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        teacher = ToyMLPTeacher(network)
+        model = ToyMLPStudent(network).to(context.device)  # the same state_dict keys as ToyMLPTeacher
+        trainer = TrainerConfig(max_steps=config.train_steps, batch_size=128, lr=config.lr, weight_decay=0.0,
+                                schedule="constant", clip_norm=None, precision="fp32", log_every=50,
+                                checkpoint_every=100, evaluate_teacher=False)
+        train_teacher_stage(context.task, model, ToyMLPTeacherFactory, config, trainer,
+                            train=context.task.build_data(context.seed).train, seed=0, cache_entry=path,
+                            device=context.device, registry=getattr(context, "registry", None))
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(teacher, path)
-        return teacher
+        save_weights(ToyMLPTeacher(network), path)

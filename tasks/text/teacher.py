@@ -15,6 +15,11 @@ to any of them trains a new teacher and distillation runs on the same data reuse
 the cached one. Training is seeded by ``seed`` (not the run seed), so the teacher
 does not change between the seeds of a comparison.
 
+The stage trains on the one engine (:mod:`kdcore.teacher_stage`): its log.jsonl and
+checkpoints are in ``<task>-<key>.partial/`` next to the cache entry, so a killed
+stage continues from its last checkpoint on the next run with the same settings,
+and the partial directory is removed once the teacher is cached.
+
 Every setting left null takes the task's default (``TextTask.teacher_defaults``;
 docs/text.md has the sizes, the measurements behind them and the times).
 """
@@ -23,22 +28,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from kdcore.config import StrictModel
+from kdcore.config import StrictModel, TrainerConfig
 from kdcore.errors import KDUserError
 from kdcore.interfaces import BuildContext, ModelFactory, Teacher
 from kdcore.io import atomic_write_json
+from kdcore.registry import Registry
+from kdcore.teacher_stage import partial_directory, remove_partial_directory, teacher_stage_lock, train_teacher_stage
 
 log = logging.getLogger(__name__)
 
-TEACHER_RECIPE = "task-trained-marian/1"
+#: Part of the cache key. /2: trained on the engine (its data order and no weight decay on biases and norms), so
+#: the weights differ from /1's (the old separate loop) for the same settings.
+TEACHER_RECIPE = "task-trained-marian/2"
+#: Written last, atomically: a cache entry without it is not a teacher.
+MANIFEST = "kd-teacher.json"
 
 
 class TaskTeacherConfig(StrictModel):
@@ -58,7 +67,9 @@ class TaskTeacherConfig(StrictModel):
         None, description="autocast of the teacher stage's forward pass; native-bf16: bf16 where the device computes "
                           "it in hardware (CUDA, CPUs with AVX512-BF16/AMX), else fp32")
     seed: int = Field(0, description="teacher initialisation and data order (independent of the run seed)")
-    log_every: PositiveInt = 50
+    log_every: PositiveInt = Field(50, description="steps between the teacher stage's log.jsonl records")
+    checkpoint_every: PositiveInt = Field(
+        100, description="steps between the teacher stage's checkpoints (a killed stage continues from the last)")
 
 
 FALLBACK = {"encoder_layers": 6, "decoder_layers": 6, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
@@ -95,14 +106,6 @@ def teacher_marian_config(settings: dict[str, Any], **extra: Any) -> dict[str, A
                          heads=settings["heads"], ffn_dim=settings["ffn_dim"], dropout=settings["dropout"], **extra)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then linear decay to 10% (a short run must end with a small learning rate)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.1, 1.0 - 0.9 * progress)
-
-
 def untrained_teacher(task: Any, settings: dict[str, Any]) -> Any:
     """The task-trained teacher's Marian model before training (initialised from the current torch RNG)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
@@ -115,65 +118,24 @@ def untrained_teacher(task: Any, settings: dict[str, Any]) -> Any:
     return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("marian", **values))
 
 
-def train_teacher(task: Any, settings: dict[str, Any], device: torch.device, log_every: int = 50) -> tuple[Any, dict]:
-    """Train a Marian encoder-decoder on ``task``'s training split; return the HF model and training stats."""
-    from kd_plugins.text.losses import LOGITS, nll_loss
-    from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, TextStudent, encoder_spread
+def cache_directory(task: Any, settings: dict[str, Any], cache_dir: Path) -> Path:
+    """The cache entry of the teacher with these effective settings: its key hashes recipe, task, data and settings."""
+    key_material = json.dumps({"recipe": TEACHER_RECIPE, "task": task.name, "data": task.data_fingerprint(),
+                               "settings": settings}, sort_keys=True)
+    key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
+    return Path(cache_dir) / "text" / "teachers" / f"{task.name}-{key}"
 
-    tokenizer = task.tokenizer
-    train = task.build_data(0).train
-    steps, batch_size = settings["train_steps"], settings["batch_size"]
-    bf16 = settings.get("precision", "fp32") == "bf16"  # weights and optimiser stay fp32; only the forward autocasts
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(settings["seed"])
-        hf_model = untrained_teacher(task, settings).to(device)
-        model = TextStudent(hf_model, tokenizer)  # the trainable wrapper: same forward as every text model
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98), weight_decay=0.01)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _lr_factor(s, settings["warmup_steps"], steps))
-        generator = torch.Generator().manual_seed(settings["seed"])
-        batches: list[list[int]] = []
-        started = time.perf_counter()
-        recent: list[float] = []
-        log.info("Teacher stage: training a %d+%d-layer d=%d Marian (%s parameters) for %d steps of %d examples "
-                 "on %d training pairs in %s (cached afterwards).", settings["encoder_layers"],
-                 settings["decoder_layers"], settings["d_model"], f"{model.num_parameters():,}", steps, batch_size,
-                 len(train), "bf16 autocast" if bf16 else "fp32")
-        for step in range(steps):
-            if not batches:
-                batches = task.epoch_batches(train, batch_size, generator) or []
-            batch = task.collate([train[i] for i in batches.pop()])
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model.forward_signals(batch, LOGITS).logits
-                loss = nll_loss(logits, batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            recent = (recent + [float(loss.detach())])[-log_every:]
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                elapsed = time.perf_counter() - started
-                # The spread shows an encoder collapse as it happens (one encoder pass on this batch: cheap).
-                spread = encoder_spread(hf_model, batch["input_ids"], batch["attention_mask"])
-                log.info("Teacher stage: step %d/%d, loss %.3f, encoder spread %.3g, %.0f s elapsed, ~%.0f s left.",
-                         step + 1, steps, sum(recent) / len(recent), spread, elapsed,
-                         elapsed / (step + 1) * (steps - step - 1))
-            if not math.isfinite(float(loss.detach())):
-                raise KDUserError(f"The task-trained teacher's loss became {float(loss)} at step {step + 1}; lower "
-                                  f"teacher.args.lr (now {settings['lr']}).")
-    hf_model.eval()
-    stats = {"steps": steps, "seconds": round(time.perf_counter() - started, 1),
-             "final_loss": round(sum(recent) / max(1, len(recent)), 4), "parameters": model.num_parameters(),
-             "encoder_spread": spread if steps else float("nan")}
-    if steps and spread < COLLAPSED_ENCODER_SPREAD:
-        log.warning("Teacher stage: the teacher's encoder collapsed (its output varies by %.2g relative to its size "
-                    "over a batch of different inputs), so the teacher cannot read its source and writes the same "
-                    "output for every input. Lower teacher.args.lr (now %g) or raise teacher.args.warmup_steps "
-                    "(now %d); docs/text.md, 'Teacher stage'.", spread, settings["lr"], settings["warmup_steps"])
-    return hf_model, stats
+
+def stage_trainer_config(settings: dict[str, Any], config: TaskTeacherConfig) -> TrainerConfig:
+    """The engine settings of the teacher stage: AdamW (β2 0.98), linear warm-up, then linear decay to 10%.
+
+    A short stage must end with a small learning rate, hence the floor; clipping at 1.0 as for students.
+    """
+    return TrainerConfig(max_steps=settings["train_steps"], batch_size=settings["batch_size"], lr=settings["lr"],
+                         betas=(0.9, 0.98), weight_decay=0.01, warmup_steps=settings["warmup_steps"],
+                         schedule="linear", min_lr_ratio=0.1, clip_norm=1.0,
+                         precision=settings.get("precision", "fp32"), log_every=config.log_every,
+                         checkpoint_every=config.checkpoint_every, evaluate_teacher=False)
 
 
 class TaskTrainedTeacherFactory(ModelFactory):
@@ -194,32 +156,76 @@ class TaskTrainedTeacherFactory(ModelFactory):
             raise KDUserError(f"teacher 'task-trained-seq2seq' trains on a text task's data (wmt, summarization); "
                               f"task '{task.name}' is not one. Name a teacher with teacher.name.")
         settings = effective_settings(config, task, context.device)
-        key_material = json.dumps({"recipe": TEACHER_RECIPE, "task": task.name, "data": task.data_fingerprint(),
-                                   "settings": settings}, sort_keys=True)
-        key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
-        directory = Path(context.cache_dir) / "text" / "teachers" / f"{task.name}-{key}"
-        manifest_path = directory / "kd-teacher.json"
-        if manifest_path.is_file():
-            log.info("Using the cached task-trained teacher in %s.", directory)
-            hf_model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
-            return TextTeacher(hf_model.eval(), task.tokenizer)
-        if context.dry_run:
-            # A plan must not cost the 15-20 minutes of the teacher stage; an untrained model of the same config
-            # has the same parameter count, which is all a plan reports about it.
+        directory = cache_directory(task, settings, context.cache_dir)
+        if context.dry_run and not (directory / MANIFEST).is_file():
+            # A plan must not cost the minutes of the teacher stage; an untrained model of the same config has the
+            # same parameter count, which is all a plan reports about it.
             log.info("Dry run: the teacher is not cached (%s); kd run would train it first (%d steps of %d). "
                      "Planned with an untrained model of the same size.", directory, settings["train_steps"],
                      settings["batch_size"])
             return TextTeacher(untrained_teacher(task, settings).eval(), task.tokenizer)
-        hf_model, stats = train_teacher(task, settings, context.device, config.log_every)
+        with teacher_stage_lock(directory):
+            if not (directory / MANIFEST).is_file():
+                self._train(config, context, settings, directory)
+            remove_partial_directory(directory)
+        log.info("Using the task-trained teacher cached in %s.", directory)
+        hf_model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
+        return TextTeacher(hf_model.eval(), task.tokenizer)
+
+    @staticmethod
+    def _train(config: TaskTeacherConfig, context: BuildContext, settings: dict[str, Any], directory: Path) -> None:
+        """Run the teacher stage and write the cache entry (``kd-teacher.json`` last)."""
+        task = context.task
+        hf_model, stats = train_teacher(task, settings, directory, context.device, config,
+                                        registry=getattr(context, "registry", None))
         directory.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(str(directory), safe_serialization=True)
         task.tokenizer.save_pretrained(str(directory))
-        atomic_write_json(manifest_path, {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
-                                          "data_fingerprint": task.data_fingerprint(), **stats})
-        log.info("Teacher stage done in %.0f s (final training loss %.3f); cached in %s.", stats["seconds"],
-                 stats["final_loss"], directory)
-        return TextTeacher(hf_model.to("cpu").eval(), task.tokenizer)
+        atomic_write_json(directory / MANIFEST, {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
+                                                 "data_fingerprint": task.data_fingerprint(), **stats})
+        log.info("Teacher stage done in %.0f s of training (final training loss %.3f); cached in %s.",
+                 stats["seconds"], stats["final_loss"], directory)
 
 
-__all__ = ["TaskTeacherConfig", "TaskTrainedTeacherFactory", "effective_settings", "teacher_marian_config",
-           "train_teacher", "untrained_teacher"]
+def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device: torch.device,
+                  config: TaskTeacherConfig | None = None, registry: Registry | None = None) -> tuple[Any, dict]:
+    """The teacher stage: train a Marian on ``task``'s training split on the engine; return the model and its stats.
+
+    ``settings`` are effective settings (:func:`effective_settings`); ``cache_entry`` is where the teacher will be
+    cached: the stage keeps its log.jsonl and checkpoints in the partial directory next to it and continues from its
+    last checkpoint. The caller writes the cache entry, then removes the partial directory.
+    """
+    from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, TextStudent, encoder_spread
+
+    config = config if config is not None else TaskTeacherConfig()
+    train = task.build_data(0).train
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(settings["seed"])  # the initial weights depend on the teacher seed only
+        hf_model = untrained_teacher(task, settings)
+    model = TextStudent(hf_model, task.tokenizer).to(device)  # the trainable wrapper of every text model
+    trainer = stage_trainer_config(settings, config)
+    log.info("Teacher stage: training a %d+%d-layer d=%d Marian (%s parameters) for %d steps of %d examples on %d "
+             "training pairs in %s; log.jsonl and checkpoints in %s (cached afterwards).", settings["encoder_layers"],
+             settings["decoder_layers"], settings["d_model"], f"{model.num_parameters():,}", trainer.max_steps,
+             trainer.batch_size, len(train), "bf16 autocast" if settings.get("precision") == "bf16" else "fp32",
+             partial_directory(cache_entry))
+    result = train_teacher_stage(task, model, TaskTrainedTeacherFactory, config, trainer, train=train,
+                                 seed=settings["seed"], cache_entry=cache_entry, device=device, registry=registry)
+    hf_model.eval()
+    # The spread shows an encoder collapse: one encoder pass over the first training batch (cheap).
+    probe = task.collate(train[:trainer.batch_size])
+    with torch.no_grad():
+        spread = encoder_spread(hf_model, probe["input_ids"].to(device), probe["attention_mask"].to(device))
+    if spread < COLLAPSED_ENCODER_SPREAD:
+        log.warning("Teacher stage: the teacher's encoder collapsed (its output varies by %.2g relative to its size "
+                    "over a batch of different inputs), so the teacher cannot read its source and writes the same "
+                    "output for every input. Lower teacher.args.lr (now %g) or raise teacher.args.warmup_steps "
+                    "(now %d); docs/text.md, 'Teacher stage'.", spread, settings["lr"], settings["warmup_steps"])
+    stats = {"steps": result.steps, "seconds": round(result.train_seconds, 1), "final_loss": round(result.final_loss, 4),
+             "parameters": model.num_parameters(), "encoder_spread": spread}
+    return hf_model, stats
+
+
+__all__ = ["MANIFEST", "TEACHER_RECIPE", "TaskTeacherConfig", "TaskTrainedTeacherFactory", "cache_directory",
+           "effective_settings", "stage_trainer_config", "teacher_marian_config", "train_teacher", "untrained_teacher"]

@@ -1,5 +1,5 @@
 """The seq2seq pipeline of the text tasks end to end: batches pair each source with its own target, and a model
-trained through the teacher stage's loop learns to use its source (a copy task).
+trained through the teacher stage (on the engine) learns to use its source (a copy task).
 
 A seq2seq model that "writes fluent target text that ignores the source" is the symptom of many pipeline bugs
 (sources paired with the wrong targets, an inverted or empty encoder mask, labels shifted twice, generation
@@ -15,9 +15,12 @@ from typing import Any
 import torch
 
 from kd_plugins.text.generation import decode
-from kd_plugins.text.losses import LOGITS, nll_loss
-from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, IGNORE_INDEX, TextStudent
-from kd_tasks.text.teacher import train_teacher
+from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, TextStudent
+from kd_tasks.text.teacher import TaskTeacherConfig, train_teacher
+from kdcore.objectives import token_nll
+from kdcore.signals import IGNORE_INDEX, Signal, request
+
+LOGITS = request(Signal.LOGITS)
 from kd_tasks.text.wmt import TranslationDataConfig, TranslationTask
 
 SAMPLE = Path(__file__).parent / "data" / "ha-en-de-sample.tsv"
@@ -90,7 +93,8 @@ def test_the_teacher_stage_learns_to_copy_its_source_and_greedy_decoding_matches
     settings = {"encoder_layers": 1, "decoder_layers": 1, "d_model": 64, "heads": 2, "ffn_dim": 128, "dropout": 0.0,
                 "train_steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "seed": 0}
     torch.manual_seed(0)
-    hf_model, stats = train_teacher(task, settings, torch.device("cpu"), log_every=100)
+    hf_model, stats = train_teacher(task, settings, tmp_path / "teacher", torch.device("cpu"),
+                                    TaskTeacherConfig(log_every=100))
     model = TextStudent(hf_model.eval(), task.tokenizer)
 
     probe = short[:48]
@@ -99,8 +103,8 @@ def test_the_teacher_stage_learns_to_copy_its_source_and_greedy_decoding_matches
     shuffled = torch.roll(torch.arange(len(probe)), 1)
     wrong = dict(batch, input_ids=batch["input_ids"][shuffled], attention_mask=batch["attention_mask"][shuffled])
     with torch.no_grad():
-        own = float(nll_loss(model.forward_signals(batch, LOGITS).logits, batch["labels"]))
-        other = float(nll_loss(model.forward_signals(wrong, LOGITS).logits, wrong["labels"]))
+        own = float(token_nll(model.forward_signals(batch, LOGITS).logits, batch["labels"]))
+        other = float(token_nll(model.forward_signals(wrong, LOGITS).logits, wrong["labels"]))
     assert own < 1.5 and other > own + 3.0, (own, other, stats)
     assert stats["encoder_spread"] > COLLAPSED_ENCODER_SPREAD  # a reading encoder is far from collapsed
 
@@ -144,8 +148,10 @@ def test_teacher_stage_in_bf16_autocast_trains_fp32_weights_and_differs_from_fp3
     task = _task(tmp_path)
     settings = {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "heads": 2, "ffn_dim": 64, "dropout": 0.0,
                 "train_steps": 30, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "seed": 0}
-    fp32_model, fp32_stats = train_teacher(task, settings, torch.device("cpu"), log_every=10)
-    bf16_model, bf16_stats = train_teacher(task, {**settings, "precision": "bf16"}, torch.device("cpu"), log_every=10)
+    every = TaskTeacherConfig(log_every=10)
+    fp32_model, fp32_stats = train_teacher(task, settings, tmp_path / "fp32", torch.device("cpu"), every)
+    bf16_model, bf16_stats = train_teacher(task, {**settings, "precision": "bf16"}, tmp_path / "bf16",
+                                           torch.device("cpu"), every)
     assert all(p.dtype == torch.float32 for p in bf16_model.parameters())
     assert math.isfinite(bf16_stats["final_loss"]) and abs(bf16_stats["final_loss"] - fp32_stats["final_loss"]) < 0.5
     # Same seed and data: only the autocast differs, so different weights show it was applied.

@@ -1,0 +1,156 @@
+"""The teacher stage: a task-trained teacher trained by the one engine before the run that distils from it.
+
+A task whose default teacher is trained on the task's own data (the text tasks' Marian, the toy MLP) runs a
+*sub-run* of the engine: the teacher-to-be is the trainable model, the method is kdcore's base :class:`Method`
+comparing on the data batch, and the loss is the ``nll`` objective on the batch's labels. The sub-run therefore
+has everything a distillation run has: checkpoints, exact resume, lifecycle hooks, log.jsonl and the engine's
+precision, clipping and non-finite handling.
+
+Its files live in a *partial directory* next to the teacher's cache entry, named by the same content key
+(:func:`partial_directory`): ``log.jsonl`` and ``checkpoints/``. Because the key names everything that decides the
+teacher's weights (task, data, settings, recipe), a later run with the same key continues the stage from its last
+checkpoint, with or without ``--resume``, and ends with the same weights as an uninterrupted stage. The caller
+writes the finished teacher to the cache (its marker file last) and then removes the partial directory
+(:func:`remove_partial_directory`), so an interrupted stage is never mistaken for a cached teacher.
+
+Two processes that need the same teacher at once (two runs sharing a cache) take turns through
+:func:`teacher_stage_lock`: the second waits, then finds the teacher cached. Under torchrun the teachers are
+built on rank 0 first while the other ranks wait, so the stage trains in rank 0's process alone (as a single
+process) and the other ranks read the cached teacher.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcore.checkpoint import CHECKPOINT_PREFIX, capture_rng, latest_valid_checkpoint, restore_rng
+from kdcore.config import ModelSpec, ObjectiveSpec, RunConfig, TrainerConfig
+from kdcore.errors import KDUserError
+from kdcore.interfaces import (
+    DataSplits, EmptyConfig, Method, ModelFactory, Student, Task, WeightedObjective,
+)
+from kdcore.interrupts import TrainingInterrupted
+from kdcore.io import read_jsonl
+from kdcore.objectives.library import NLLConfig, TokenNLLObjective
+from kdcore.registry import Registry
+from kdcore.resolve import BuiltRun, ResolvedObjective, ResolvedRun
+from kdcore.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+#: ``RunConfig.plugin`` of a teacher stage: what its progress lines, log records and hooks call the method.
+TEACHER_STAGE = "teacher-stage"
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_directory(cache_entry: Path) -> Path:
+    """The partial directory of the teacher cached at ``cache_entry`` (a directory or a file): same name + ``.partial``."""
+    return cache_entry.with_name(cache_entry.name + PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def teacher_stage_lock(cache_entry: Path) -> Iterator[None]:
+    """Hold the exclusive lock of one teacher's cache entry: other processes wanting the same teacher wait here."""
+    lock_path = cache_entry.with_name(cache_entry.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another process is training or writing the teacher %s; waiting for it.", cache_entry.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_partial_directory(cache_entry: Path) -> None:
+    """Remove the partial directory of a teacher once its cache entry is complete."""
+    shutil.rmtree(partial_directory(cache_entry), ignore_errors=True)
+
+
+@dataclass
+class TeacherStageResult:
+    """What a finished teacher stage reports: the trainer's state and the mean training loss at the end."""
+
+    steps: int
+    train_seconds: float
+    final_loss: float
+    resumed_from_step: int | None
+
+
+def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory], factory_config: Any,
+                        trainer: TrainerConfig, *, train: Sequence[Any], seed: int, cache_entry: Path,
+                        device: torch.device, registry: Registry | None = None) -> TeacherStageResult:
+    """Train ``model`` (the teacher-to-be, already on ``device``) on ``train`` with the task's NLL, on the engine.
+
+    ``trainer`` holds the stage's optimisation settings; ``seed`` seeds its data order and random streams (the
+    teacher does not depend on the run seed). ``factory``/``factory_config`` name the teacher being trained (in
+    the stage's config, which hooks see). The stage continues from the newest valid checkpoint in the partial
+    directory of ``cache_entry`` when there is one. The random streams of the calling process are restored
+    afterwards, so the run that follows builds its student exactly as with a cached teacher.
+    """
+    directory = partial_directory(cache_entry)
+    config = RunConfig(task=task.name, plugin=TEACHER_STAGE, seed=seed,
+                       teacher=ModelSpec(name=factory.name), student=ModelSpec(name=factory.name),
+                       objectives={"nll": ObjectiveSpec(name=TokenNLLObjective.name)}, trainer=trainer)
+    nll = ResolvedObjective("nll", TokenNLLObjective, NLLConfig(), 1.0)
+    resolved = ResolvedRun(config, type(task), Method, task.data_config, EmptyConfig(), factory, factory_config,
+                           factory, factory_config, [nll])
+    # The stage has no teacher: its only objective (nll) asks the teacher for nothing, so compare never calls it.
+    method = Method(EmptyConfig(), task, None, model, [WeightedObjective("nll", TokenNLLObjective(), 1.0)])  # type: ignore[arg-type]
+    built = BuiltRun(resolved, task, None, model, method, device)  # type: ignore[arg-type]
+    if registry is None:
+        registry = Registry.discover(entry_points=False)  # built-ins only: no third-party lifecycle hooks
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_valid_checkpoint(directory / "checkpoints")
+    resumed_from = None if checkpoint is None else int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+    if resumed_from is not None:
+        log.info("Teacher stage: continuing from its checkpoint at step %d of %d (%s).", resumed_from,
+                 trainer.max_steps, checkpoint)
+    # Teachers are built on rank 0 first while the other ranks wait (kdcore.runner.build): the stage trains in
+    # this process alone, and the other ranks then read the cached teacher.
+    stage = Trainer(built, DataSplits(train=train, valid=[], test=[]), directory, registry, evaluate_in_loop=False,
+                    single_process=True)
+    outer_rng = capture_rng()
+    try:
+        state = stage.fit(resume=resumed_from is not None)
+    except TrainingInterrupted as interrupted:  # Ctrl-C/SIGTERM: the checkpoint is written; say how to go on
+        message = str(interrupted).replace(f"kd run --out {directory} --resume",
+                                           "the same kd run command (the teacher stage continues from there)")
+        raise TrainingInterrupted(f"Teacher stage: {message}", interrupted.exit_code - 128) from None
+    except KDUserError as error:
+        raise KDUserError(f"Teacher stage (its trainer settings are teacher.args: train_steps, batch_size, lr, "
+                          f"warmup_steps, precision): {error}") from None
+    finally:
+        restore_rng(*outer_rng)
+    if state.step < trainer.max_steps:
+        raise KDUserError(f"Teacher stage: a hook stopped it at step {state.step} of {trainer.max_steps} "
+                          f"({state.stop_reason}); an unfinished teacher is not cached. Its checkpoint in "
+                          f"{directory} is kept: run again to continue it.")
+    return TeacherStageResult(trainer.max_steps, float(state.train_seconds), _final_loss(directory, trainer),
+                              resumed_from)
+
+
+def _final_loss(directory: Path, trainer: TrainerConfig) -> float:
+    """Mean logged training loss over the last tenth of the stage (at least the last record); NaN without records."""
+    records = [r for r in read_jsonl(directory / "log.jsonl") if r.get("type") == "train"]
+    if not records:
+        return float("nan")
+    window = max(trainer.log_every, trainer.max_steps // 10)
+    last = [float(r["loss"]) for r in records if int(r["step"]) > trainer.max_steps - window] or \
+        [float(records[-1]["loss"])]
+    return sum(last) / len(last)
+
+
+__all__ = ["TEACHER_STAGE", "TeacherStageResult", "remove_partial_directory", "partial_directory", "teacher_stage_lock",
+           "train_teacher_stage"]
