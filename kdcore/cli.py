@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kdcore.errors import EXIT_USER_ERROR, KDUserError
+from kdcore.progress import quiet_library_bars
 
 log = logging.getLogger("kd")
 
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
+        quiet_library_bars()
         if args.command is None:
             parser.print_help()
             return EXIT_USER_ERROR

@@ -73,6 +73,16 @@ def display_for(mode: str) -> Literal["bar", "lines", "none"]:
     return "bar" if stream is not None and stream.isatty() else "lines"
 
 
+def quiet_library_bars() -> None:
+    """Let the Hugging Face libraries draw their own bars (weights loaded, shards written) only where kd draws its.
+
+    Off a terminal their bars would write carriage-return redraws into the log. Sets ``HF_HUB_DISABLE_PROGRESS_BARS``
+    (which transformers follows too), so it must run before they are imported; a value the user set is kept.
+    """
+    if display_for("auto") != "bar":
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def _format_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

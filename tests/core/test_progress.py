@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 
 import pytest
 
 from kdcore.errors import KDUserError
-from kdcore.progress import Progress, display_for, progress_interval, track
+from kdcore.progress import Progress, display_for, progress_interval, quiet_library_bars, track
 
 
 class FakeClock:
@@ -182,3 +183,16 @@ def test_a_nested_bar_can_clear_itself(stderr) -> None:
     with Progress("cleared", 2, leave=False) as progress:
         progress.update(2)
     assert not terminal.getvalue()[len(kept):].endswith("\n")
+
+
+def test_library_bars_follow_kds_display(stderr, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    stderr(Terminal())
+    quiet_library_bars()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    stderr(io.StringIO())
+    quiet_library_bars()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's own choice stays
+    quiet_library_bars()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
