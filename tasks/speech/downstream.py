@@ -345,26 +345,28 @@ def transcribe(model: CTCHead, vocabulary: CharVocabulary, frames: Sequence[torc
     return hypotheses
 
 
-def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus WER (jiwer) on normalised transcripts; empty references are left out."""
-    import jiwer
-
+def _error_rate(references: Sequence[str], hypotheses: Sequence[str],
+                measure: Callable[[list[str], list[str]], float]) -> float:
+    """``measure`` (a jiwer corpus rate) on normalised transcripts; empty references are left out (nan if all are)."""
     pairs = [(normalize_transcript(r), normalize_transcript(h)) for r, h in zip(references, hypotheses)]
     pairs = [(r, h) for r, h in pairs if r]
     if not pairs:
         return float("nan")
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+    return float(measure([r for r, _ in pairs], [h for _, h in pairs]))
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER (jiwer) on normalised transcripts; empty references are left out."""
+    import jiwer
+
+    return _error_rate(references, hypotheses, jiwer.wer)
 
 
 def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus CER (jiwer) on normalised transcripts; empty references are left out."""
     import jiwer
 
-    pairs = [(normalize_transcript(r), normalize_transcript(h)) for r, h in zip(references, hypotheses)]
-    pairs = [(r, h) for r, h in pairs if r]
-    if not pairs:
-        return float("nan")
-    return float(jiwer.cer([r for r, _ in pairs], [h for _, h in pairs]))
+    return _error_rate(references, hypotheses, jiwer.cer)
 
 
 __all__ = [

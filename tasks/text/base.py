@@ -27,11 +27,13 @@ from kdcore.interfaces import Batch, DataSplits, Model, Task
 from kd_tasks.sampling import length_bucketed_batches
 
 from .collate import collate_seq2seq
+from .corpus import Corpus
 from .data_config import TextDataConfig
 from .decoding import decode_items
 from .diagnostics import distinct_fraction, first_batch_encoder_spread, warn_if_input_ignored
 from .encoding import encode_records
 from .files import Layout, TextRecord, configured_layouts, read_parallel_lines
+from .presets import text_task_defaults
 from .splits import capped_splits, file_splits
 from .tokenizer import task_tokenizer, tokenizer_fingerprint
 
@@ -58,10 +60,19 @@ class TextTask(Task):
         #: Non-numeric facts of the last evaluation (e.g. sacrebleu signatures); see metric_metadata().
         self.last_metadata: dict[str, str] = {}
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return text_task_defaults(cls.name)
+
     # ------------------------------------------------------------------ data
     def embedded_records(self) -> dict[str, list[TextRecord]]:
         """The built-in corpus as ``{"train", "valid", "test"}`` record lists (subclasses)."""
         raise NotImplementedError
+
+    def note_embedded_corpus(self, corpus: Corpus) -> None:
+        """Record where the embedded corpus is cached and its content hash (reported with the run's data)."""
+        self.corpus_info["manifest"] = {"directory": str(corpus.directory),
+                                        "content_sha256": corpus.manifest.get("content_sha256")}
 
     def records(self) -> dict[str, list[TextRecord]]:
         """The raw text records of every split, after the size limits (read once)."""

@@ -279,7 +279,8 @@ def configured_layouts(source_field: str | None, target_field: str | None,
     return detected
 
 
-def read_split(name: str, files: SplitFiles, declared_format: str, layouts: tuple[Layout, ...]) -> list[TextRecord]:
+def read_split_files(name: str, files: SplitFiles, declared_format: str,
+                     layouts: tuple[Layout, ...]) -> list[TextRecord]:
     """The records of split ``name`` from its files (``data.<name>.*``); skipped rows are counted and logged."""
     stats = ReadStats()
     if files.path is None:
@@ -304,5 +305,5 @@ def read_split(name: str, files: SplitFiles, declared_format: str, layouts: tupl
 
 
 __all__ = ["FORMAT_OF_SUFFIX", "Layout", "ReadStats", "TextRecord", "configured_layouts", "format_of", "pick_layout",
-           "read_csv_rows", "read_dataset_rows", "read_jsonl_rows", "read_lines", "read_parallel_lines", "read_split",
-           "read_text", "read_tsv_rows", "records_from_rows", "sacrebleu_test_set"]
+           "read_csv_rows", "read_dataset_rows", "read_jsonl_rows", "read_lines", "read_parallel_lines",
+           "read_split_files", "read_text", "read_tsv_rows", "records_from_rows", "sacrebleu_test_set"]

@@ -7,7 +7,7 @@ import hashlib
 from kdcore.errors import KDUserError
 
 from .data_config import TextDataConfig
-from .files import Layout, TextRecord, read_split
+from .files import Layout, TextRecord, read_split_files
 
 SPLITS = ("train", "valid", "test")
 
@@ -15,7 +15,7 @@ SPLITS = ("train", "valid", "test")
 def file_splits(config: TextDataConfig, layouts: tuple[Layout, ...]) -> dict[str, list[TextRecord]]:
     """The three splits from ``data.train`` / ``valid`` / ``test``; a split without files is held out of train."""
     assert config.train is not None  # TextDataConfig requires data.train for corpus 'files'
-    train = read_split("train", config.train, config.format, layouts)
+    train = read_split_files("train", config.train, config.format, layouts)
     records: dict[str, list[TextRecord]] = {}
     # Held-out splits taken from train are chosen by a hash of the source text, so the choice is
     # deterministic and the same source never lands in two splits.
@@ -24,7 +24,7 @@ def file_splits(config: TextDataConfig, layouts: tuple[Layout, ...]) -> dict[str
     for name, size in (("test", config.test_size), ("valid", config.valid_size)):
         files = getattr(config, name)
         if files is not None:
-            records[name] = read_split(name, files, config.format, layouts)
+            records[name] = read_split_files(name, files, config.format, layouts)
         else:
             records[name] = ranked[start:start + size]
             start += size

@@ -16,7 +16,7 @@ from pydantic import Field
 from .base import TextTask
 from .data_config import TextDataConfig
 from .files import Layout, TextRecord
-from .presets import text_presets, text_task_defaults
+from .presets import text_presets
 from .summarization_data import DEFAULT_PACKAGES
 
 LAYOUTS: dict[str, Layout] = {
@@ -94,18 +94,13 @@ class SummarizationTask(TextTask):
         layout = self.data_config.layout  # type: ignore[attr-defined]
         return tuple(LAYOUTS.values()) if layout == "auto" else (LAYOUTS[layout],)
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return text_task_defaults("summarization")
-
     def embedded_records(self) -> dict[str, list[TextRecord]]:
         from .summarization_data import load_summarization_corpus
 
         config: SummarizationDataConfig = self.data_config  # type: ignore[assignment]
         corpus = load_summarization_corpus(self.cache_dir, packages=config.packages, valid_size=config.valid_size,
                                            test_size=config.test_size)
-        self.corpus_info["manifest"] = {"directory": str(corpus.directory),
-                                        "content_sha256": corpus.manifest.get("content_sha256")}
+        self.note_embedded_corpus(corpus)
 
         def source(row: dict[str, Any]) -> str:
             if config.document_title == "none":

@@ -32,15 +32,15 @@ import sysconfig
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdcore.errors import KDUserError
 from kdcore.progress import track
 
+from .corpus import CleanRecords, Corpus, dedup_key, default_cache_dir, letter_fraction, normalize_space, split_rank
 from .manifest import valid_manifest, write_corpus
-from .translation_data import Corpus, _default_cache_dir, dedup_key, letter_fraction, normalize_space, split_rank
 
 log = logging.getLogger(__name__)
 
@@ -286,17 +286,6 @@ def file_docstrings(path: Path) -> Iterator[tuple[str, int, str]]:
 # ------------------------------------------------------------------------------------------ build
 
 
-@dataclass
-class DocstringCorpus:
-    """Clean, deduplicated records (``id``, ``package``, ``unit``, ``summary``, ``document``) and counts."""
-
-    records: list[dict[str, str]]
-    counts: dict[str, Any] = field(default_factory=dict)
-
-
-FilePairs = list[tuple[str, int, "tuple[str, str] | None", "str | None"]]
-
-
 def file_pairs(source: SourceFile) -> FilePairs:
     """``(qualified name, line, (summary, document) or None, rejection reason or None)`` per docstring of a file."""
     pairs: FilePairs = []
@@ -327,7 +316,7 @@ def _parse_all(files: list[SourceFile], workers: int) -> list[FilePairs]:
     return [file_pairs(source) for source in track(files, _PARSING, unit="file")]
 
 
-def collect_pairs(files: Iterable[SourceFile], workers: int = 1) -> DocstringCorpus:
+def collect_pairs(files: Iterable[SourceFile], workers: int = 1) -> CleanRecords:
     """Docstrings of ``files`` -> cleaned pairs, each dropped docstring counted under its reason.
 
     ``workers`` > 1 parses the files in that many processes; the result does not depend on it.
@@ -336,7 +325,7 @@ def collect_pairs(files: Iterable[SourceFile], workers: int = 1) -> DocstringCor
     return _collect(zip(files, _parse_all(files, workers)))
 
 
-def _collect(parsed: Iterable[tuple[SourceFile, FilePairs]]) -> DocstringCorpus:
+def _collect(parsed: Iterable[tuple[SourceFile, FilePairs]]) -> CleanRecords:
     docstrings = 0
     dropped: dict[str, int] = {}
     seen_documents: set[str] = set()
@@ -359,7 +348,7 @@ def _collect(parsed: Iterable[tuple[SourceFile, FilePairs]]) -> DocstringCorpus:
     counts = {"docstrings": docstrings, "dropped": dict(sorted(dropped.items(), key=lambda item: -item[1])),
               "clean_pairs": len(records) + duplicates, "duplicate_documents": duplicates,
               "final_pairs": len(records)}
-    return DocstringCorpus(records, counts)
+    return CleanRecords(records, counts)
 
 
 def split_by_unit(records: Sequence[dict[str, str]], valid_size: int, test_size: int,
@@ -423,7 +412,7 @@ def load_summarization_corpus(cache_dir: str | Path | None = None, *,
     versions, this builder version and the split sizes; otherwise it is rebuilt.
     Packages that are not installed are skipped (their version is recorded as null).
     """
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     directory = summarization_corpus_dir(cache_dir, packages)
     versions = {package: package_version(package) for package in packages}
     if not any(versions.values()):

@@ -19,7 +19,6 @@ in train or valid).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,14 +30,15 @@ import time
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdcore.errors import KDUserError
 from kdcore.io import sha256_file
 
-from .manifest import read_corpus, valid_manifest, write_corpus
+from .corpus import CleanRecords, Corpus, dedup_key, default_cache_dir, letter_fraction, normalize_space, split_rank
+from .manifest import valid_manifest, write_corpus
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,9 @@ _CATALOG = re.compile(r"^homeassistant/components/(?P<component>[^/]+)/translati
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 _HTML = re.compile(r"<[A-Za-z/!][^>]*>|&[A-Za-z]+;|&#\d+;")
 _URL = re.compile(r"https?://|www\.|\]\(", re.IGNORECASE)
-_SPACE = re.compile(r"\s+")
 
 
 # ------------------------------------------------------------------------------------------ wheel
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")).expanduser()
 
 
 def _check_wheel(path: Path, expected_sha256: str) -> Path:
@@ -97,7 +92,7 @@ def fetch_wheel(cache_dir: Path | None = None, wheel: str | Path | None = None, 
     wheel = wheel or os.environ.get(WHEEL_ENV) or None
     if wheel:
         return _check_wheel(Path(wheel).expanduser(), expected_sha256)
-    downloads = (cache_dir or _default_cache_dir()) / "downloads"
+    downloads = (cache_dir or default_cache_dir()) / "downloads"
     cached = downloads / HA_WHEEL_NAME
     if cached.is_file():
         if sha256_file(cached) == expected_sha256:
@@ -181,11 +176,6 @@ def extract_pairs(wheel: Path, source_lang: str = "en", target_lang: str = "de")
 # ------------------------------------------------------------------------------------------ clean
 
 
-def letter_fraction(text: str) -> float:
-    """Share of characters (spaces included) that are letters."""
-    return sum(char.isalpha() for char in text) / max(1, len(text))
-
-
 def placeholders(text: str) -> list[str]:
     """``{name}`` placeholders in order of appearance."""
     return _PLACEHOLDER.findall(text)
@@ -234,29 +224,7 @@ def mask_placeholders(source: str, target: str) -> tuple[str, str]:
     return _PLACEHOLDER.sub(replace, source), _PLACEHOLDER.sub(replace, target)
 
 
-def normalize_space(text: str) -> str:
-    return _SPACE.sub(" ", text).strip()
-
-
-def dedup_key(source: str) -> str:
-    """Sources equal under this key are one source (case and spacing differences are not new data)."""
-    return normalize_space(source).casefold()
-
-
-def split_rank(key: str) -> str:
-    """Deterministic pseudo-random rank of a source: the sha256 of its dedup key."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-@dataclass
-class CleanResult:
-    """Clean, deduplicated records and the count of every step."""
-
-    records: list[dict[str, str]]
-    counts: dict[str, Any] = field(default_factory=dict)
-
-
-def clean_pairs(raw: Sequence[RawPair]) -> CleanResult:
+def clean_pairs(raw: Sequence[RawPair]) -> CleanRecords:
     """Filter, mask, and keep one target per source; every dropped pair is counted under its reason."""
     occurrences = Counter((pair.source, pair.target) for pair in raw)
     first_id: dict[tuple[str, str], str] = {}
@@ -287,7 +255,7 @@ def clean_pairs(raw: Sequence[RawPair]) -> CleanResult:
     counts = {"raw_pairs": len(raw), "unique_pairs": len(occurrences),
               "dropped": dict(sorted(dropped.items(), key=lambda item: -item[1])),
               "clean_pairs": len(kept), "duplicate_sources": len(kept) - len(records), "final_pairs": len(records)}
-    return CleanResult(records, counts)
+    return CleanRecords(records, counts)
 
 
 def split_records(records: Sequence[dict[str, str]], valid_size: int, test_size: int,
@@ -302,22 +270,6 @@ def split_records(records: Sequence[dict[str, str]], valid_size: int, test_size:
 
 
 # ------------------------------------------------------------------------------------------ build
-
-
-@dataclass
-class Corpus:
-    """A cached corpus: its splits (lists of dict records), its manifest and its directory."""
-
-    train: list[dict[str, Any]]
-    valid: list[dict[str, Any]]
-    test: list[dict[str, Any]]
-    manifest: dict[str, Any]
-    directory: Path
-
-    @classmethod
-    def from_directory(cls, directory: Path, manifest: Mapping[str, Any]) -> "Corpus":
-        splits = read_corpus(directory, manifest)
-        return cls(splits["train"], splits["valid"], splits["test"], dict(manifest), directory)
 
 
 def translation_corpus_dir(cache_dir: Path, source_lang: str = "en", target_lang: str = "de") -> Path:
@@ -336,7 +288,7 @@ def load_translation_corpus(cache_dir: str | Path | None = None, *, wheel: str |
     files' hashes; otherwise it is rebuilt. ``target_lang`` may be any catalog
     language (``fr``, ``pt-BR`` …).
     """
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     directory = translation_corpus_dir(cache_dir, source_lang, target_lang)
     expected = {
         "builder": BUILDER_VERSION,

@@ -16,7 +16,7 @@ from pydantic import Field
 from .base import TextTask
 from .data_config import TextDataConfig
 from .files import Layout, TextRecord, sacrebleu_test_set
-from .presets import text_presets, text_task_defaults
+from .presets import text_presets
 
 
 class TranslationDataConfig(TextDataConfig):
@@ -63,10 +63,6 @@ class TranslationTask(TextTask):
                        f"translation.{source}", f"translation.{target}", "id"),
                 Layout(f"{source}/{target} columns", source, target, "id"))
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return text_task_defaults("wmt")
-
     def embedded_records(self) -> dict[str, list[TextRecord]]:
         from .translation_data import load_translation_corpus
 
@@ -74,8 +70,7 @@ class TranslationTask(TextTask):
         corpus = load_translation_corpus(self.cache_dir, wheel=config.wheel, source_lang=config.source_lang,
                                          target_lang=config.target_lang, valid_size=config.valid_size,
                                          test_size=config.test_size)
-        self.corpus_info["manifest"] = {"directory": str(corpus.directory),
-                                        "content_sha256": corpus.manifest.get("content_sha256")}
+        self.note_embedded_corpus(corpus)
         return {"train": corpus.train, "valid": corpus.valid, "test": corpus.test}
 
     def records(self) -> dict[str, list[TextRecord]]:

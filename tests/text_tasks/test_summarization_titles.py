@@ -7,7 +7,7 @@ import pytest
 
 from kd_tasks.text import summarization
 from kd_tasks.text.summarization import SummarizationDataConfig, SummarizationTask, document_title
-from kd_tasks.text.translation_data import Corpus
+from kd_tasks.text.corpus import Corpus
 
 
 @pytest.mark.parametrize(("record_id", "title"), [
