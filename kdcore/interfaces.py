@@ -83,6 +83,9 @@ class BuildContext:
     #: ``kd run --dry-run``: build every model with its real shapes but skip expensive one-off work (e.g. a
     #: teacher stage that trains for minutes); the plan's parameter counts stay exact.
     dry_run: bool = False
+    #: The run's registry (a :class:`kdcore.registry.Registry`), so that a build step that trains (a teacher stage)
+    #: calls the same lifecycle hooks as the run; None outside a run (then only built-in hooks apply).
+    registry: Any = None
 
 
 class ModelFactory(abc.ABC):

@@ -140,12 +140,16 @@ def validate_layers(registry: Registry, layers: LayeredConfig) -> ResolvedRun:
 
 
 def check_objectives_fit(method_cls: type[Method], objectives: list[ResolvedObjective]) -> None:
-    """Planning (also under --dry-run) refuses objectives that ask for signals the method cannot hand over."""
-    if method_cls.training_step is not Method.training_step:
-        return  # TRANSITIONAL (removed when every built-in method uses compare): legacy methods own their loss
+    """Planning (also under --dry-run) refuses objectives that ask for signals the method cannot hand over, and a set
+    of objectives whose weights are all 0 (the loss would be identically zero)."""
     problem = objectives_misfit(method_cls, [(item.label, item.cls(item.config)) for item in objectives])
     if problem is not None:
         raise KDUserError(f"The objectives do not fit plugin '{method_cls.name}': {problem}")
+    if all(item.weight == 0 for item in objectives):
+        raise KDUserError(
+            f"Every objective of plugin '{method_cls.name}' has weight 0 "
+            f"({', '.join(f'objectives.{item.label}.weight' for item in objectives)}), so the loss is always zero and "
+            f"the student would not learn. Give at least one objective a weight above 0.")
 
 
 def resolve_saved_run(registry: Registry, run_dir: Path, sets: list[str] | None = None) -> ResolvedRun:
@@ -190,12 +194,13 @@ def _build_model(factory_cls: type[ModelFactory], config: BaseModel, context: Bu
 
 
 def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Path | None = None,
-                     dry_run: bool = False) -> BuiltRun:
+                     dry_run: bool = False, registry: Registry | None = None) -> BuiltRun:
     """Task, teacher (frozen), student and method for a resolved run (``dry_run``: see :class:`BuildContext`)."""
     config = resolved.config
     cache = Path(cache_dir) if cache_dir is not None else config.resolved_cache_dir()
     task = resolved.task_cls(resolved.data_config, cache)
-    context = BuildContext(task=task, cache_dir=cache, device=device, seed=config.seed, dry_run=dry_run)
+    context = BuildContext(task=task, cache_dir=cache, device=device, seed=config.seed, dry_run=dry_run,
+                           registry=registry)
     teacher = _build_model(resolved.teacher_factory, resolved.teacher_config, context, "teacher", Teacher)
     teacher.freeze()
     teacher.to(device)

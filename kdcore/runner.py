@@ -60,7 +60,7 @@ def check_cache_dir(resolved: ResolvedRun) -> None:
 
 
 def build(resolved: ResolvedRun, device: torch.device | None = None,
-          dry_run: bool = False) -> tuple[BuiltRun, Any]:
+          dry_run: bool = False, registry: Registry | None = None) -> tuple[BuiltRun, Any]:
     """Teacher, student, method and data. Distributed: rank 0 first (it fills caches), then the others read them.
 
     ``dry_run`` builds models with their real shapes but skips one-off work such as a teacher stage.
@@ -69,7 +69,7 @@ def build(resolved: ResolvedRun, device: torch.device | None = None,
     device = device if device is not None else select_device(resolved.config.device)
     seed_everything(resolved.config.seed)
     with distributed.main_first():
-        built = build_components(resolved, device, dry_run=dry_run)
+        built = build_components(resolved, device, dry_run=dry_run, registry=registry)
         splits = built.task.build_data(resolved.config.seed)
     for name in ("train", "valid", "test"):
         if len(getattr(splits, name)) == 0:
@@ -115,7 +115,7 @@ def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool =
             # Before building: a run killed during a long build step (a teacher stage) can be resumed.
             out_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(out_dir, resolved.to_dict())
-        built, splits = build(resolved, device)
+        built, splits = build(resolved, device, registry=registry)
         distributed.barrier()
         trainer = Trainer(built, splits, out_dir, registry)
         state = trainer.fit(resume=resume)

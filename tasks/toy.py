@@ -203,6 +203,6 @@ class ToyMLPTeacherFactory(ModelFactory):
                                 checkpoint_every=100, evaluate_teacher=False)
         train_teacher_stage(context.task, model, ToyMLPTeacherFactory, config, trainer,
                             train=context.task.build_data(context.seed).train, seed=0, cache_entry=path,
-                            device=context.device, registry=getattr(context, "registry", None))
+                            device=context.device, registry=context.registry)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(ToyMLPTeacher(network), path)

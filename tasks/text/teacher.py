@@ -177,7 +177,7 @@ class TaskTrainedTeacherFactory(ModelFactory):
         """Run the teacher stage and write the cache entry (``kd-teacher.json`` last)."""
         task = context.task
         hf_model, stats = train_teacher(task, settings, directory, context.device, config,
-                                        registry=getattr(context, "registry", None))
+                                        registry=context.registry)
         directory.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(str(directory), safe_serialization=True)
         task.tokenizer.save_pretrained(str(directory))
