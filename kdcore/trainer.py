@@ -148,6 +148,9 @@ class Trainer:
         sampler = EpochSampler(
             len(train), trainer_config.batch_size, config.seed,
             lambda generator: self.built.task.epoch_batches(train, trainer_config.batch_size, generator))
+        if self.dist.is_main:
+            with clear_write_errors("the output directory", self.out_dir):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self._find_checkpoint() if resume else None
         if resume and checkpoint is None and self.dist.is_main:
             log.warning("No complete checkpoint in %s: starting from step 0.", self.checkpoint_dir)

@@ -191,3 +191,28 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
     again = resolve_saved_run(registry, tmp_path / "plan")
     assert again.to_dict() == resolved.to_dict()
     assert json.loads((tmp_path / "plan" / "plan.json").read_text())["trainer"]["lr"] == 0.004
+
+
+def test_training_without_in_loop_evaluation_writes_no_validation_and_no_best(tmp_path: Path) -> None:
+    from kdcore.trainer import Trainer
+
+    registry = Registry.discover(entry_points=False)
+    resolved = resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=TINY_SETS)
+    built, splits = runner.build(resolved)
+    state = Trainer(built, splits, tmp_path / "stage", registry, evaluate_in_loop=False).fit()
+    assert state.step == 40 and state.best_step is None and not (tmp_path / "stage" / "best").exists()
+    assert {r["type"] for r in read_jsonl(tmp_path / "stage" / "log.jsonl")} == {"train"}
+    stopping = resolve_run(registry, task="toy", plugin="vanilla", preset="tiny",
+                           sets=["trainer.eval_every=5", "trainer.early_stopping.patience=2", *TINY_SETS])
+    with pytest.raises(KDUserError, match="trainer.early_stopping needs validations"):
+        Trainer(runner.build(stopping)[0], splits, tmp_path / "other", registry, evaluate_in_loop=False)
+
+
+def test_single_process_hides_the_process_group_for_a_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdcore import distributed
+
+    monkeypatch.setattr(distributed, "_STATE", distributed.DistributedState(rank=1, world_size=2, backend="gloo"))
+    with distributed.single_process():
+        assert distributed.current() == distributed.DistributedState()
+        assert distributed.any_rank_each(True, False) == (True, False)  # no collective: this process alone
+    assert distributed.current().rank == 1 and distributed.current().world_size == 2
