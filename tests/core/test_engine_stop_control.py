@@ -127,7 +127,7 @@ class _CrashAt:
 
     @hookimpl
     def kd_on_step_end(self, context: RunContext, step: int, logs: dict[str, float]) -> None:
-        if step == self.step:
+        if step == self.step and context.state.plugin == "vanilla":  # not in the toy teacher's stage
             raise RuntimeError("crash for the test")
 
 
@@ -166,6 +166,8 @@ class _StopAt:
     @hookimpl
     def kd_on_step_end(self, context: RunContext, step: int, logs: dict[str, float]) -> None:
         state = context.state
+        if state.plugin != "vanilla":  # the toy teacher's stage, when its teacher is not cached yet
+            return
         self.seen.append((state.step, state.max_steps, state.best_metric, state.out_dir))
         if step == self.step:
             context.control.request_stop(f"test plugin asked at step {step}")
