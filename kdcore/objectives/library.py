@@ -11,20 +11,20 @@ Contract with models:
   (dense or :class:`~kdcore.signals.SparseLogits`) and ``batch.get("labels")``
   (``logits.shape[:-1]``, -100 ignored; absent: every position counts). With ``fused``
   not false they also request ``Signal.FINAL_HIDDEN`` and, when both models return
-  ``final_hidden`` + ``output_weight`` (+ ``output_bias``), use
-  :func:`~kdcore.fused.fused_linear_divergence`; otherwise they fall back to the logits.
-  If a model answered FINAL_HIDDEN but left ``logits`` empty, the logits are computed
-  from the final hidden state and the projection.
+  ``final_hidden`` + ``output_weight`` (+ ``output_bias``), choose the path themselves:
+  :func:`~kdcore.fused.fused_linear_divergence` (``fused: auto`` from
+  :data:`FUSED_AUTO_MIN_VOCAB` vocabulary entries), otherwise the dense logits.
+  A method may answer FINAL_HIDDEN and leave ``logits`` empty (the text methods do, so
+  that the fused path never has the ``(B, T, V)`` logits built); the dense path then
+  computes them from the final hidden state and the projection (``logits_of``).
 
 The hidden-state objectives are in :mod:`kdcore.objectives.layers`.
 """
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from kdcore.errors import KDUserError
@@ -46,8 +46,9 @@ class _LogitConfig(BaseModel):
 
     temperature: float = Field(1.0, gt=0, description="both logits are divided by it")
     fused: bool | Literal["auto"] = Field(
-        "auto", description="true: fused projection+divergence when the models expose final hidden states; "
-                            "auto: the same, for vocabularies >= 8192; false: always dense logits")
+        "auto", description="true: fused projection+divergence (refused when the models do not hand over final "
+                            f"hidden states); auto: fused when they do and the vocabulary has >= "
+                            f"{FUSED_AUTO_MIN_VOCAB} entries; false: always dense logits")
     chunk_size: int | None = Field(None, ge=1, description="positions per chunk (memory); automatic when unset")
 
 
@@ -58,14 +59,33 @@ class KLConfig(_LogitConfig):
 class JSDConfig(_LogitConfig):
     """Config of the generalized JSD."""
 
-    beta: float = Field(0.5, gt=0, lt=1, description="M = beta*p_T + (1-beta)*p_S; use forward_kl/reverse_kl "
-                                                       "for the limits (the JSD itself is 0 at beta = 0 or 1)")
+    beta: float = Field(0.5, ge=0, le=1, description="M = beta*p_T + (1-beta)*p_S, strictly between 0 and 1 (at 0 or "
+                                                     "1 the JSD is identically 0; forward_kl/reverse_kl are the limits)")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_inside(cls, beta: float) -> float:
+        if beta in (0.0, 1.0):
+            side = "p_S" if beta == 0 else "p_T"
+            raise ValueError(f"at beta = {beta:g} the mixture M is {side} itself, so the JSD is identically 0 and "
+                             f"nothing would be learnt; use a beta strictly between 0 and 1 (near 0 it behaves like a scaled "
+                             f"forward_kl, near 1 like a scaled reverse_kl: use those objectives for the limits)")
+        return beta
 
 
 class SkewConfig(_LogitConfig):
     """Config of the skew KLs."""
 
-    skew: float = Field(0.1, ge=0, lt=1, description="alpha: weight of the first distribution in the mixture")
+    skew: float = Field(0.1, ge=0, le=1, description="alpha: weight of the first distribution in the mixture, in "
+                                                     "[0, 1) (at 1 the loss is identically 0)")
+
+    @field_validator("skew")
+    @classmethod
+    def _skew_below_one(cls, skew: float) -> float:
+        if skew == 1.0:
+            raise ValueError("at skew = 1 the mixture is the first distribution itself, so the skew KL is identically "
+                             "0 and nothing would be learnt; use a skew in [0, 1) (0 is the plain KL)")
+        return skew
 
 
 class NLLConfig(BaseModel):
@@ -132,18 +152,24 @@ class _DivergenceObjective(Objective):
         return {key: getattr(self.config, key) for key in ("beta", "skew") if hasattr(self.config, key)}
 
     def use_fused(self, student: Signals, teacher: Signals) -> bool:
-        """Whether this batch goes through the fused path (config ``fused`` and what the models returned)."""
+        """Whether this batch goes through the fused path (config ``fused`` and what the models returned).
+
+        ``fused: true`` is a promise the run must keep: when the models cannot take the fused path it is refused,
+        not silently replaced by the dense one.
+        """
         mode = self.config.fused
         if mode is False:
             return False
         ready = _fused_ready(student) and _fused_ready(teacher) and not isinstance(teacher.logits, SparseLogits)
+        if mode is True and not ready:
+            why = ("the teacher's logits are top-k (a logit cache, or ImitKD's hard variant), which has no hidden "
+                   "state to project" if isinstance(teacher.logits, SparseLogits) else
+                   "the models did not hand over their final hidden states and output projections")
+            raise KDUserError(
+                f"The objective {self.name!r} has fused: true, but {why}. Use fused: auto (fused whenever the "
+                f"models allow it and the vocabulary is large) or fused: false.")
         if mode is True:
-            if not ready and not getattr(self, "_warned_fallback", False):
-                self._warned_fallback = True
-                warnings.warn(f"objective {self.name!r}: fused=true but the models did not return final hidden "
-                              f"states and output weights (or the teacher logits are cached top-k); using logits",
-                              stacklevel=2)
-            return ready
+            return True
         return ready and student.output_weight is not None and student.output_weight.shape[0] >= FUSED_AUTO_MIN_VOCAB
 
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdcore.objectives.divergence import IGNORE_INDEX
+from kdcore.signals import IGNORE_INDEX
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> Tensor:

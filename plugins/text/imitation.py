@@ -8,27 +8,28 @@ from its own mistakes (exposure bias). One training step (docs/text.md has the b
 2. for each sequence i of the batch: keep the data target with probability β,
    otherwise replace it by the student's own output ŷ_i (greedy or top-k
    sampling, batched, no_grad, KV cache, student in eval mode)
-3. the teacher reads every prefix ŷ_<t (teacher forcing on the mixed targets)
-   * hard: targets = the teacher's argmax tokens, loss = NLL (kdcore.objectives.token_nll)
-   * full: targets = the teacher's next-token distribution, loss = a divergence
-     (kdcore.objectives.divergence, or kdcore.fused.fused_linear_divergence)
-4. back-propagate through the student only.
+3. teacher and student read every prefix ŷ_<t (teacher forcing on the mixed targets)
+   * full: the teacher's next-token distribution is compared with the student's
+     (default objective: forward KL)
+   * hard: the targets are the teacher's argmax tokens (default objective: NLL on them)
+4. the configured objectives compute the loss; back-propagate through the student only.
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdcore.errors import KDUserError
-from kdcore.interfaces import Batch, Method, StepOutput, Student, Task, Teacher, WeightedObjective
-from kd_plugins.text.generation import Generated, Strategy, generate
-from kd_plugins.text.losses import LOGITS, DivergenceOptions, nll_loss, teacher_distribution_loss
-from kd_plugins.text.models import IGNORE_INDEX, HFTextModel, check_vocab_compatible
+from kdcore.interfaces import Batch, Comparison, Student, Task, Teacher, WeightedObjective
+from kdcore.padding import pad_rows
+from kdcore.signals import IGNORE_INDEX, Signal, Signals, SparseLogits, request
+from kd_plugins.text.generation import Generated, Strategy, generate, generation_length_limit, longest_target
+from kd_plugins.text.method import TextMethod, merge_rows, take_rows
+from kd_plugins.text.models import HFTextModel
 from kd_plugins.text.schedules import BetaSchedule
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,8 @@ class StudentGeneration(BaseModel):
 
     def limit(self, data_labels: torch.Tensor) -> int:
         """Generation length cap for a batch whose data targets are ``data_labels``."""
-        cap = self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        if self.max_length_ratio is None:
-            return cap
-        longest = int((data_labels != IGNORE_INDEX).sum(dim=1).max()) if data_labels.numel() else 0
-        return max(1, min(cap, math.ceil(self.max_length_ratio * longest) + self.max_length_offset))
+        return generation_length_limit(longest_target(data_labels), self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                                       self.max_length_ratio, self.max_length_offset)
 
 
 @dataclass
@@ -77,39 +75,36 @@ class MixedBatch:
     generated_length: float  # mean length of the student's outputs (0 when none were generated)
 
 
-class ImitationConfig(DivergenceOptions):
-    """Options of the ``imitation`` plugin (``method.*`` keys)."""
+class ImitationConfig(BaseModel):
+    """Options of the ``imitation`` plugin (``method.*`` keys); how the two sides are compared is ``objectives``."""
+
+    model_config = ConfigDict(extra="forbid")
 
     variant: Literal["hard", "full"] = Field(
-        "full", description="hard: teacher argmax tokens + NLL; full: teacher distribution + divergence")
+        "full", description="full: the teacher's distribution on the mixed prefixes; hard: the teacher's argmax "
+                            "tokens (the labels, and a one-hot teacher distribution)")
     schedule: BetaSchedule = Field(default_factory=BetaSchedule)
     generation: StudentGeneration = Field(default_factory=StudentGeneration)
     hard_data_targets: Literal["data", "teacher"] = Field(
         "data", description="hard variant, sequences that keep their data target: train on the data tokens (as the "
                             "authors' code) or on the teacher's argmax")
 
-
-def as_text_models(teacher: Teacher, student: Student, plugin: str) -> tuple[HFTextModel, HFTextModel]:
-    if not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
-        raise KDUserError(f"plugin '{plugin}' needs text teacher and student models (teacher/student 'seq2seq'); got "
-                          f"{type(teacher).__name__} and {type(student).__name__}.")
-    return teacher, student
-
-
-def warn_unused_objectives(objectives: Sequence[WeightedObjective], plugin: str) -> None:
-    if objectives:
-        log.warning("plugin '%s' computes its loss from its own method.* options; the configured objectives (%s) are "
-                    "not used.", plugin, ", ".join(item.label for item in objectives))
+    @model_validator(mode="after")
+    def _hard_options_need_the_hard_variant(self) -> "ImitationConfig":
+        if self.variant == "full" and self.hard_data_targets != "data":
+            raise ValueError("hard_data_targets chooses the hard variant's targets on kept sequences; with variant "
+                             "'full' there are none. Set variant: hard, or leave hard_data_targets at 'data'.")
+        return self
 
 
-def merge_rows(data_labels: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-    """``data_labels`` with the given rows replaced by ``replacement`` (both -100 padded; widths may differ)."""
-    width = max(data_labels.shape[1], replacement.shape[1])
-    merged = data_labels.new_full((data_labels.shape[0], width), IGNORE_INDEX)
-    merged[:, :data_labels.shape[1]] = data_labels
-    merged[rows] = IGNORE_INDEX
-    merged[rows, :replacement.shape[1]] = replacement
-    return merged
+def one_hot_teacher(targets: torch.Tensor, vocab_size: int) -> Signals:
+    """The teacher as its hard decisions: probability 1 on each target token (``targets`` aligned with the logits).
+
+    A divergence to it is the NLL of the targets; ignored positions (-100) point at token 0 and are masked by the
+    labels.
+    """
+    ids = targets.clamp_min(0).unsqueeze(-1)
+    return Signals(logits=SparseLogits(torch.zeros(ids.shape, device=ids.device), ids, vocab_size))
 
 
 def student_generate(student: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -135,19 +130,6 @@ def _split_causal_row(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     return attended.tolist(), row_labels.tolist(), attended[:prompt_length].tolist()
 
 
-def _pad_rows(rows: list[list[int]], value: int, left: bool, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(row) for row in rows))
-    padded = torch.full((len(rows), width), value, dtype=torch.long, device=device)
-    for index, row in enumerate(rows):
-        if row:
-            values = torch.tensor(row, dtype=torch.long, device=device)
-            if left:
-                padded[index, width - len(row):] = values
-            else:
-                padded[index, :len(row)] = values
-    return padded
-
-
 def mix_causal_batch(student: HFTextModel, batch: Batch, rows: torch.Tensor, options: StudentGeneration,
                      generator: torch.Generator | None) -> tuple[dict[str, Any], float]:
     """Decoder-only ImitKD: replace the targets of ``rows`` by the student's continuation of their prompts.
@@ -166,29 +148,29 @@ def mix_causal_batch(student: HFTextModel, batch: Batch, rows: torch.Tensor, opt
     generated_length = 0.0
     if chosen:
         prompts = [split[i][2] for i in chosen]
-        prompt_ids = _pad_rows(prompts, student.pad_token_id, left=True, device=device)
-        prompt_mask = _pad_rows([[1] * len(p) for p in prompts], 0, left=True, device=device)
+        prompt_ids = pad_rows(prompts, student.pad_token_id, left=True, device=device)
+        prompt_mask = pad_rows([[1] * len(p) for p in prompts], 0, left=True, device=device)
         generated = student_generate(student, prompt_ids, prompt_mask, options, options.limit(labels[rows]), generator)
         for index, prompt, continuation in zip(chosen, prompts, generated.to_lists()):
             tokens[index] = prompt + continuation
             row_labels[index] = [IGNORE_INDEX] * len(prompt) + continuation
         generated_length = float(generated.lengths.float().mean())
-    mixed = {"input_ids": _pad_rows(tokens, student.pad_token_id, left=False, device=device),
-             "attention_mask": _pad_rows([[1] * len(t) for t in tokens], 0, left=False, device=device),
-             "labels": _pad_rows(row_labels, IGNORE_INDEX, left=False, device=device)}
+    mixed = {"input_ids": pad_rows(tokens, student.pad_token_id, device=device),
+             "attention_mask": pad_rows([[1] * len(t) for t in tokens], 0, device=device),
+             "labels": pad_rows(row_labels, IGNORE_INDEX, device=device)}
     return mixed, generated_length
 
 
-class ImitationKD(Method):
-    """ImitKD: train on a β-mixture of data and student-generated prefixes, with the teacher as the oracle."""
+class ImitationKD(TextMethod):
+    """ImitKD: teacher and student meet on a β-mixture of data and student-generated prefixes."""
 
     name: ClassVar[str] = "imitation"
     description: ClassVar[str] = ("ImitKD (Lin et al. 2020): student-generated prefixes, teacher next-token targets "
                                   "(hard or full), β schedule")
     Config: ClassVar[type[BaseModel]] = ImitationConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "hard": {"method": {"variant": "hard"}},
-        "full": {"method": {"variant": "full"}},
+        "hard": {"method": {"variant": "hard"}, "objectives": {"kd": {"name": "nll"}}},
+        "full": {"method": {"variant": "full"}, "objectives": {"kd": {"name": "forward_kl"}}},
         "summarization": {"method": {"schedule": {"kind": "exponential", "base": 10.0}}},
         "on-policy": {"method": {"schedule": {"kind": "constant", "value": 0.0}}},
     }
@@ -198,13 +180,10 @@ class ImitationKD(Method):
         super().__init__(config, task, teacher, student, objectives)
         assert isinstance(config, ImitationConfig)
         self.config: ImitationConfig = config
-        self.text_teacher, self.text_student = as_text_models(teacher, student, self.name)
         if self.text_teacher.is_encoder_decoder != self.text_student.is_encoder_decoder:
             raise KDUserError("plugin 'imitation' needs a teacher and a student of the same kind: both encoder-decoder "
                               "('seq2seq') or both decoder-only ('causal-lm'); the teacher reads the student's prefixes "
                               "in the student's batch layout.")
-        check_vocab_compatible(teacher, student, where="plugin 'imitation'")
-        warn_unused_objectives(objectives, self.name)
         # A null exponential base is the task's (wmt 200, summarization 10): one default per task, and
         # the other plugins' configs stay free of ImitKD keys.
         self.schedule = config.schedule.for_task(task)
@@ -224,9 +203,9 @@ class ImitationKD(Method):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        # The Config's own defaults apply; nothing is layered here so that a task's
-        # defaults (e.g. summarization's schedule base 10) are not overridden.
-        return {}
+        # Only the objective: the Config's own defaults apply to method.*, so that a task's defaults
+        # (e.g. summarization's schedule base 10) are not overridden.
+        return {"objectives": {"kd": {"name": "forward_kl"}}}
 
     def beta(self, step: int) -> float:
         """β_t for 0-based optimiser step ``step``."""
@@ -250,8 +229,8 @@ class ImitationKD(Method):
         sequence_labels = data_labels
         generated_length = 0.0
         if rows.numel():
-            sub_mask = attention_mask[rows] if attention_mask is not None else None
-            generated = student_generate(student, input_ids[rows], sub_mask, config.generation,
+            sources = take_rows(batch, rows, ("input_ids", "attention_mask"))
+            generated = student_generate(student, sources["input_ids"], sources["attention_mask"], config.generation,
                                          config.generation.limit(data_labels[rows]), self.generator)
             sequence_labels = merge_rows(data_labels, rows, generated.labels())
             generated_length = float(generated.lengths.float().mean())
@@ -272,30 +251,23 @@ class ImitationKD(Method):
             rows = torch.arange(aligned.shape[0], device=aligned.device)
         targets = aligned.clone()
         if rows.numel():
-            attention_mask = mixed.batch["attention_mask"]
-            teacher_batch = {"input_ids": mixed.batch["input_ids"][rows], "labels": mixed.batch["labels"][rows],
-                             "attention_mask": attention_mask[rows] if attention_mask is not None else None}
-            teacher_logits = self.text_teacher.signals(teacher_batch, LOGITS).logits  # type: ignore[attr-defined]
+            teacher_batch = take_rows(mixed.batch, rows, ("input_ids", "labels", "attention_mask"))
+            teacher_logits = self.text_teacher.signals(teacher_batch, request(Signal.LOGITS)).logits  # type: ignore[attr-defined]
             kept = aligned[rows] != IGNORE_INDEX
             targets[rows] = torch.where(kept, teacher_logits.argmax(dim=-1), aligned[rows])
         return targets
 
-    def training_step(self, batch: Batch, step: int) -> StepOutput:
-        config, teacher, student = self.config, self.text_teacher, self.text_student
+    def compare(self, batch: Batch, step: int) -> Comparison:
+        """Steps 1-3: teacher and student on the mixed prefixes (hard: with the teacher's argmax as the targets)."""
         mixed = self.prepare(batch, step)
-        parts: dict[str, float] = {"beta": mixed.beta, "replaced_fraction": float(mixed.replaced.float().mean()),
-                                   "generated_length": mixed.generated_length}
-        if config.variant == "hard":
-            targets = self.hard_targets(mixed)
-            logits = student.forward_signals(mixed.batch, LOGITS).logits
-            loss = nll_loss(logits, targets)
-            parts["nll"] = float(loss.detach())
-        else:
-            loss, _ = teacher_distribution_loss(config, teacher, student, mixed.batch,
-                                                student.target_labels(mixed.batch))
-            parts[config.divergence] = float(loss.detach())
-        parts["loss"] = float(loss.detach())
-        return StepOutput(loss, parts)
+        parts = {"beta": mixed.beta, "replaced_fraction": float(mixed.replaced.float().mean()),
+                 "generated_length": mixed.generated_length}
+        if self.config.variant == "full":
+            return self.meet(mixed.batch, parts)
+        targets = self.hard_targets(mixed)
+        teacher = one_hot_teacher(targets, self.text_teacher.vocab_size) if self.teacher_request().signals else Signals()
+        return self.meet(mixed.batch, parts, labels=targets, teacher_signals=teacher)
 
 
-__all__ = ["ImitationConfig", "ImitationKD", "MixedBatch", "mix_causal_batch", "as_text_models", "warn_unused_objectives", "StudentGeneration", "merge_rows", "student_generate"]
+__all__ = ["ImitationConfig", "ImitationKD", "MixedBatch", "StudentGeneration", "mix_causal_batch", "one_hot_teacher",
+           "student_generate"]

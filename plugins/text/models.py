@@ -35,11 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, Model, ModelFactory, Student, Teacher
-from kdcore.signals import Signal, SignalRequest, Signals
+from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class HFTextModel:

@@ -112,11 +112,38 @@ def test_registry_yaml_points_at_these_classes() -> None:
 
 
 def test_logit_objective_configs_validate_ranges() -> None:
+    for beta in (0.0, 1.0):  # the JSD is identically 0 there: refused with the reason
+        with pytest.raises(ValidationError, match="identically 0"):
+            library.JSDObjective.Config(beta=beta)
     with pytest.raises(ValidationError):
-        library.JSDObjective.Config(beta=1.0)
+        library.JSDObjective.Config(beta=1.5)
+    with pytest.raises(ValidationError, match="identically 0"):
+        library.SkewForwardKLObjective.Config(skew=1.0)
     with pytest.raises(ValidationError):
         library.ForwardKLObjective.Config(temperature=0)
     assert library.SkewReverseKLObjective.Config(skew=0.3, fused=False).skew == 0.3
+    assert library.SkewForwardKLObjective.Config(skew=0.0).skew == 0.0  # the plain KL, not zero
+
+
+def test_every_value_the_configs_accept_is_accepted_by_the_math() -> None:
+    # One config surface: what validation lets through never fails later in the functions' own argument checks.
+    student, teacher = randn(3, 7, seed=21), randn(3, 7, seed=22)
+    for objective in (library.JSDObjective(library.JSDObjective.Config(beta=1e-9)),
+                      library.JSDObjective(library.JSDObjective.Config(beta=1 - 1e-9)),
+                      library.SkewForwardKLObjective(library.SkewForwardKLObjective.Config(skew=0.999999)),
+                      library.SkewReverseKLObjective(library.SkewReverseKLObjective.Config(skew=0.0))):
+        assert torch.isfinite(objective(Signals(logits=student), Signals(logits=teacher), {}).loss)
+
+
+def test_fused_true_is_refused_when_the_models_cannot_take_the_fused_path() -> None:
+    objective = library.ForwardKLObjective(library.ForwardKLObjective.Config(fused=True))
+    logits = Signals(logits=randn(4, 9, seed=23))
+    with pytest.raises(KDUserError, match="fused: true"):
+        objective(logits, Signals(logits=randn(4, 9, seed=24)), {})
+    top = randn(4, 9, seed=25).topk(3, dim=-1)
+    head = _head_signals(randn(4, 5, seed=26), randn(9, 5, seed=27), torch.zeros(9), with_logits=False)
+    with pytest.raises(KDUserError, match="top-k"):
+        objective(head, Signals(logits=SparseLogits(top.values, top.indices, 9)), {})
 
 
 def _head_signals(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, with_logits: bool) -> Signals:

@@ -96,11 +96,20 @@ def causal_batch(batch_size: int, seed: int = 0) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
 
 
+def objective(name: str, label: str = "kd", weight: float = 1.0, **args: Any) -> Any:
+    """The registered objective ``name`` with ``args``, as a method receives it from the run config."""
+    from kdcore.interfaces import WeightedObjective
+    from kdcore.registry import Registry
+
+    cls = Registry.discover(entry_points=False).load("objective", name)
+    return WeightedObjective(label, cls(cls.Config(**args)), weight)
+
+
 @pytest.fixture
 def tiny() -> SimpleNamespace:
     """The helpers above and the vocabulary constants."""
     return SimpleNamespace(hf=tiny_hf, pair=tiny_pair, batch=random_batch, config=tiny_config, causal=tiny_causal,
-                           causal_batch=causal_batch, VOCAB=VOCAB, PAD=PAD, EOS=EOS)
+                           causal_batch=causal_batch, objective=objective, VOCAB=VOCAB, PAD=PAD, EOS=EOS)
 
 
 @pytest.fixture

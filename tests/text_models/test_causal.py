@@ -33,7 +33,8 @@ def test_causal_generation_cache_padding_and_hugging_face_agree(tiny: SimpleName
 def causal_method(tiny: SimpleNamespace, task: Any, **options: Any) -> ImitationKD:
     teacher = TextTeacher(tiny.causal(seed=1, layers=2)).freeze()
     student = TextStudent(tiny.causal(seed=0))
-    method = ImitationKD(ImitationConfig(**options), task, teacher, student, [])
+    objective = tiny.objective("nll") if options.get("variant") == "hard" else tiny.objective("forward_kl", fused=False)
+    method = ImitationKD(ImitationConfig(**options), task, teacher, student, [objective])
     method.on_train_start(10)
     return method
 
@@ -70,8 +71,14 @@ def test_causal_imitation_replaces_targets_by_continuations_of_the_prompt(tiny: 
 
 @pytest.mark.parametrize("variant", ["hard", "full"])
 def test_causal_imitation_training_step(tiny: SimpleNamespace, fake_task: Any, objectives: Any, variant: str) -> None:
-    method = causal_method(tiny, fake_task, variant=variant, schedule={"kind": "constant", "value": 0.3}, fused=False)
-    output = method.training_step(tiny.causal_batch(6), 0)
+    method = causal_method(tiny, fake_task, variant=variant, schedule={"kind": "constant", "value": 0.3})
+    batch = tiny.causal_batch(6)
+    comparison = method.compare(batch, 0)
+    # The objectives read labels aligned with the logits (shifted), not the model batch's labels.
+    model_labels = comparison.batch["input_ids"]  # the rebuilt rows' tokens
+    assert comparison.batch["labels"].shape == model_labels.shape
+    assert (comparison.batch["labels"][:, -1] == -100).all()
+    output = method.training_step(batch, 0)
     output.loss.backward()
     assert torch.isfinite(output.loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())

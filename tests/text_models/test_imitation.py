@@ -1,4 +1,5 @@
-"""ImitKD: the β-mixture really replaces data targets, and the teacher's targets match a direct call."""
+"""ImitKD: the β-mixture really replaces data targets, the teacher's targets match a direct call, and the configured
+objectives compare teacher and student on the mixed prefixes."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,13 +10,18 @@ import torch
 
 from kdcore.errors import KDUserError
 from kd_plugins.text.generation import generate
-from kd_plugins.text.imitation import ImitationConfig, ImitationKD, merge_rows
+from kd_plugins.text.imitation import ImitationConfig, ImitationKD
+from kd_plugins.text.method import merge_rows
 from kd_plugins.text.models import TextStudent
 
 
-def make_method(tiny: SimpleNamespace, task: Any, total_steps: int = 100, **options: Any) -> ImitationKD:
+def make_method(tiny: SimpleNamespace, task: Any, total_steps: int = 100, objectives: list[Any] | None = None,
+                **options: Any) -> ImitationKD:
     teacher, student = tiny.pair()
-    method = ImitationKD(ImitationConfig(**options), task, teacher, student, [])
+    if objectives is None:  # the plugin's defaults: forward KL (full), NLL on the teacher's argmax (preset hard)
+        objectives = [tiny.objective("nll") if options.get("variant") == "hard"
+                      else tiny.objective("forward_kl", fused=False)]
+    method = ImitationKD(ImitationConfig(**options), task, teacher, student, objectives)
     method.on_train_start(total_steps)
     return method
 
@@ -25,7 +31,7 @@ def test_beta_follows_the_schedule_with_the_engines_total_steps(tiny: SimpleName
     assert method.beta(0) == 1.0
     assert method.beta(200) == pytest.approx(200 ** -0.5)
     assert method.beta(400) == pytest.approx(1 / 200)
-    unstarted = ImitationKD(ImitationConfig(), fake_task, *tiny.pair(), [])
+    unstarted = ImitationKD(ImitationConfig(), fake_task, *tiny.pair(), [tiny.objective("forward_kl")])
     with pytest.raises(ValueError, match="total number of training steps"):
         unstarted.beta(1)
 
@@ -112,20 +118,56 @@ def test_merge_rows_pads_to_the_wider_of_data_and_generation() -> None:
 @pytest.mark.parametrize("variant", ["hard", "full"])
 def test_training_step_trains_only_the_student(tiny: SimpleNamespace, fake_task: Any, objectives: Any,
                                                variant: str) -> None:
-    method = make_method(tiny, fake_task, variant=variant, schedule={"kind": "constant", "value": 0.5}, fused=False)
+    method = make_method(tiny, fake_task, variant=variant, schedule={"kind": "constant", "value": 0.5})
     output = method.training_step(tiny.batch(8), 0)
     assert torch.isfinite(output.loss) and output.loss.requires_grad
     output.loss.backward()
     assert all(p.grad is None for p in method.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
-    assert {"beta", "replaced_fraction", "loss"} <= set(output.parts)
-    assert output.parts["beta"] == 0.5
+    assert {"beta", "replaced_fraction", "generated_length", "kd"} <= set(output.parts)
+    assert output.parts["beta"] == 0.5 and output.parts["kd"] == pytest.approx(float(output.loss.detach()))
+
+
+def test_hard_variant_is_nll_on_the_teachers_argmax(tiny: SimpleNamespace, fake_task: Any, objectives: Any) -> None:
+    method = make_method(tiny, fake_task, variant="hard", schedule={"kind": "constant", "value": 0.5})
+    batch = tiny.batch(8)
+    torch.manual_seed(3)
+    comparison = method.compare(batch, 0)
+    torch.manual_seed(3)
+    mixed = method.prepare(batch, 0)
+    targets = method.hard_targets(mixed)
+    assert torch.equal(comparison.batch["labels"], targets)
+    assert comparison.teacher.logits is None  # nll asks nothing of the teacher: no one-hot teacher is built
+    logits = method.text_student.hf_model(**mixed.batch).logits
+    loss = method.objectives[0].objective(comparison.student, comparison.teacher, comparison.batch).loss
+    torch.testing.assert_close(loss, objectives.token_nll(logits, targets))
+
+
+def test_hard_variant_gives_divergences_a_one_hot_teacher(tiny: SimpleNamespace, fake_task: Any,
+                                                          objectives: Any) -> None:
+    # The hard variant with a divergence objective is not the full variant under another name: the teacher the
+    # objective sees is its argmax decision, so forward KL to it is the NLL of the argmax tokens.
+    options = {"variant": "hard", "schedule": {"kind": "constant", "value": 0.0}}
+    batch = tiny.batch(6)
+    losses = {}
+    for name in ("nll", "forward_kl"):
+        method = make_method(tiny, fake_task, objectives=[tiny.objective(name)], **options)
+        torch.manual_seed(4)
+        losses[name] = method.training_step(batch, 0).loss
+    torch.testing.assert_close(losses["forward_kl"], losses["nll"], rtol=1e-5, atol=1e-6)
+    full = make_method(tiny, fake_task, objectives=[tiny.objective("forward_kl")], variant="full",
+                       schedule=options["schedule"])
+    torch.manual_seed(4)
+    assert abs(float(full.training_step(batch, 0).loss) - float(losses["nll"])) > 1e-3
+    reverse = make_method(tiny, fake_task, objectives=[tiny.objective("reverse_kl")], **options)
+    with pytest.raises(KDUserError, match="reverse_kl"):  # KL(p_S || one-hot) is infinite
+        reverse.training_step(batch, 0)
 
 
 def test_full_variant_loss_is_the_divergence_to_the_teacher_on_mixed_prefixes(tiny: SimpleNamespace, fake_task: Any,
                                                                               objectives: Any) -> None:
-    method = make_method(tiny, fake_task, variant="full", divergence="jsd", beta=0.3,
-                         schedule={"kind": "constant", "value": 0.0}, fused=False)
+    method = make_method(tiny, fake_task, objectives=[tiny.objective("jsd", beta=0.3, fused=False)], variant="full",
+                         schedule={"kind": "constant", "value": 0.0})
     batch = tiny.batch(6)
     torch.manual_seed(5)
     loss = method.training_step(batch, 0).loss
@@ -144,15 +186,17 @@ def test_config_and_model_errors(tiny: SimpleNamespace, fake_task: Any) -> None:
     from pydantic import ValidationError
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with pytest.raises(ValidationError):
-        ImitationConfig(divergence="kl")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):  # the divergence is an objective now (objectives.kd.name)
+        ImitationConfig(divergence="jsd")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="variant"):
+        ImitationConfig(variant="full", hard_data_targets="teacher")
     with pytest.raises(ValidationError):
         ImitationConfig(schedule={"kind": "exponential", "bas": 10})
     teacher, _ = tiny.pair()
     causal = TextStudent(AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "gpt2", vocab_size=tiny.VOCAB, n_embd=8, n_layer=1, n_head=2, bos_token_id=2, eos_token_id=tiny.EOS)))
     with pytest.raises(KDUserError, match="encoder-decoder"):
-        ImitationKD(ImitationConfig(), fake_task, teacher, causal, [])
+        ImitationKD(ImitationConfig(), fake_task, teacher, causal, [tiny.objective("forward_kl")])
 
 
 def test_generation_cap_defaults_to_the_tasks_longest_training_target(tiny: SimpleNamespace, fake_task: Any) -> None:

@@ -1,0 +1,123 @@
+"""What every text method shares: the text models, and how teacher and student meet on a batch of prefixes.
+
+A text method (ImitKD, word-level KD, sequence-level KD, scratch) only decides *which* prefixes the two models read
+(data targets, the student's own outputs, the teacher's outputs) and which tokens are the targets there.
+:meth:`TextMethod.meet` then runs the models and returns the :class:`~kdcore.interfaces.Comparison` on which the
+configured objectives compute the loss.
+
+Signals: text models hand over logits and the final hidden state with the output projection (what a fused objective
+reads). They do not offer hidden states: a teacher and a student of different depths and widths have no
+layer-by-layer correspondence that a text method could state.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+from kdcore.errors import KDUserError
+from kdcore.interfaces import Batch, Comparison, Method, Student, Task, Teacher, WeightedObjective
+from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals
+from kd_plugins.text.models import HFTextModel, check_vocab_compatible
+
+#: What a text method hands the objectives from each model.
+TEXT_SIGNALS: frozenset[Signal] = frozenset({Signal.LOGITS, Signal.FINAL_HIDDEN})
+
+
+def model_request(requests: Sequence[SignalRequest]) -> SignalRequest:
+    """What to ask a text model for, given what each objective asked of it.
+
+    The LM head runs only when some objective cannot do without logits (it asked for them and not for the final
+    hidden state). Otherwise the model returns its final hidden state and output projection: a fused objective then
+    never has the ``(B, T, V)`` logits built, and a dense one derives them once with
+    :func:`kdcore.objectives.inputs.logits_of`.
+    """
+    union = SignalRequest()
+    for item in requests:
+        union = union | item
+    needs_logits = any(item.wants(Signal.LOGITS) and not item.wants(Signal.FINAL_HIDDEN) for item in requests)
+    if union.wants(Signal.FINAL_HIDDEN) and not needs_logits:
+        return SignalRequest(union.signals - {Signal.LOGITS}, union.hidden_layers)
+    return union
+
+
+def take_rows(batch: Mapping[str, Any], rows: torch.Tensor, keys: Sequence[str]) -> dict[str, Any]:
+    """``batch[key][rows]`` for each of ``keys`` (a missing or None value stays None)."""
+    return {key: None if batch.get(key) is None else batch[key][rows] for key in keys}
+
+
+def merge_rows(data_labels: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+    """``data_labels`` with the given rows replaced by ``replacement`` (both -100 padded; widths may differ)."""
+    width = max(data_labels.shape[1], replacement.shape[1])
+    merged = data_labels.new_full((data_labels.shape[0], width), IGNORE_INDEX)
+    merged[:, :data_labels.shape[1]] = data_labels
+    merged[rows] = IGNORE_INDEX
+    merged[rows, :replacement.shape[1]] = replacement
+    return merged
+
+
+class TextMethod(Method):
+    """A method on text teacher and student models (``seq2seq`` or ``causal-lm``).
+
+    By default teacher and student meet on the task's own batch (its data prefixes and targets); methods that
+    arrange other prefixes override :meth:`compare` and end it with :meth:`meet`.
+    """
+
+    student_offers: ClassVar[frozenset[Signal]] = TEXT_SIGNALS
+    teacher_offers: ClassVar[frozenset[Signal]] = TEXT_SIGNALS
+    #: Whether tokens pass between the two models whatever the objectives (the teacher reads the student's prefixes,
+    #: or the student learns the teacher's outputs). Then, or when an objective compares the two, both must share
+    #: one vocabulary.
+    exchanges_tokens: ClassVar[bool] = True
+
+    def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
+                 objectives: Sequence[WeightedObjective]) -> None:
+        super().__init__(config, task, teacher, student, objectives)
+        if not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
+            raise KDUserError(f"plugin '{self.name}' needs text teacher and student models (teacher/student "
+                              f"'seq2seq' or 'causal-lm'); got {type(teacher).__name__} and "
+                              f"{type(student).__name__}.")
+        self.text_teacher: HFTextModel = teacher
+        self.text_student: HFTextModel = student
+        if self.exchanges_tokens or self.teacher_request().signals:
+            check_vocab_compatible(teacher, student, where=f"plugin '{self.name}'")
+
+    def compare(self, batch: Batch, step: int) -> Comparison:
+        """Teacher and student on the batch's data prefixes."""
+        return self.meet(batch, {})
+
+    def model_requests(self) -> tuple[SignalRequest, SignalRequest]:
+        """What to ask the student and the teacher for (see :func:`model_request`)."""
+        return (model_request([item.objective.student_request() for item in self.objectives]),
+                model_request([item.objective.teacher_request() for item in self.objectives]))
+
+    def meet(self, model_batch: Batch, parts: dict[str, float], labels: torch.Tensor | None = None,
+             teacher_signals: Signals | None = None) -> Comparison:
+        """Both models read ``model_batch``'s prefixes; the objectives compare them there.
+
+        ``labels`` are the targets aligned with the logits (default: the batch's own, through the student's
+        :meth:`~kd_plugins.text.models.HFTextModel.target_labels`). The teacher runs only when an objective asks it
+        for something, unless the method hands over ``teacher_signals`` of its own.
+        """
+        student_request, teacher_request = self.model_requests()
+        if teacher_signals is None:
+            teacher_signals = (self.text_teacher.signals(model_batch, teacher_request)  # type: ignore[attr-defined]
+                               if teacher_request.signals else Signals())
+        student_signals = self.text_student.forward_signals(model_batch, student_request)
+        aligned = self.text_student.target_labels(model_batch) if labels is None else labels
+        return Comparison(student_signals, teacher_signals, self.comparison_batch(model_batch, aligned), parts)
+
+    def comparison_batch(self, model_batch: Batch, labels: torch.Tensor) -> dict[str, Any]:
+        """What the objectives read besides the signals: ``labels`` aligned with the logits, ``attention_mask``
+        with the positions of the final hidden states (a seq2seq model's decoder positions: those with a target)."""
+        if self.text_student.is_encoder_decoder:
+            mask = model_batch.get("decoder_attention_mask")
+            mask = (labels != IGNORE_INDEX).long() if mask is None else mask
+        else:
+            mask = model_batch.get("attention_mask")
+        return {**model_batch, "labels": labels, "attention_mask": mask}
+
+
+__all__ = ["TEXT_SIGNALS", "TextMethod", "merge_rows", "model_request", "take_rows"]
