@@ -44,6 +44,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What a forward pass under :func:`autocast_dtype`'s answer computes in: ``fp32``, ``bf16`` or ``fp16``."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     """``torch.autocast`` to ``dtype`` on ``device``; nothing at all for ``None`` (full fp32)."""

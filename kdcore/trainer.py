@@ -34,7 +34,7 @@ from kdcore.interfaces import Batch, DataSplits
 from kdcore.interrupts import StopSignals, TrainingInterrupted
 from kdcore.io import atomic_write_json, read_jsonl, rewrite_jsonl
 from kdcore.optimization import build_optimizer, build_scheduler
-from kdcore.precision import autocast, autocast_dtype
+from kdcore.precision import autocast, autocast_dtype, precision_name
 from kdcore.progress import Progress
 from kdcore.registry import Registry
 from kdcore.resolve import BuiltRun
@@ -161,6 +161,11 @@ class Trainer:
             seed_everything(config.seed + 1_000_003 * self.dist.rank)
             if self.dist.is_main:
                 self.log_path.unlink(missing_ok=True)
+            # What is trained, in the log itself: each objective's label with the registered name and weight behind
+            # it (a label such as "kd" may name any objective), and the precision the forward pass really uses.
+            self._log({"type": "start", "step": 0, "precision": precision_name(self.autocast),
+                       "objectives": {item.label: {"name": item.objective.name, "weight": item.weight}
+                                      for item in method.objectives}})
         method.on_train_start(trainer_config.max_steps)
         if self.dist.is_main:
             self.registry.hook.kd_on_train_start(context=self.context)

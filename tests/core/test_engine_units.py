@@ -205,7 +205,7 @@ def test_training_without_in_loop_evaluation_writes_no_validation_and_no_best(tm
     built, splits = runner.build(resolved)
     state = Trainer(built, splits, tmp_path / "stage", registry, evaluate_in_loop=False).fit()
     assert state.step == 40 and state.best_step is None and not (tmp_path / "stage" / "best").exists()
-    assert {r["type"] for r in read_jsonl(tmp_path / "stage" / "log.jsonl")} == {"train"}
+    assert {r["type"] for r in read_jsonl(tmp_path / "stage" / "log.jsonl")} == {"start", "train"}
     stopping = resolve_run(registry, task="toy", plugin="vanilla", preset="tiny",
                            sets=["trainer.eval_every=5", "trainer.early_stopping.patience=2", *TINY_SETS])
     with pytest.raises(KDUserError, match="trainer.early_stopping needs validations"):
