@@ -23,8 +23,11 @@ def logits_of(signals: Signals, role: str, objective: str) -> Tensor | SparseLog
     if signals.logits is not None:
         return signals.logits
     if signals.final_hidden is not None and signals.output_weight is not None:
-        return F.linear(signals.final_hidden, signals.output_weight.to(signals.final_hidden.dtype),
-                        None if signals.output_bias is None else signals.output_bias.to(signals.final_hidden.dtype))
+        # Kept on the signals: a second dense objective of the same comparison reuses them instead of projecting again.
+        signals.logits = F.linear(
+            signals.final_hidden, signals.output_weight.to(signals.final_hidden.dtype),
+            None if signals.output_bias is None else signals.output_bias.to(signals.final_hidden.dtype))
+        return signals.logits
     raise KDUserError(
         f"The objective {objective!r} needs the {role}'s logits, but the {role} model returned neither 'logits' nor "
         f"'final_hidden' with 'output_weight'. Use a {role} that produces logits (a classifier or language model), "

@@ -273,3 +273,13 @@ def test_logit_cache_fetch_computes_only_missing_and_pads(tmp_path) -> None:
     # a cached sparse teacher works with the divergence directly
     student = randn(2, 4, 10, seed=42)
     assert torch.isfinite(divergence(student, first, "jsd"))
+
+
+def test_logits_projected_from_the_final_hidden_state_are_computed_once_per_comparison() -> None:
+    from kdcore.objectives.inputs import logits_of
+
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
+    signals = Signals(final_hidden=hidden, output_weight=weight)
+    first = logits_of(signals, "student", "kd")
+    torch.testing.assert_close(first, hidden @ weight.T)
+    assert logits_of(signals, "student", "nll") is first
