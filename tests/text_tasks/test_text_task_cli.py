@@ -102,7 +102,7 @@ def test_dry_run_plans_and_teacher_reuse(tiny_wmt_run: Path, tmp_path: Path, cap
     assert plan["data"] == {"train": 360, "valid": 16, "test": 24}
     assert 0 < plan["params"]["student"] < plan["params"]["teacher"]
     # The teacher trained by the first run is reused, not trained again.
-    assert "Using the cached task-trained teacher" in caplog.text
+    assert "Using the task-trained teacher cached in" in caplog.text
     assert "Teacher stage: training" not in caplog.text
 
 
