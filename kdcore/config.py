@@ -124,7 +124,12 @@ class RunConfig(StrictModel):
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")).expanduser()
+        return default_cache_dir()
+
+
+def default_cache_dir() -> Path:
+    """kd's cache when a run names none: ``$KD_CACHE_DIR``, else ``~/.cache/kd``."""
+    return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")).expanduser()
 
 
 # --------------------------------------------------------------------------- layers

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperForConditionalGeneration
 
+from kdcore.config import default_cache_dir
 from kdcore.errors import KDUserError
 from kdcore.io import atomic_write_json, sha256_file
 
@@ -52,11 +53,6 @@ SUPPORTED_BINARY_VERSIONS = (5, 6)
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 #: Version of the conversion below; part of the cache key so a fixed converter never reuses stale weights.
 CONVERTER_VERSION = 2
-
-
-def default_cache_dir() -> Path:
-    """kd's cache directory outside a run: $KD_CACHE_DIR or ~/.cache/kd (as ``RunConfig.resolved_cache_dir``)."""
-    return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")).expanduser()
 
 
 # --------------------------------------------------------------------------- reading model.bin

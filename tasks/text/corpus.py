@@ -3,7 +3,6 @@ records their builders return, and the text keys their cleaning, de-duplication 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,11 +12,6 @@ from typing import Any
 from .manifest import read_corpus
 
 _SPACE = re.compile(r"\s+")
-
-
-def default_cache_dir() -> Path:
-    """``$KD_CACHE_DIR``, else ``~/.cache/kd`` (where a corpus is built when no cache directory is given)."""
-    return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")).expanduser()
 
 
 def letter_fraction(text: str) -> float:
@@ -64,5 +58,5 @@ class Corpus:
         return cls(splits["train"], splits["valid"], splits["test"], dict(manifest), directory)
 
 
-__all__ = ["CleanRecords", "Corpus", "dedup_key", "default_cache_dir", "letter_fraction", "normalize_space",
+__all__ = ["CleanRecords", "Corpus", "dedup_key", "letter_fraction", "normalize_space",
            "split_rank"]

@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdcore.config import default_cache_dir
 from kdcore.errors import KDUserError
 from kdcore.io import sha256_file
 
-from .corpus import CleanRecords, Corpus, dedup_key, default_cache_dir, letter_fraction, normalize_space, split_rank
+from .corpus import CleanRecords, Corpus, dedup_key, letter_fraction, normalize_space, split_rank
 from .manifest import valid_manifest, write_corpus
 
 log = logging.getLogger(__name__)
