@@ -123,19 +123,6 @@ def shutdown() -> None:
     _STATE = DistributedState()
 
 
-@contextlib.contextmanager
-def single_process() -> Iterator[None]:
-    """Run the block as if this process were alone (rank 0 of 1: no collectives), e.g. work rank 0 does by itself
-    while the other ranks wait in :func:`main_first`."""
-    global _STATE
-    outer = _STATE
-    _STATE = DistributedState()
-    try:
-        yield
-    finally:
-        _STATE = outer
-
-
 def barrier() -> None:
     if _STATE.enabled:
         torch.distributed.barrier()

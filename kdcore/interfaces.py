@@ -94,6 +94,11 @@ class ModelFactory(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Config: ClassVar[type[BaseModel]] = EmptyConfig
+    #: Under torchrun: False (the default), rank 0 builds first (filling caches: downloads, conversions) while the
+    #: other ranks wait, then they build from those caches. True, every rank calls :meth:`build` at the same time,
+    #: because it trains the model data-parallel on first use (a teacher stage, :mod:`kdcore.teacher_stage`); the
+    #: task's data is prepared by rank 0 first, and the factory writes its cache from rank 0 alone.
+    builds_on_all_ranks: ClassVar[bool] = False
 
     @abc.abstractmethod
     def build(self, config: BaseModel, context: BuildContext) -> Model:

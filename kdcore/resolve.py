@@ -1,6 +1,7 @@
 """From CLI flags and files to a validated run and its built components."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from kdcore import distributed
 from kdcore.config import (
     Layer, LayeredConfig, RunConfig, load_yaml_file, parse_set_option, validate_model,
 )
@@ -186,7 +188,10 @@ class BuiltRun:
 
 def _build_model(factory_cls: type[ModelFactory], config: BaseModel, context: BuildContext, role: str,
                  expected: type[Model]) -> Any:
-    model = factory_cls().build(config, context)
+    # Under torchrun a factory either builds on rank 0 first (the others then read what it cached) or, when it
+    # trains data-parallel on first use, on every rank together (ModelFactory.builds_on_all_ranks).
+    with contextlib.nullcontext() if factory_cls.builds_on_all_ranks else distributed.main_first():
+        model = factory_cls().build(config, context)
     if not isinstance(model, expected):
         raise TypeError(f"{role} factory '{factory_cls.name}' returned {type(model).__name__}, "
                         f"not a kdcore.interfaces.{expected.__name__}")
@@ -195,10 +200,20 @@ def _build_model(factory_cls: type[ModelFactory], config: BaseModel, context: Bu
 
 def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Path | None = None,
                      dry_run: bool = False, registry: Registry | None = None) -> BuiltRun:
-    """Task, teacher (frozen), student and method for a resolved run (``dry_run``: see :class:`BuildContext`)."""
+    """Task, teacher (frozen), student and method for a resolved run (``dry_run``: see :class:`BuildContext`).
+
+    Under torchrun the task is made on rank 0 first, then on the others; each model as its factory's
+    ``builds_on_all_ranks`` says (:func:`_build_model`).
+    """
     config = resolved.config
     cache = Path(cache_dir) if cache_dir is not None else config.resolved_cache_dir()
-    task = resolved.task_cls(resolved.data_config, cache)
+    on_all_ranks = resolved.teacher_factory.builds_on_all_ranks or resolved.student_factory.builds_on_all_ranks
+    with distributed.main_first():
+        task = resolved.task_cls(resolved.data_config, cache)
+        if on_all_ranks:
+            # A model trained on every rank together reads the task's data: rank 0 fills the data caches
+            # (corpus, tokenizer) before the other ranks read them.
+            task.build_data(config.seed)
     context = BuildContext(task=task, cache_dir=cache, device=device, seed=config.seed, dry_run=dry_run,
                            registry=registry)
     teacher = _build_model(resolved.teacher_factory, resolved.teacher_config, context, "teacher", Teacher)
@@ -208,5 +223,6 @@ def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Pat
     student = _build_model(resolved.student_factory, resolved.student_config, context, "student", Student)
     student.to(device)
     objectives = [WeightedObjective(o.label, o.cls(o.config), o.weight) for o in resolved.objectives]
-    method = resolved.method_cls(resolved.method_config, task, teacher, student, objectives)
+    with distributed.main_first():
+        method = resolved.method_cls(resolved.method_config, task, teacher, student, objectives)
     return BuiltRun(resolved, task, teacher, student, method, device)

@@ -61,15 +61,16 @@ def check_cache_dir(resolved: ResolvedRun) -> None:
 
 def build(resolved: ResolvedRun, device: torch.device | None = None,
           dry_run: bool = False, registry: Registry | None = None) -> tuple[BuiltRun, Any]:
-    """Teacher, student, method and data. Distributed: rank 0 first (it fills caches), then the others read them.
+    """Teacher, student, method and data. Distributed: rank 0 first (it fills caches), then the others read them;
+    a teacher stage trains on every rank together (:func:`~kdcore.resolve.build_components`).
 
     ``dry_run`` builds models with their real shapes but skips one-off work such as a teacher stage.
     """
     check_cache_dir(resolved)
     device = device if device is not None else select_device(resolved.config.device)
     seed_everything(resolved.config.seed)
+    built = build_components(resolved, device, dry_run=dry_run, registry=registry)
     with distributed.main_first():
-        built = build_components(resolved, device, dry_run=dry_run, registry=registry)
         splits = built.task.build_data(resolved.config.seed)
     for name in ("train", "valid", "test"):
         if len(getattr(splits, name)) == 0:

@@ -14,9 +14,11 @@ writes the finished teacher to the cache (its marker file last) and then removes
 (:func:`remove_partial_directory`), so an interrupted stage is never mistaken for a cached teacher.
 
 Two processes that need the same teacher at once (two runs sharing a cache) take turns through
-:func:`teacher_stage_lock`: the second waits, then finds the teacher cached. Under torchrun the teachers are
-built on rank 0 first while the other ranks wait, so the stage trains in rank 0's process alone (as a single
-process) and the other ranks read the cached teacher.
+:func:`teacher_stage_lock`: the second waits, then finds the teacher cached. Under torchrun the stage is
+data-parallel, like a distillation run: a factory that runs it sets ``builds_on_all_ranks``, so every rank enters
+:func:`ensure_teacher_cached` together; rank 0 holds the lock and decides whether to train, every rank trains its
+slice of each global batch, rank 0 alone writes the checkpoints, the log and the cache entry, and the other ranks
+then read the cached teacher.
 """
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ import contextlib
 import fcntl
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from kdcore import distributed
 from kdcore.checkpoint import CHECKPOINT_PREFIX, capture_rng, latest_valid_checkpoint, restore_rng
 from kdcore.config import ModelSpec, ObjectiveSpec, RunConfig, TrainerConfig
 from kdcore.errors import KDUserError
@@ -78,6 +81,29 @@ def remove_partial_directory(cache_entry: Path) -> None:
     shutil.rmtree(partial_directory(cache_entry), ignore_errors=True)
 
 
+Trained = TypeVar("Trained")
+
+
+def ensure_teacher_cached(cache_entry: Path, is_cached: Callable[[], bool], train: Callable[[], Trained],
+                          write: Callable[[Trained], None]) -> None:
+    """Make sure the teacher of ``cache_entry`` is cached: if ``is_cached()`` is false, ``train()`` it (the teacher
+    stage) and ``write`` what it returned to the cache entry, marker last; then remove the partial directory.
+
+    Under torchrun every rank calls this together (its factory sets ``builds_on_all_ranks``): rank 0 takes the
+    lock and decides for all, every rank trains (the stage is data-parallel), rank 0 alone writes, and no rank
+    returns before the cache entry is complete, so each can then read it.
+    """
+    rank = distributed.current()
+    with teacher_stage_lock(cache_entry) if rank.is_main else contextlib.nullcontext():
+        if not distributed.broadcast_object(is_cached() if rank.is_main else None):
+            trained = train()
+            if rank.is_main:
+                write(trained)
+        if rank.is_main:
+            remove_partial_directory(cache_entry)
+        distributed.barrier()
+
+
 @dataclass
 class TeacherStageResult:
     """What a finished teacher stage reports: the trainer's state and the mean training loss at the end."""
@@ -97,8 +123,13 @@ def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory],
     teacher does not depend on the run seed). ``factory``/``factory_config`` name the teacher being trained (in
     the stage's config, which hooks see). The stage continues from the newest valid checkpoint in the partial
     directory of ``cache_entry`` when there is one. The random streams of the calling process are restored
-    afterwards, so the run that follows builds its student exactly as with a cached teacher.
+    afterwards, so the run that follows builds its student exactly as with a cached teacher. Under torchrun every
+    rank calls this together (from :func:`ensure_teacher_cached`) and trains its slice of each global batch.
     """
+    rank = distributed.current()
+    if rank.enabled and not factory.builds_on_all_ranks:
+        raise TypeError(f"{factory.__name__} runs a teacher stage, which trains on every rank of a torchrun job "
+                        f"together; set builds_on_all_ranks = True on it.")
     directory = partial_directory(cache_entry)
     config = RunConfig(task=task.name, plugin=TEACHER_STAGE, seed=seed,
                        teacher=ModelSpec(name=factory.name), student=ModelSpec(name=factory.name),
@@ -111,16 +142,19 @@ def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory],
     built = BuiltRun(resolved, task, None, model, method, device)  # type: ignore[arg-type]
     if registry is None:
         registry = Registry.discover(entry_points=False)  # built-ins only: no third-party lifecycle hooks
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpoint = latest_valid_checkpoint(directory / "checkpoints")
-    resumed_from = None if checkpoint is None else int(checkpoint.name[len(CHECKPOINT_PREFIX):])
-    if resumed_from is not None:
+    checkpoint = None
+    if rank.is_main:  # it decides for every rank whether the stage continues (the trainer reads the same one)
+        directory.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_valid_checkpoint(directory / "checkpoints")
+    resumed_from = distributed.broadcast_object(
+        None if checkpoint is None else int(checkpoint.name[len(CHECKPOINT_PREFIX):]))
+    if rank.is_main and resumed_from is not None:
         log.info("Teacher stage: continuing from its checkpoint at step %d of %d (%s).", resumed_from,
                  trainer.max_steps, checkpoint)
-    # Teachers are built on rank 0 first while the other ranks wait (kdcore.runner.build): the stage trains in
-    # this process alone, and the other ranks then read the cached teacher.
-    stage = Trainer(built, DataSplits(train=train, valid=[], test=[]), directory, registry, evaluate_in_loop=False,
-                    single_process=True)
+    if rank.is_main and rank.enabled:
+        log.info("Teacher stage: data-parallel on %d processes, each its slice of every global batch of %d.",
+                 rank.world_size, trainer.batch_size)
+    stage = Trainer(built, DataSplits(train=train, valid=[], test=[]), directory, registry, evaluate_in_loop=False)
     outer_rng = capture_rng()
     try:
         state = stage.fit(resume=resumed_from is not None)
@@ -133,6 +167,8 @@ def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory],
                           f"warmup_steps, precision): {error}") from None
     finally:
         restore_rng(*outer_rng)
+        if stage.parallel is not None:
+            stage.parallel.close()  # the model's own forward_signals again, not the data-parallel wrapper's
     if state.step < trainer.max_steps:
         raise KDUserError(f"Teacher stage: a hook stopped it at step {state.step} of {trainer.max_steps} "
                           f"({state.stop_reason}); an unfinished teacher is not cached. Its checkpoint in "
@@ -152,5 +188,5 @@ def _final_loss(directory: Path, trainer: TrainerConfig) -> float:
     return sum(last) / len(last)
 
 
-__all__ = ["TEACHER_STAGE", "TeacherStageResult", "remove_partial_directory", "partial_directory", "teacher_stage_lock",
-           "train_teacher_stage"]
+__all__ = ["TEACHER_STAGE", "TeacherStageResult", "ensure_teacher_cached", "remove_partial_directory",
+           "partial_directory", "teacher_stage_lock", "train_teacher_stage"]

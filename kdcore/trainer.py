@@ -51,12 +51,10 @@ class Trainer:
     """Trains ``built.method``'s student; owns the output directory layout."""
 
     def __init__(self, built: BuiltRun, splits: DataSplits, out_dir: Path, registry: Registry, *,
-                 evaluate_in_loop: bool = True, single_process: bool = False) -> None:
-        """``evaluate_in_loop=False`` trains without validations and without ``best/`` (a teacher stage);
-        ``single_process=True`` trains in this process alone even under torchrun (rank 0's own work)."""
+                 evaluate_in_loop: bool = True) -> None:
+        """``evaluate_in_loop=False`` trains without validations and without ``best/`` (a teacher stage)."""
         self.built = built
         self.evaluate_in_loop = evaluate_in_loop
-        self.single_process = single_process
         self.splits = splits
         self.out_dir = Path(out_dir)
         self.registry = registry
@@ -71,7 +69,7 @@ class Trainer:
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.best_dir = self.out_dir / "best"
         self.autocast = autocast_dtype(self.trainer_config.precision, built.device)
-        self.dist = distributed.DistributedState() if single_process else distributed.current()
+        self.dist = distributed.current()
         self.parallel: DataParallelStudent | None = None
         if self.trainer_config.early_stopping is not None and not evaluate_in_loop:
             raise KDUserError("trainer.early_stopping needs validations during training, and this training stage "
@@ -126,8 +124,7 @@ class Trainer:
 
         Returns the final :class:`RunState` (best metric and step, training time, why it stopped early if it did).
         """
-        alone = distributed.single_process() if self.single_process else contextlib.nullcontext()
-        with alone, self._run_plugins():
+        with self._run_plugins():
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> RunState:
@@ -162,8 +159,10 @@ class Trainer:
             if self.dist.is_main:
                 self.log_path.unlink(missing_ok=True)
             # What is trained, in the log itself: each objective's label with the registered name and weight behind
-            # it (a label such as "kd" may name any objective), and the precision the forward pass really uses.
+            # it (a label such as "kd" may name any objective), the precision the forward pass really uses and the
+            # number of processes that train it.
             self._log({"type": "start", "step": 0, "precision": precision_name(self.autocast),
+                       "world_size": self.dist.world_size,
                        "objectives": {item.label: {"name": item.objective.name, "weight": item.weight}
                                       for item in method.objectives}})
         method.on_train_start(trainer_config.max_steps)

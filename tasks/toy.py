@@ -22,7 +22,7 @@ from kdcore.config import StrictModel, TrainerConfig
 from kdcore.interfaces import (
     Batch, BuildContext, DataSplits, Model, ModelFactory, Signal, SignalRequest, Signals, Student, Task, Teacher,
 )
-from kdcore.teacher_stage import remove_partial_directory, teacher_stage_lock, train_teacher_stage
+from kdcore.teacher_stage import ensure_teacher_cached, train_teacher_stage
 
 
 class ToyDataConfig(StrictModel):
@@ -174,6 +174,7 @@ class ToyMLPTeacherFactory(ModelFactory):
     name: ClassVar[str] = "toy-mlp-teacher"
     description: ClassVar[str] = "Wide MLP teacher for the toy task, trained on first use and cached"
     Config = ToyTeacherConfig
+    builds_on_all_ranks: ClassVar[bool] = True  # under torchrun its teacher stage trains data-parallel
 
     def build(self, config: ToyTeacherConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
         n_features, n_classes = _shape(context)
@@ -183,15 +184,13 @@ class ToyMLPTeacherFactory(ModelFactory):
         teacher = ToyMLPTeacher(_MLP(n_features, n_classes, config.hidden, config.layers, config.dropout))
         if context.dry_run and not path.exists():
             return teacher  # a plan reports the parameter count only: the untrained model has the same
-        with teacher_stage_lock(path):
-            if not path.exists():
-                self._train(config, context, path)
-            remove_partial_directory(path)
+        ensure_teacher_cached(path, path.exists, lambda: self._train(config, context, path),
+                              lambda network: _save_teacher(network, path))
         load_weights(teacher, path)
         return teacher
 
     @staticmethod
-    def _train(config: ToyTeacherConfig, context: BuildContext, path: Path) -> None:
+    def _train(config: ToyTeacherConfig, context: BuildContext, path: Path) -> _MLP:
         """The teacher stage: Adam at a constant rate on batches of 128, seeded by 0 (not the run seed)."""
         n_features, n_classes = _shape(context)
         with torch.random.fork_rng():
@@ -204,5 +203,9 @@ class ToyMLPTeacherFactory(ModelFactory):
         train_teacher_stage(context.task, model, ToyMLPTeacherFactory, config, trainer,
                             train=context.task.build_data(context.seed).train, seed=0, cache_entry=path,
                             device=context.device, registry=context.registry)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(ToyMLPTeacher(network), path)
+        return network
+
+
+def _save_teacher(network: _MLP, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(ToyMLPTeacher(network), path)

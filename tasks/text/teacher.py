@@ -18,7 +18,8 @@ does not change between the seeds of a comparison.
 The stage trains on the one engine (:mod:`kdcore.teacher_stage`): its log.jsonl and
 checkpoints are in ``<task>-<key>.partial/`` next to the cache entry, so a killed
 stage continues from its last checkpoint on the next run with the same settings,
-and the partial directory is removed once the teacher is cached.
+and the partial directory is removed once the teacher is cached. Under torchrun the stage is data-parallel (every
+rank trains its slice of each global batch; rank 0 writes the cache entry).
 
 Every setting left null takes the task's default (``TextTask.teacher_defaults``;
 docs/text.md has the sizes, the measurements behind them and the times).
@@ -39,7 +40,7 @@ from kdcore.errors import KDUserError
 from kdcore.interfaces import BuildContext, ModelFactory, Teacher
 from kdcore.io import atomic_write_json
 from kdcore.registry import Registry
-from kdcore.teacher_stage import partial_directory, remove_partial_directory, teacher_stage_lock, train_teacher_stage
+from kdcore.teacher_stage import ensure_teacher_cached, partial_directory, train_teacher_stage
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class TaskTrainedTeacherFactory(ModelFactory):
     description: ClassVar[str] = ("Marian encoder-decoder trained on the text task's data at first use and cached "
                                   "(the offline default teacher)")
     Config = TaskTeacherConfig
+    builds_on_all_ranks: ClassVar[bool] = True  # under torchrun its teacher stage trains data-parallel
 
     def build(self, config: TaskTeacherConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
         from transformers import AutoModelForSeq2SeqLM
@@ -164,27 +166,24 @@ class TaskTrainedTeacherFactory(ModelFactory):
                      "Planned with an untrained model of the same size.", directory, settings["train_steps"],
                      settings["batch_size"])
             return TextTeacher(untrained_teacher(task, settings).eval(), task.tokenizer)
-        with teacher_stage_lock(directory):
-            if not (directory / MANIFEST).is_file():
-                self._train(config, context, settings, directory)
-            remove_partial_directory(directory)
+        ensure_teacher_cached(directory, (directory / MANIFEST).is_file,
+                              lambda: train_teacher(task, settings, directory, context.device, config,
+                                                    registry=context.registry),
+                              lambda trained: _write_teacher(task, settings, directory, *trained))
         log.info("Using the task-trained teacher cached in %s.", directory)
         hf_model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
         return TextTeacher(hf_model.eval(), task.tokenizer)
 
-    @staticmethod
-    def _train(config: TaskTeacherConfig, context: BuildContext, settings: dict[str, Any], directory: Path) -> None:
-        """Run the teacher stage and write the cache entry (``kd-teacher.json`` last)."""
-        task = context.task
-        hf_model, stats = train_teacher(task, settings, directory, context.device, config,
-                                        registry=context.registry)
-        directory.mkdir(parents=True, exist_ok=True)
-        hf_model.save_pretrained(str(directory), safe_serialization=True)
-        task.tokenizer.save_pretrained(str(directory))
-        atomic_write_json(directory / MANIFEST, {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
-                                                 "data_fingerprint": task.data_fingerprint(), **stats})
-        log.info("Teacher stage done in %.0f s of training (final training loss %.3f); cached in %s.",
-                 stats["seconds"], stats["final_loss"], directory)
+
+def _write_teacher(task: Any, settings: dict[str, Any], directory: Path, hf_model: Any, stats: dict) -> None:
+    """Write the trained teacher's cache entry (``kd-teacher.json`` last)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(directory), safe_serialization=True)
+    task.tokenizer.save_pretrained(str(directory))
+    atomic_write_json(directory / MANIFEST, {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
+                                             "data_fingerprint": task.data_fingerprint(), **stats})
+    log.info("Teacher stage done in %.0f s of training (final training loss %.3f); cached in %s.",
+             stats["seconds"], stats["final_loss"], directory)
 
 
 def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device: torch.device,

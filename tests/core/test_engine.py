@@ -25,8 +25,9 @@ def test_run_writes_every_artifact(tmp_path: Path, run_kd) -> None:
     assert "| accuracy (selects best) |" in report and "loss.png" in report
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "metric.png").read_bytes()[:4] == b"\x89PNG"
     records = read_jsonl(out / "log.jsonl")
-    # The first record says what is trained: each objective's label, name and weight, and the precision used.
-    assert records[0] == {"type": "start", "step": 0, "precision": "fp32",
+    # The first record says what is trained: each objective's label, name and weight, the precision used and the
+    # number of processes.
+    assert records[0] == {"type": "start", "step": 0, "precision": "fp32", "world_size": 1,
                           "objectives": {"kd": {"name": "forward_kl", "weight": 1.0}, "nll": {"name": "nll", "weight": 0.5}}}
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(5, 41, 5))
     assert [r["step"] for r in records if r["type"] == "eval"] == [20, 40]

@@ -210,13 +210,3 @@ def test_training_without_in_loop_evaluation_writes_no_validation_and_no_best(tm
                            sets=["trainer.eval_every=5", "trainer.early_stopping.patience=2", *TINY_SETS])
     with pytest.raises(KDUserError, match="trainer.early_stopping needs validations"):
         Trainer(runner.build(stopping)[0], splits, tmp_path / "other", registry, evaluate_in_loop=False)
-
-
-def test_single_process_hides_the_process_group_for_a_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdcore import distributed
-
-    monkeypatch.setattr(distributed, "_STATE", distributed.DistributedState(rank=1, world_size=2, backend="gloo"))
-    with distributed.single_process():
-        assert distributed.current() == distributed.DistributedState()
-        assert distributed.any_rank_each(True, False) == (True, False)  # no collective: this process alone
-    assert distributed.current().rank == 1 and distributed.current().world_size == 2
