@@ -368,7 +368,7 @@ def embedded_whisper_directory() -> Path:
 
 __all__ = [
     "CONVERTER_VERSION", "SUPPORTED_BINARY_VERSIONS", "convert_ctranslate2_whisper",
-    "convert_ctranslate2_whisper_state_dict", "default_cache_dir", "embedded_whisper_directory",
+    "convert_ctranslate2_whisper_state_dict", "embedded_whisper_directory",
     "load_ctranslate2_whisper", "load_ctranslate2_whisper_tokenizer", "read_ctranslate2_model",
     "whisper_config_from_ctranslate2",
 ]
