@@ -75,6 +75,7 @@ class TextMethod(Method):
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
                  objectives: Sequence[WeightedObjective]) -> None:
         super().__init__(config, task, teacher, student, objectives)
+        self._model_requests: tuple[SignalRequest, SignalRequest] | None = None
         if not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
             raise KDUserError(f"plugin '{self.name}' needs text teacher and student models (teacher/student "
                               f"'seq2seq' or 'causal-lm'); got {type(teacher).__name__} and "
@@ -89,9 +90,15 @@ class TextMethod(Method):
         return self.meet(batch, {})
 
     def model_requests(self) -> tuple[SignalRequest, SignalRequest]:
-        """What to ask the student and the teacher for (see :func:`model_request`)."""
-        return (model_request([item.objective.student_request() for item in self.objectives]),
+        """What to ask the student and the teacher for (see :func:`model_request`).
+
+        The objectives are fixed for a run, so the two requests are worked out once, on the first step.
+        """
+        if self._model_requests is None:
+            self._model_requests = (
+                model_request([item.objective.student_request() for item in self.objectives]),
                 model_request([item.objective.teacher_request() for item in self.objectives]))
+        return self._model_requests
 
     def meet(self, model_batch: Batch, parts: dict[str, float], labels: torch.Tensor | None = None,
              teacher_signals: Signals | None = None) -> Comparison:
