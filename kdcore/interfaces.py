@@ -297,19 +297,34 @@ class Method(abc.ABC):
         """Run-config fragment with this method's default objectives and options."""
         return {}
 
+    def merge_requests(self, requests: Sequence[SignalRequest]) -> SignalRequest:
+        """One request to a model from what each objective asked of it: by default their union.
+
+        A method whose models can serve some requests more cheaply overrides this (the text methods ask for the
+        final hidden state instead of the logits when every objective can use it).
+        """
+        merged = SignalRequest()
+        for item in requests:
+            merged = merged | item
+        return merged
+
+    def _model_requests(self) -> tuple[SignalRequest, SignalRequest]:
+        # The objectives are fixed for a run, so the two requests are worked out once, on first use.
+        cached = self.__dict__.get("_cached_model_requests")
+        if cached is None or cached[0] is not self.objectives:
+            requests = (self.merge_requests([item.objective.student_request() for item in self.objectives]),
+                        self.merge_requests([item.objective.teacher_request() for item in self.objectives]))
+            cached = (self.objectives, requests)
+            self.__dict__["_cached_model_requests"] = cached
+        return cached[1]
+
     def student_request(self) -> SignalRequest:
-        """What the objectives ask of the student (the union of their requests)."""
-        request = SignalRequest()
-        for item in self.objectives:
-            request = request | item.objective.student_request()
-        return request
+        """What to ask the student for: :meth:`merge_requests` of the objectives' student requests."""
+        return self._model_requests()[0]
 
     def teacher_request(self) -> SignalRequest:
-        """What the objectives ask of the teacher (the union of their requests)."""
-        request = SignalRequest()
-        for item in self.objectives:
-            request = request | item.objective.teacher_request()
-        return request
+        """What to ask the teacher for: :meth:`merge_requests` of the objectives' teacher requests."""
+        return self._model_requests()[1]
 
     def compare(self, batch: Batch, step: int) -> Comparison:
         """Where teacher and student meet at optimiser step ``step`` (0-based); classic KD: on the same batch.

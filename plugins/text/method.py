@@ -26,23 +26,6 @@ from kd_plugins.text.models import HFTextModel, check_vocab_compatible
 TEXT_SIGNALS: frozenset[Signal] = frozenset({Signal.LOGITS, Signal.FINAL_HIDDEN})
 
 
-def model_request(requests: Sequence[SignalRequest]) -> SignalRequest:
-    """What to ask a text model for, given what each objective asked of it.
-
-    The LM head runs only when some objective cannot do without logits (it asked for them and not for the final
-    hidden state). Otherwise the model returns its final hidden state and output projection: a fused objective then
-    never has the ``(B, T, V)`` logits built, and a dense one derives them once with
-    :func:`kdcore.objectives.inputs.logits_of`.
-    """
-    union = SignalRequest()
-    for item in requests:
-        union = union | item
-    needs_logits = any(item.wants(Signal.LOGITS) and not item.wants(Signal.FINAL_HIDDEN) for item in requests)
-    if union.wants(Signal.FINAL_HIDDEN) and not needs_logits:
-        return SignalRequest(union.signals - {Signal.LOGITS}, union.hidden_layers)
-    return union
-
-
 def take_rows(batch: Mapping[str, Any], rows: torch.Tensor, keys: Sequence[str]) -> dict[str, Any]:
     """``batch[key][rows]`` for each of ``keys`` (a missing or None value stays None)."""
     return {key: None if batch.get(key) is None else batch[key][rows] for key in keys}
@@ -75,7 +58,6 @@ class TextMethod(Method):
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
                  objectives: Sequence[WeightedObjective]) -> None:
         super().__init__(config, task, teacher, student, objectives)
-        self._model_requests: tuple[SignalRequest, SignalRequest] | None = None
         if not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
             raise KDUserError(f"plugin '{self.name}' needs text teacher and student models (teacher/student "
                               f"'seq2seq' or 'causal-lm'); got {type(teacher).__name__} and "
@@ -89,16 +71,19 @@ class TextMethod(Method):
         """Teacher and student on the batch's data prefixes."""
         return self.meet(batch, {})
 
-    def model_requests(self) -> tuple[SignalRequest, SignalRequest]:
-        """What to ask the student and the teacher for (see :func:`model_request`).
+    def merge_requests(self, requests: Sequence[SignalRequest]) -> SignalRequest:
+        """What to ask a text model for, given what each objective asked of it.
 
-        The objectives are fixed for a run, so the two requests are worked out once, on the first step.
+        The LM head runs only when some objective cannot do without logits (it asked for them and not for the final
+        hidden state). Otherwise the model returns its final hidden state and output projection: a fused objective
+        then never has the ``(B, T, V)`` logits built, and a dense one derives them once with
+        :func:`kdcore.objectives.inputs.logits_of`.
         """
-        if self._model_requests is None:
-            self._model_requests = (
-                model_request([item.objective.student_request() for item in self.objectives]),
-                model_request([item.objective.teacher_request() for item in self.objectives]))
-        return self._model_requests
+        union = super().merge_requests(requests)
+        needs_logits = any(item.wants(Signal.LOGITS) and not item.wants(Signal.FINAL_HIDDEN) for item in requests)
+        if union.wants(Signal.FINAL_HIDDEN) and not needs_logits:
+            return SignalRequest(union.signals - {Signal.LOGITS}, union.hidden_layers)
+        return union
 
     def meet(self, model_batch: Batch, parts: dict[str, float], labels: torch.Tensor | None = None,
              teacher_signals: Signals | None = None) -> Comparison:
@@ -108,7 +93,7 @@ class TextMethod(Method):
         :meth:`~kd_plugins.text.models.HFTextModel.target_labels`). The teacher runs only when an objective asks it
         for something, unless the method hands over ``teacher_signals`` of its own.
         """
-        student_request, teacher_request = self.model_requests()
+        student_request, teacher_request = self.student_request(), self.teacher_request()
         if teacher_signals is None:
             teacher_signals = (self.text_teacher.signals(model_batch, teacher_request)  # type: ignore[attr-defined]
                                if teacher_request.signals else Signals())
@@ -127,4 +112,4 @@ class TextMethod(Method):
         return {**model_batch, "labels": labels, "attention_mask": mask}
 
 
-__all__ = ["TEXT_SIGNALS", "TextMethod", "merge_rows", "model_request", "take_rows"]
+__all__ = ["TEXT_SIGNALS", "TextMethod", "merge_rows", "take_rows"]

@@ -15,7 +15,6 @@ from kdcore.signals import Signal, request
 from kd_plugins.text.baselines import ScratchMethod, SeqKDConfig, SeqKDMethod, WordKDMethod
 from kd_plugins.text.generation import beam_search
 from kd_plugins.text.imitation import ImitationConfig, ImitationKD
-from kd_plugins.text.method import model_request
 
 
 def count_teacher_calls(method: Any) -> list[int]:
@@ -145,12 +144,13 @@ def test_word_kd_is_the_divergence_on_data_prefixes_plus_weighted_nll(tiny: Simp
 
 def test_the_lm_head_runs_only_for_objectives_that_need_logits(tiny: SimpleNamespace, fake_task: Any) -> None:
     logits_only, with_hidden = request(Signal.LOGITS), request(Signal.LOGITS, Signal.FINAL_HIDDEN)
-    assert model_request([with_hidden]) == request(Signal.FINAL_HIDDEN)
-    assert model_request([with_hidden, logits_only]) == with_hidden
-    assert model_request([logits_only]) == logits_only and model_request([]) == request()
     teacher, student = tiny.pair()
     batch = tiny.batch(4)
     kd_only = WordKDMethod(EmptyConfig(), fake_task, teacher, student, [tiny.objective("forward_kl")])
+    merge = kd_only.merge_requests
+    assert merge([with_hidden]) == request(Signal.FINAL_HIDDEN)
+    assert merge([with_hidden, logits_only]) == with_hidden
+    assert merge([logits_only]) == logits_only and merge([]) == request()
     comparison = kd_only.compare(batch, 0)
     # A fused-capable objective alone: no (B, T, V) logits from either model, only final hidden states + heads.
     assert comparison.student.logits is None and comparison.teacher.logits is None
