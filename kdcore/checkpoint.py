@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdcore.io import atomic_write_json, sha256_file
+from kdcore.io import atomic_write_json, follow_umask, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
     temp = _temp_path(path)
     try:
         save_file(_contiguous_cpu(unique), str(temp), metadata=metadata)
+        follow_umask(temp)  # after writing: safetensors replaces the file mkstemp made
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Small file helpers: nothing kd writes is ever left half-written."""
+"""Small file helpers: nothing kd writes is ever left half-written, and what it writes follows the umask."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +10,33 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask`` sets while it reads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain ``open()`` (file) or ``mkdir()`` (directory) would have given it.
+
+    ``tempfile.mkstemp`` and ``mkdtemp`` create owner-only entries (0600, 0700) whatever the umask; every atomic
+    writer calls this on its temporary file or directory before renaming it into place, so a team sharing a runs
+    folder or a cache can read each other's files when their umask says so.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file in the same directory, fsync, then ``os.replace``."""
+    """Write ``data`` to a temp file in the same directory, fsync, then ``os.replace`` (permissions: the umask's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -20,6 +45,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        follow_umask(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kdcore.errors import KDUserError
+from kdcore.io import follow_umask
 from kdcore.signals import SparseLogits
 
 _FORMAT = 1
@@ -43,6 +44,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(descriptor)
     try:
         write(temporary)
+        follow_umask(temporary)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

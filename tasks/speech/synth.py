@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from kdcore.errors import KDUserError
-from kdcore.io import atomic_write_json, atomic_write_text, sha256_file
+from kdcore.io import atomic_write_json, atomic_write_text, follow_umask, sha256_file
 from kdcore.progress import track
 
 from ..text.manifest import MANIFEST_FORMAT, MANIFEST_NAME, content_hash, jsonl_text, valid_manifest
@@ -402,6 +402,7 @@ def _write(directory: Path, plan: list[_Planned], audio: dict[str, list[torch.Te
         try:
             save_file({"audio": torch.cat(clips) if clips else torch.zeros(0, dtype=torch.int16),
                        "offsets": offsets}, temp)
+            follow_umask(temp)
             os.replace(temp, shard)
         finally:
             Path(temp).unlink(missing_ok=True)
