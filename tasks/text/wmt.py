@@ -49,7 +49,7 @@ class TranslationTask(TextTask):
     #: where bf16 takes 0.34 s; the 30-minute cold run needs both the halving and bf16 (docs/text.md, "Timed default run").
     teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 3, "decoder_layers": 3, "d_model": 256,
                                                   "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 2000,
-                                                  "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
+                                                  "batch_size": 64, "lr": 1e-3, "warmup_steps": 400,
                                                   "precision": "native-bf16"}
     presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("wmt")
 
