@@ -1,4 +1,4 @@
-"""The ``kd`` command: run, list, eval, summarize, sweep, --version.
+"""The ``kd`` command: run, list, eval, summarize, sweep, export, --version.
 
 User errors (unknown names, bad config values, malformed YAML, missing files)
 print one paragraph and exit with code 2, never a traceback.
@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
                          help="leave out run directories without metrics.json (still running or interrupted)")
     summary.add_argument("--decimals", type=int, default=3, help="decimals in the table (default 3)")
     summary.add_argument("--out", help="also write the Markdown table here, and the raw values to OUT.json")
+
+    export = commands.add_parser("export", help="write a finished run's student as transformers/ONNX/... files "
+                                                "with a model card (docs/export.md)")
+    export.add_argument("--run", required=True, help="the finished run directory (a kd run --out)")
+    export.add_argument("--out", required=True, help="new directory for the export (must not exist or be empty)")
+    export.add_argument("--format", dest="export_format",
+                        help="hf (transformers), onnx, safetensors (kd loader); default: the student's first format")
+    export.add_argument("--checkpoint", help="export this checkpoint (checkpoints/step-N) instead of the best student")
+    export.add_argument("--license", default="other", help="license id for the model card header (default: other)")
 
     sweep = commands.add_parser("sweep", help="run methods × seeds from a sweep file, then summarize them")
     sweep.add_argument("file", help="sweep YAML (task, seeds, jobs, threads, set, runs; docs/architecture.md, \"kd sweep\")")
@@ -275,6 +284,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kdcore.export.run import export_run
+
+    summary = export_run(args.run, args.out, args.export_format, args.checkpoint, args.license)
+    print(f"Exported the student ({summary.fmt}, {summary.result.library_name}) to {summary.directory}; model card: "
+          f"{summary.directory / 'README.md'}, self-test: {summary.directory / 'export.json'}.")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kd`` console script; returns the exit code."""
     parser = _parser()
@@ -287,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USER_ERROR
         handler = {"run": _cmd_run, "list": _cmd_list, "eval": _cmd_eval,
-                   "summarize": _cmd_summarize, "sweep": _cmd_sweep}[args.command]
+                   "summarize": _cmd_summarize, "sweep": _cmd_sweep, "export": _cmd_export}[args.command]
         return handler(args)
     except KDUserError as error:
         print(f"kd: error: {error}", file=sys.stderr)
