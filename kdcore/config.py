@@ -90,6 +90,10 @@ class TrainerConfig(StrictModel):
         "ddp", description="under torchrun: ddp replicates the student, fsdp shards it (FSDP2 fully_shard)")
     early_stopping: EarlyStoppingConfig | None = Field(
         None, description="stop when the task's validation metric has not improved for `patience` evaluations")
+    time_budget_minutes: PositiveFloat | None = Field(
+        None, description="wall-clock minutes for the training loop, validations included: when the rate measured "
+                          "on the first steps projects more, max_steps is lowered to what fits (logged and "
+                          "reported; the schedule follows); null: no budget")
 
     @model_validator(mode="after")
     def _early_stopping_can_act(self) -> "TrainerConfig":

@@ -35,11 +35,13 @@ class RunState:
     consecutive_nonfinite: int = 0
     stop_reason: str | None = None
     stopped_at_step: int | None = None
+    #: Set when ``trainer.time_budget_minutes`` lowered ``max_steps``: planned_steps, max_steps, budget, reason.
+    time_budget: dict[str, Any] | None = None
     hook_state: dict[str, Any] = field(default_factory=dict)
 
     #: The fields a checkpoint stores (the others are fixed by the config or are the checkpoint's own step).
     SAVED = ("last_metrics", "best_metric", "best_step", "train_seconds", "nonfinite_steps", "consecutive_nonfinite",
-             "stop_reason", "stopped_at_step", "hook_state")
+             "stop_reason", "stopped_at_step", "time_budget", "hook_state")
 
     def saved_fields(self) -> dict[str, Any]:
         """The checkpointed fields as JSON values."""

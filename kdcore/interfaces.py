@@ -289,7 +289,8 @@ class Method(abc.ABC):
         self.total_steps = 0
 
     def on_train_start(self, total_steps: int) -> None:
-        """Called by the engine before the first step (schedules such as ImitKD's beta need T)."""
+        """Called by the engine before the first step (schedules such as ImitKD's beta need T), and again with the
+        new total when a time budget lowers the run's steps (:mod:`kdcore.time_budget`)."""
         self.total_steps = total_steps
 
     @classmethod

@@ -131,6 +131,13 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix(self.fields, refresh=False)
 
+    def set_total(self, total: int) -> None:
+        """The amount of work changed (e.g. a time budget lowered the steps)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def update(self, n: int = 1, **fields: object) -> None:
         """``n`` more units done; ``fields`` as in :meth:`set_fields`. Writes a line when the interval has passed."""
         self.done += n

@@ -73,6 +73,10 @@ def write_report(out_dir: Path, metrics: dict[str, Any], primary_metric: str) ->
         f"{metrics['train_seconds']:.1f} s on {metrics.get('device', '?')}.",
         "",
     ]
+    budget = metrics.get("time_budget")
+    if budget:
+        lines += [f"Time budget of {budget['budget_minutes']:g} min: trained {budget['max_steps']} of the "
+                  f"{budget['planned_steps']} planned steps ({budget['reason']}).", ""]
     stopped = metrics.get("stopped_early")
     if stopped:
         lines += [f"Stopped early at step {stopped['step']} of {stopped['max_steps']}: {stopped['reason']}.", ""]

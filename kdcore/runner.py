@@ -174,6 +174,8 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         "seed": built.resolved.config.seed,
         "versions": versions(),
     }
+    if state.time_budget is not None:
+        metrics["time_budget"] = state.time_budget
     if state.stop_reason is not None:
         metrics["stopped_early"] = {"step": state.stopped_at_step, "max_steps": state.max_steps,
                                     "reason": state.stop_reason}

@@ -112,6 +112,8 @@ class TeacherStageResult:
     train_seconds: float
     final_loss: float
     resumed_from_step: int | None
+    #: Set when the stage's time budget lowered its steps (planned_steps, max_steps, budget_minutes, reason).
+    time_budget: dict[str, Any] | None = None
 
 
 def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory], factory_config: Any,
@@ -169,21 +171,23 @@ def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory],
         restore_rng(*outer_rng)
         if stage.parallel is not None:
             stage.parallel.close()  # the model's own forward_signals again, not the data-parallel wrapper's
-    if state.step < trainer.max_steps:
-        raise KDUserError(f"Teacher stage: a hook stopped it at step {state.step} of {trainer.max_steps} "
+    if state.step < state.max_steps:
+        raise KDUserError(f"Teacher stage: a hook stopped it at step {state.step} of {state.max_steps} "
                           f"({state.stop_reason}); an unfinished teacher is not cached. Its checkpoint in "
                           f"{directory} is kept: run again to continue it.")
-    return TeacherStageResult(trainer.max_steps, float(state.train_seconds), _final_loss(directory, trainer),
-                              resumed_from)
+    return TeacherStageResult(state.max_steps, float(state.train_seconds),
+                              _final_loss(directory, trainer.log_every, state.max_steps), resumed_from,
+                              state.time_budget)
 
 
-def _final_loss(directory: Path, trainer: TrainerConfig) -> float:
-    """Mean logged training loss over the last tenth of the stage (at least the last record); NaN without records."""
+def _final_loss(directory: Path, log_every: int, steps: int) -> float:
+    """Mean logged training loss over the last tenth of the stage's ``steps`` (at least the last record); NaN
+    without records."""
     records = [r for r in read_jsonl(directory / "log.jsonl") if r.get("type") == "train"]
     if not records:
         return float("nan")
-    window = max(trainer.log_every, trainer.max_steps // 10)
-    last = [float(r["loss"]) for r in records if int(r["step"]) > trainer.max_steps - window] or \
+    window = max(log_every, steps // 10)
+    last = [float(r["loss"]) for r in records if int(r["step"]) > steps - window] or \
         [float(records[-1]["loss"])]
     return sum(last) / len(last)
 

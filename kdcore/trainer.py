@@ -39,6 +39,7 @@ from kdcore.progress import Progress
 from kdcore.registry import Registry
 from kdcore.resolve import BuiltRun
 from kdcore.seeding import seed_everything
+from kdcore.time_budget import BudgetPlanner
 from kdcore.write_errors import clear_write_errors
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.registry = registry
         self.config = built.resolved.config
-        self.trainer_config = self.config.trainer
+        # A copy: a time budget may lower its max_steps (and the schedule reading it) during the run.
+        self.trainer_config = self.config.trainer.model_copy()
         self.state = RunState(out_dir=self.out_dir, task=self.config.task, plugin=self.config.plugin,
                               metric=built.task.metric, greater_is_better=built.task.greater_is_better,
                               max_steps=self.trainer_config.max_steps)
@@ -179,6 +181,10 @@ class Trainer:
         started = time.perf_counter()
         seconds_before = state.train_seconds
         stop = StopSignals()
+        budget = (BudgetPlanner(trainer_config.time_budget_minutes * 60.0,
+                                trainer_config.eval_every if self.evaluate_in_loop else None)
+                  if trainer_config.time_budget_minutes is not None else None)
+        steps_here = 0
 
         def elapsed() -> float:
             return seconds_before + time.perf_counter() - started
@@ -186,11 +192,22 @@ class Trainer:
         try:
             with stop, progress:
                 while state.step < trainer_config.max_steps and state.stop_reason is None:
+                    step_started = time.perf_counter()
                     self._train_step(batches, optimizer, scheduler, scaler, sampler, progress)
+                    if budget is not None:
+                        budget.record_step(steps_here, time.perf_counter() - step_started)
+                    steps_here += 1
                     step = state.step
+                    validated = False
                     if self.evaluate_in_loop and (step % trainer_config.eval_every == 0
                                                   or step == trainer_config.max_steps):
+                        validation_started = time.perf_counter()
                         self._evaluate_in_loop(step)
+                        validated = True
+                        if budget is not None:
+                            budget.record_validation(time.perf_counter() - validation_started)
+                    if budget is not None and step < trainer_config.max_steps and budget.due(validated):
+                        self._apply_budget(budget, step, elapsed(), progress)
                     interrupted, stop_requested = distributed.any_rank_each(stop.received is not None,
                                                                             self.control.should_stop)
                     if stop_requested and not interrupted and step < trainer_config.max_steps:
@@ -212,6 +229,25 @@ class Trainer:
                 signal.SIGINT) from None
         state.train_seconds = elapsed()
         return state
+
+    def _apply_budget(self, budget: BudgetPlanner, step: int, elapsed: float, progress: Progress) -> None:
+        """Lower ``max_steps`` when the time budget's projection says so (rank 0 decides for every rank)."""
+        plan = budget.plan(done=step, planned=self.trainer_config.max_steps, elapsed=elapsed)
+        plan = distributed.broadcast_object(plan)
+        if plan is None:
+            return
+        steps, reason = plan
+        state = self.state
+        planned = state.time_budget["planned_steps"] if state.time_budget else self.trainer_config.max_steps
+        self.trainer_config.max_steps = state.max_steps = steps
+        state.time_budget = {"planned_steps": planned, "max_steps": steps,
+                             "budget_minutes": self.trainer_config.time_budget_minutes, "reason": reason}
+        self.built.method.on_train_start(steps)  # schedules over the run's steps (ImitKD's beta) follow
+        progress.set_total(steps)
+        self._log({"type": "budget", "step": step, **state.time_budget})
+        if self.dist.is_main:
+            log.warning("Time budget: training %d steps instead of %d (%s; trainer.time_budget_minutes). The "
+                        "learning-rate schedule ends at the new last step.", steps, planned, reason)
 
     def _record_stop(self, reason: str) -> None:
         """A hook asked for a clean stop: say so in log.jsonl and the log; the checkpoint keeps it for --resume."""
@@ -371,6 +407,8 @@ class Trainer:
         scaler.load_state_dict(saved["scaler"])
         sampler.restore(saved["sampler"])
         self.state.restore(saved)
+        if self.state.time_budget:  # a budget lowered the steps before the checkpoint: keep its plan
+            self.trainer_config.max_steps = self.state.max_steps = int(self.state.time_budget["max_steps"])
         rng = checkpoint.rng_for_rank(self.dist.rank)
         if rng is not None:
             restore_rng(*rng)

@@ -71,6 +71,9 @@ class TaskTeacherConfig(StrictModel):
     log_every: PositiveInt = Field(50, description="steps between the teacher stage's log.jsonl records")
     checkpoint_every: PositiveInt = Field(
         100, description="steps between the teacher stage's checkpoints (a killed stage continues from the last)")
+    time_budget_minutes: PositiveFloat | None = Field(
+        None, description="wall-clock minutes for the teacher stage (null: the task's default); a slower machine "
+                          "trains fewer steps, logged and recorded in kd-teacher.json (not part of the cache key)")
 
 
 FALLBACK = {"encoder_layers": 6, "decoder_layers": 6, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
@@ -127,7 +130,8 @@ def cache_directory(task: Any, settings: dict[str, Any], cache_dir: Path) -> Pat
     return Path(cache_dir) / "text" / "teachers" / f"{task.name}-{key}"
 
 
-def stage_trainer_config(settings: dict[str, Any], config: TaskTeacherConfig) -> TrainerConfig:
+def stage_trainer_config(settings: dict[str, Any], config: TaskTeacherConfig,
+                         time_budget_minutes: float | None = None) -> TrainerConfig:
     """The engine settings of the teacher stage: AdamW (β2 0.98), linear warm-up, then linear decay to 10%.
 
     A short stage must end with a small learning rate, hence the floor; clipping at 1.0 as for students.
@@ -136,7 +140,15 @@ def stage_trainer_config(settings: dict[str, Any], config: TaskTeacherConfig) ->
                          betas=(0.9, 0.98), weight_decay=0.01, warmup_steps=settings["warmup_steps"],
                          schedule="linear", min_lr_ratio=0.1, clip_norm=1.0,
                          precision=settings.get("precision", "fp32"), log_every=config.log_every,
-                         checkpoint_every=config.checkpoint_every, evaluate_teacher=False)
+                         checkpoint_every=config.checkpoint_every, evaluate_teacher=False,
+                         time_budget_minutes=time_budget_minutes)
+
+
+def stage_time_budget(config: TaskTeacherConfig, task: Any) -> float | None:
+    """The teacher stage's time budget in minutes: ``teacher.args.time_budget_minutes``, else the task's default."""
+    if config.time_budget_minutes is not None:
+        return config.time_budget_minutes
+    return (getattr(task, "teacher_defaults", {}) or {}).get("time_budget_minutes")
 
 
 class TaskTrainedTeacherFactory(ModelFactory):
@@ -203,7 +215,7 @@ def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device
         torch.manual_seed(settings["seed"])  # the initial weights depend on the teacher seed only
         hf_model = untrained_teacher(task, settings)
     model = TextStudent(hf_model, task.tokenizer).to(device)  # the trainable wrapper of every text model
-    trainer = stage_trainer_config(settings, config)
+    trainer = stage_trainer_config(settings, config, stage_time_budget(config, task))
     log.info("Teacher stage: training a %d+%d-layer d=%d Marian (%s parameters) for %d steps of %d examples on %d "
              "training pairs in %s; log.jsonl and checkpoints in %s (cached afterwards).", settings["encoder_layers"],
              settings["decoder_layers"], settings["d_model"], f"{model.num_parameters():,}", trainer.max_steps,
@@ -223,6 +235,8 @@ def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device
                     "(now %d); docs/text.md, 'Teacher stage'.", spread, settings["lr"], settings["warmup_steps"])
     stats = {"steps": result.steps, "seconds": round(result.train_seconds, 1), "final_loss": round(result.final_loss, 4),
              "parameters": model.num_parameters(), "encoder_spread": spread}
+    if result.time_budget is not None:  # a slower machine trained fewer steps than the settings name
+        stats["time_budget"] = result.time_budget
     return hf_model, stats
 
 

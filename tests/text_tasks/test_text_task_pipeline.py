@@ -156,3 +156,40 @@ def test_teacher_stage_in_bf16_autocast_trains_fp32_weights_and_differs_from_fp3
     assert math.isfinite(bf16_stats["final_loss"]) and abs(bf16_stats["final_loss"] - fp32_stats["final_loss"]) < 0.5
     # Same seed and data: only the autocast differs, so different weights show it was applied.
     assert any(not torch.equal(a, b) for a, b in zip(fp32_model.parameters(), bf16_model.parameters()))
+
+
+def test_the_teacher_stage_steps_like_a_plain_adamw_loop_on_the_same_batches(tmp_path: Path) -> None:
+    """The engine adds bookkeeping, not math: same batches, same updates, bitwise-equal losses (dropout 0)."""
+    from kdcore.batches import EpochSampler
+    from kdcore.io import read_jsonl
+    from kdcore.optimization import build_optimizer, build_scheduler
+    from kd_tasks.text.teacher import stage_trainer_config, untrained_teacher
+
+    task = _task(tmp_path)
+    settings = {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "heads": 2, "ffn_dim": 64, "dropout": 0.0,
+                "train_steps": 6, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "seed": 0}
+    config = TaskTeacherConfig(log_every=1, checkpoint_every=100)
+    train_teacher(task, settings, tmp_path / "teacher", torch.device("cpu"), config)
+    engine = [r["loss"] for r in read_jsonl(tmp_path / "teacher.partial" / "log.jsonl") if r["type"] == "train"]
+
+    train = task.build_data(0).train
+    with torch.random.fork_rng():
+        torch.manual_seed(settings["seed"])
+        model = TextStudent(untrained_teacher(task, settings), task.tokenizer)
+    model.train()
+    trainer = stage_trainer_config(settings, config)
+    optimizer = build_optimizer(model, trainer)
+    scheduler = build_scheduler(optimizer, trainer)
+    sampler = EpochSampler(len(train), trainer.batch_size, settings["seed"],
+                           lambda generator: task.epoch_batches(train, trainer.batch_size, generator))
+    plain = []
+    for _ in range(settings["train_steps"]):
+        batch = task.collate([train[i] for i in sampler.next_indices()])
+        loss = token_nll(model.forward_signals(batch, LOGITS).logits, batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        plain.append(float(loss.detach()))
+    assert engine == plain

@@ -1,0 +1,131 @@
+"""trainer.time_budget_minutes: the projection, the lowered plan in log/metrics/report, and --resume keeping it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kdcore import runner, time_budget, trainer
+from kdcore.checkpoint import list_checkpoints
+from kdcore.hooks import RunContext
+from kdcore.hookspecs import hookimpl
+from kdcore.io import read_jsonl
+from kdcore.registry import Registry
+from kdcore.resolve import resolve_run
+from kdcore.time_budget import BudgetPlanner, steps_that_fit, validations_between
+
+SECONDS_PER_STEP = 1.0
+SECONDS_PER_VALIDATION = 5.0
+# 300 planned steps, validations every 20: at one simulated second per step and 5 per validation, a one-minute
+# budget fits about 60 steps, so the first projection (after 3 untimed + 20 timed steps) lowers the plan.
+LONG = ["trainer.max_steps=300", "trainer.eval_every=20", "trainer.checkpoint_every=10",
+        "trainer.time_budget_minutes=1", "trainer.progress=off"]
+
+
+class _SimulatedClock(BudgetPlanner):
+    """Counts fixed seconds per step and per validation, so the plan does not depend on this machine's speed."""
+
+    def record_step(self, step_index: int, seconds: float) -> None:
+        super().record_step(step_index, SECONDS_PER_STEP)
+
+    def record_validation(self, seconds: float) -> None:
+        super().record_validation(SECONDS_PER_VALIDATION)
+
+
+def test_validations_still_to_come_count_multiples_and_the_last_step() -> None:
+    assert validations_between(0, 100, 20) == 5
+    assert validations_between(0, 90, 20) == 5  # 20, 40, 60, 80 and the last step
+    assert validations_between(40, 40, 20) == 0 and validations_between(41, 60, 20) == 1
+    assert validations_between(0, 100, None) == 0
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(done=st.integers(0, 50), planned=st.integers(51, 400), elapsed=st.floats(0, 100),
+       budget=st.floats(1, 600), per_step=st.floats(0.01, 5), per_validation=st.floats(0, 30),
+       eval_every=st.one_of(st.none(), st.integers(1, 100)))
+def test_steps_that_fit_is_the_largest_total_within_the_budget(done: int, planned: int, elapsed: float, budget: float,
+                                                               per_step: float, per_validation: float,
+                                                               eval_every: int | None) -> None:
+    def projected(total: int) -> float:
+        return elapsed + (total - done) * per_step + validations_between(done, total, eval_every) * per_validation
+
+    fitting = steps_that_fit(done=done, planned=planned, elapsed=elapsed, budget=budget, seconds_per_step=per_step,
+                             seconds_per_validation=per_validation, eval_every=eval_every)
+    fits = [total for total in range(done + 1, planned + 1) if projected(total) <= budget]
+    assert fitting == (max(fits) if fits else done + 1)
+
+
+def test_no_plan_change_while_the_projection_fits() -> None:
+    planner = BudgetPlanner(budget_seconds=100.0, eval_every=None)
+    for index in range(30):
+        planner.record_step(index, 1.0)
+    assert planner.plan(done=30, planned=90, elapsed=30.0) is None
+    steps, reason = planner.plan(done=30, planned=200, elapsed=30.0)
+    assert steps == 100 and "200 steps at 1.000 s per step" in reason and "100 steps fit" in reason
+
+
+def _registry(*plugins: object) -> Registry:
+    registry = Registry.discover(entry_points=False)
+    for number, plugin in enumerate(plugins):
+        registry.register_plugin(plugin, name=f"test-plugin-{number}", source="tests")
+    return registry
+
+
+def test_a_run_over_its_budget_trains_fewer_steps_and_says_so(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer, "BudgetPlanner", _SimulatedClock)
+    registry = _registry()
+    metrics = runner.run(resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=LONG), registry,
+                         tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "log.jsonl")
+    budget_records = [r for r in records if r["type"] == "budget"]
+    assert budget_records and budget_records[0]["step"] == time_budget.CALIBRATION_STEPS + 3
+    final = metrics["time_budget"]
+    assert final["planned_steps"] == 300 and final["max_steps"] == budget_records[-1]["max_steps"]
+    # At step 23 the simulated rate fits about 23 + 60 - (the few real seconds spent) steps; the validations
+    # timed afterwards (5 s each) may lower the plan further.
+    assert 50 <= final["max_steps"] <= 83, final
+    assert max(r["step"] for r in records if r["type"] == "train") == final["max_steps"]
+    evaluated = [r["step"] for r in records if r["type"] == "eval"]
+    assert evaluated[-1] == final["max_steps"]  # the last step is validated, as for a planned end
+    last_lr = [r["lr"] for r in records if r["type"] == "train"][-1]
+    assert last_lr == pytest.approx(0.0, abs=1e-12)  # the linear decay ends at the new last step
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"trained {final['max_steps']} of the 300 planned steps" in report
+
+
+def test_without_a_budget_nothing_is_planned(tmp_path: Path) -> None:
+    registry = _registry()
+    metrics = runner.run(resolve_run(registry, task="toy", plugin="vanilla", preset="tiny",
+                                     sets=["trainer.progress=off"]), registry, tmp_path / "run")
+    assert "time_budget" not in metrics
+    assert not [r for r in read_jsonl(tmp_path / "run" / "log.jsonl") if r["type"] == "budget"]
+
+
+class _CrashAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def kd_on_step_end(self, context: RunContext, step: int, logs: dict[str, float]) -> None:
+        if step == self.step and context.state.plugin == "vanilla":
+            raise RuntimeError("crash for the test")
+
+
+def test_resume_keeps_the_lowered_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer, "BudgetPlanner", _SimulatedClock)
+    out = tmp_path / "run"
+    crashing = _registry(_CrashAt(32))
+    with pytest.raises(RuntimeError, match="crash for the test"):
+        runner.run(resolve_run(crashing, task="toy", plugin="vanilla", preset="tiny", sets=LONG), crashing, out)
+    saved = json.loads((list_checkpoints(out / "checkpoints")[-1] / "trainer_state.json").read_text())
+    planned = saved["time_budget"]["max_steps"]
+    assert planned < 300
+    registry = _registry()
+    # The resumed process projects with the seconds spent before the crash included: the saved plan still fits.
+    metrics = runner.run(resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=LONG), registry, out,
+                         resume=True)
+    assert metrics["time_budget"]["max_steps"] == planned
+    assert max(r["step"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "train") == planned
