@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="directory of the sweep's runs (default runs/sweeps/<file name>)")
     sweep.add_argument("--jobs", type=int, help="runs at a time (overrides the file's jobs)")
     sweep.add_argument("--dry-run", action="store_true", help="validate and print the kd run commands, run nothing")
+
+    from kdcore.cache_cli import add_cache_parser
+
+    add_cache_parser(commands)
     return parser
 
 
@@ -293,6 +297,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from kdcore.cache_cli import run_cache_command
+
+    return run_cache_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kd`` console script; returns the exit code."""
     parser = _parser()
@@ -305,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USER_ERROR
         handler = {"run": _cmd_run, "list": _cmd_list, "eval": _cmd_eval,
-                   "summarize": _cmd_summarize, "sweep": _cmd_sweep, "export": _cmd_export}[args.command]
+                   "summarize": _cmd_summarize, "sweep": _cmd_sweep, "export": _cmd_export,
+                   "cache": _cmd_cache}[args.command]
         return handler(args)
     except KDUserError as error:
         print(f"kd: error: {error}", file=sys.stderr)

@@ -9,12 +9,13 @@ precision, clipping and non-finite handling.
 Its files live in a *partial directory* next to the teacher's cache entry, named by the same content key
 (:func:`partial_directory`): ``log.jsonl`` and ``checkpoints/``. Because the key names everything that decides the
 teacher's weights (task, data, settings, recipe), a later run with the same key continues the stage from its last
-checkpoint, with or without ``--resume``, and ends with the same weights as an uninterrupted stage. The caller
-writes the finished teacher to the cache (its marker file last) and then removes the partial directory
-(:func:`remove_partial_directory`), so an interrupted stage is never mistaken for a cached teacher.
+checkpoint, with or without ``--resume``, and ends with the same weights as an uninterrupted stage. The finished
+teacher is written as a verified cache entry (:mod:`kdcore.cache`: content manifest last, renamed into place) and
+then the partial directory is removed (:func:`remove_partial_directory`), so an interrupted stage is never mistaken
+for a cached teacher, and a damaged cached teacher is moved aside and trained again instead of being used.
 
-Two processes that need the same teacher at once (two runs sharing a cache) take turns through
-:func:`teacher_stage_lock`: the second waits, then finds the teacher cached. Under torchrun the stage is
+Two processes that need the same teacher at once (two runs sharing a cache) take turns through the entry's lock
+(:func:`kdcore.cache.entry_lock`): the second waits, then finds the teacher cached. Under torchrun the stage is
 data-parallel, like a distillation run: a factory that runs it sets ``builds_on_all_ranks``, so every rank enters
 :func:`ensure_teacher_cached` together; rank 0 holds the lock and decides whether to train, every rank trains its
 slice of each global batch, rank 0 alone writes the checkpoints, the log and the cache entry, and the other ranks
@@ -23,10 +24,9 @@ then read the cached teacher.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from kdcore import distributed
+from kdcore.cache import PARTIAL_SUFFIX, entry_lock, publish_entry, usable_entry
 from kdcore.checkpoint import CHECKPOINT_PREFIX, capture_rng, latest_valid_checkpoint, restore_rng
 from kdcore.config import ModelSpec, ObjectiveSpec, RunConfig, TrainerConfig
 from kdcore.errors import KDUserError
@@ -51,29 +52,11 @@ log = logging.getLogger(__name__)
 
 #: ``RunConfig.plugin`` of a teacher stage: what its progress lines, log records and hooks call the method.
 TEACHER_STAGE = "teacher-stage"
-PARTIAL_SUFFIX = ".partial"
 
 
 def partial_directory(cache_entry: Path) -> Path:
     """The partial directory of the teacher cached at ``cache_entry`` (a directory or a file): same name + ``.partial``."""
     return cache_entry.with_name(cache_entry.name + PARTIAL_SUFFIX)
-
-
-@contextlib.contextmanager
-def teacher_stage_lock(cache_entry: Path) -> Iterator[None]:
-    """Hold the exclusive lock of one teacher's cache entry: other processes wanting the same teacher wait here."""
-    lock_path = cache_entry.with_name(cache_entry.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Another process is training or writing the teacher %s; waiting for it.", cache_entry.name)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remove_partial_directory(cache_entry: Path) -> None:
@@ -82,26 +65,38 @@ def remove_partial_directory(cache_entry: Path) -> None:
 
 
 Trained = TypeVar("Trained")
+Loaded = TypeVar("Loaded")
 
 
-def ensure_teacher_cached(cache_entry: Path, is_cached: Callable[[], bool], train: Callable[[], Trained],
-                          write: Callable[[Trained], None]) -> None:
-    """Make sure the teacher of ``cache_entry`` is cached: if ``is_cached()`` is false, ``train()`` it (the teacher
-    stage) and ``write`` what it returned to the cache entry, marker last; then remove the partial directory.
+def ensure_teacher_cached(cache_entry: Path, kind: str, built_from: Mapping[str, Any], train: Callable[[], Trained],
+                          write: Callable[[Trained, Path], dict[str, Any] | None], load: Callable[[], Loaded], *,
+                          what: str) -> Loaded:
+    """The teacher cached at ``cache_entry``, loaded by ``load()``; trained first when the cache has no usable one.
+
+    When the entry is missing or damaged (moved aside, with a warning), ``train()`` runs the teacher stage and
+    ``write(trained, directory)`` writes its files into the entry's staging directory; the content manifest
+    (``kind``, ``built_from``, and ``write``'s returned dict as its info) goes last, then the entry is renamed into
+    place and the partial directory removed. ``what`` names the teacher in the log line of a process that waits.
 
     Under torchrun every rank calls this together (its factory sets ``builds_on_all_ranks``): rank 0 takes the
-    lock and decides for all, every rank trains (the stage is data-parallel), rank 0 alone writes, and no rank
-    returns before the cache entry is complete, so each can then read it.
+    lock and decides for all, every rank trains (the stage is data-parallel), rank 0 alone writes, and every rank
+    loads the complete entry while rank 0 still holds the lock (so ``kd cache clear`` cannot remove it meanwhile).
     """
     rank = distributed.current()
-    with teacher_stage_lock(cache_entry) if rank.is_main else contextlib.nullcontext():
-        if not distributed.broadcast_object(is_cached() if rank.is_main else None):
+    with entry_lock(cache_entry, what) if rank.is_main else contextlib.nullcontext():
+        cached = usable_entry(cache_entry, kind) is not None if rank.is_main else None
+        if not distributed.broadcast_object(cached):
+            if rank.is_main:
+                log.info("Teacher stage: %s is not cached (%s); training it.", what, cache_entry)
             trained = train()
             if rank.is_main:
-                write(trained)
+                publish_entry(cache_entry, kind, built_from, lambda staging: write(trained, staging))
         if rank.is_main:
             remove_partial_directory(cache_entry)
         distributed.barrier()
+        loaded = load()
+        distributed.barrier()
+    return loaded
 
 
 @dataclass
@@ -193,4 +188,4 @@ def _final_loss(directory: Path, log_every: int, steps: int) -> float:
 
 
 __all__ = ["TEACHER_STAGE", "TeacherStageResult", "ensure_teacher_cached", "remove_partial_directory",
-           "partial_directory", "teacher_stage_lock", "train_teacher_stage"]
+           "partial_directory", "train_teacher_stage"]

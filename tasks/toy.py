@@ -166,6 +166,9 @@ class ToyMLPStudentFactory(ModelFactory):
 
 #: Part of the toy teacher's cache key. /2: trained on the engine (teacher stage), not by a loop of its own.
 TOY_TEACHER_RECIPE = "toy-mlp-teacher/2"
+#: The kind of its cache entry ``<cache>/toy/teacher-<key>/`` (kdcore.cache), and the weights file in it.
+TOY_TEACHER_KIND = "toy-teacher"
+TOY_TEACHER_WEIGHTS = "teacher.safetensors"
 
 
 class ToyMLPTeacherFactory(ModelFactory):
@@ -178,15 +181,17 @@ class ToyMLPTeacherFactory(ModelFactory):
 
     def build(self, config: ToyTeacherConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
         n_features, n_classes = _shape(context)
-        key = json.dumps({"recipe": TOY_TEACHER_RECIPE, "data": context.task.data_config.model_dump(),
-                          "teacher": config.model_dump()}, sort_keys=True)
-        path = context.cache_dir / "toy" / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+        built_from = {"recipe": TOY_TEACHER_RECIPE, "data": context.task.data_config.model_dump(),
+                      "teacher": config.model_dump()}
+        key = hashlib.sha256(json.dumps(built_from, sort_keys=True).encode()).hexdigest()[:16]
+        entry = context.cache_dir / "toy" / f"teacher-{key}"
         teacher = ToyMLPTeacher(_MLP(n_features, n_classes, config.hidden, config.layers, config.dropout))
-        if context.dry_run and not path.exists():
+        if context.dry_run and not entry.exists():
             return teacher  # a plan reports the parameter count only: the untrained model has the same
-        ensure_teacher_cached(path, path.exists, lambda: self._train(config, context, path),
-                              lambda network: _save_teacher(network, path))
-        load_weights(teacher, path)
+        ensure_teacher_cached(entry, TOY_TEACHER_KIND, built_from, lambda: self._train(config, context, entry),
+                              lambda network, directory: save_weights(ToyMLPTeacher(network),
+                                                                      directory / TOY_TEACHER_WEIGHTS),
+                              lambda: load_weights(teacher, entry / TOY_TEACHER_WEIGHTS), what="the toy teacher")
         return teacher
 
     @staticmethod
@@ -205,7 +210,3 @@ class ToyMLPTeacherFactory(ModelFactory):
                             device=context.device, registry=context.registry)
         return network
 
-
-def _save_teacher(network: _MLP, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(ToyMLPTeacher(network), path)

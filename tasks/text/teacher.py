@@ -6,8 +6,9 @@ and caches it under
 
 ``<cache>/text/teachers/<task>-<sha256[:16]>/``: ``config.json``,
 ``model.safetensors``, ``generation_config.json`` (transformers' ``save_pretrained``),
-the tokenizer files, and ``kd-teacher.json`` (written last, atomically: the
-settings, data fingerprint, steps, seconds and final loss).
+the tokenizer files, and the entry's content manifest ``kd-cache.json`` (:mod:`kdcore.cache`: written last; the
+recipe, settings and data fingerprint it was built from, the stage's steps, seconds and final loss, and the size and
+sha256 of every file, checked before the teacher is used: a damaged teacher is moved aside and trained again).
 
 The key hashes the task name, the tokenised training data and tokenizer
 (``TextTask.data_fingerprint``) and the effective teacher settings, so a change
@@ -38,7 +39,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from kdcore.config import StrictModel, TrainerConfig
 from kdcore.errors import KDUserError
 from kdcore.interfaces import BuildContext, ModelFactory, Teacher
-from kdcore.io import atomic_write_json
+from kdcore.cache import MANIFEST
 from kdcore.registry import Registry
 from kdcore.teacher_stage import ensure_teacher_cached, partial_directory, train_teacher_stage
 
@@ -47,8 +48,8 @@ log = logging.getLogger(__name__)
 #: Part of the cache key. /2: trained on the engine (its data order and no weight decay on biases and norms), so
 #: the weights differ from /1's (the old separate loop) for the same settings.
 TEACHER_RECIPE = "task-trained-marian/2"
-#: Written last, atomically: a cache entry without it is not a teacher.
-MANIFEST = "kd-teacher.json"
+#: The kind of its cache entries (kdcore.cache).
+TEACHER_KIND = "text-teacher"
 
 
 class TaskTeacherConfig(StrictModel):
@@ -178,24 +179,25 @@ class TaskTrainedTeacherFactory(ModelFactory):
                      "Planned with an untrained model of the same size.", directory, settings["train_steps"],
                      settings["batch_size"])
             return TextTeacher(untrained_teacher(task, settings).eval(), task.tokenizer)
-        ensure_teacher_cached(directory, (directory / MANIFEST).is_file,
-                              lambda: train_teacher(task, settings, directory, context.device, config,
-                                                    registry=context.registry),
-                              lambda trained: _write_teacher(task, settings, directory, *trained))
+        built_from = {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
+                      "data_fingerprint": task.data_fingerprint()}
+        hf_model = ensure_teacher_cached(
+            directory, TEACHER_KIND, built_from,
+            lambda: train_teacher(task, settings, directory, context.device, config, registry=context.registry),
+            lambda trained, staging: _write_teacher(task, staging, *trained),
+            lambda: AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True),
+            what=f"the {task.name} teacher")
         log.info("Using the task-trained teacher cached in %s.", directory)
-        hf_model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
         return TextTeacher(hf_model.eval(), task.tokenizer)
 
 
-def _write_teacher(task: Any, settings: dict[str, Any], directory: Path, hf_model: Any, stats: dict) -> None:
-    """Write the trained teacher's cache entry (``kd-teacher.json`` last)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(str(directory), safe_serialization=True)
-    task.tokenizer.save_pretrained(str(directory))
-    atomic_write_json(directory / MANIFEST, {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
-                                             "data_fingerprint": task.data_fingerprint(), **stats})
-    log.info("Teacher stage done in %.0f s of training (final training loss %.3f); cached in %s.",
-             stats["seconds"], stats["final_loss"], directory)
+def _write_teacher(task: Any, staging: Path, hf_model: Any, stats: dict) -> dict:
+    """Write the trained teacher's files into its entry's staging directory; return its stats for the manifest."""
+    hf_model.save_pretrained(str(staging), safe_serialization=True)
+    task.tokenizer.save_pretrained(str(staging))
+    log.info("Teacher stage done in %.0f s of training (final training loss %.3f); caching it.",
+             stats["seconds"], stats["final_loss"])
+    return stats
 
 
 def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device: torch.device,
@@ -240,5 +242,5 @@ def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device
     return hf_model, stats
 
 
-__all__ = ["MANIFEST", "TEACHER_RECIPE", "TaskTeacherConfig", "TaskTrainedTeacherFactory", "cache_directory",
+__all__ = ["TEACHER_KIND", "TEACHER_RECIPE", "TaskTeacherConfig", "TaskTrainedTeacherFactory", "cache_directory",
            "effective_settings", "stage_trainer_config", "teacher_marian_config", "train_teacher", "untrained_teacher"]

@@ -23,7 +23,7 @@ def test_the_toy_teacher_stage_caches_one_teacher_and_leaves_the_run_rng_alone(t
     torch.manual_seed(123)
     cold = _build_teacher(tmp_path / "a")
     after_cold = torch.rand(3)
-    (cached,) = (tmp_path / "a" / "toy").glob("teacher-*.safetensors")
+    (cached,) = (tmp_path / "a" / "toy").glob("teacher-*/teacher.safetensors")
     assert not list((tmp_path / "a" / "toy").glob("*.partial"))  # removed once the teacher is cached
     torch.manual_seed(123)
     warm = _build_teacher(tmp_path / "a")

@@ -46,7 +46,7 @@ def test_two_gloo_processes_train_the_toy_teacher_stage_together(tmp_path: Path,
     # The tiny preset's stage: 150 steps, a checkpoint every 100; rank 0 is killed after step 120.
     killed = torchrun(out, cwd=tmp_path, env={**env, "KD_KILL_AT_STEP": "120"})
     assert killed.returncode != 0 and "data-parallel on 2 processes" in killed.stderr, killed.stderr[-3000:]
-    (partial,) = (tmp_path / "cache" / "toy").glob("teacher-*.safetensors.partial")
+    (partial,) = (tmp_path / "cache" / "toy").glob("teacher-*.partial")
     assert not (tmp_path / "cache" / "toy" / partial.name.removesuffix(".partial")).exists()
     records = read_jsonl(partial / "log.jsonl")
     assert records[0]["type"] == "start" and records[0]["world_size"] == 2
@@ -57,7 +57,7 @@ def test_two_gloo_processes_train_the_toy_teacher_stage_together(tmp_path: Path,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Teacher stage: continuing from its checkpoint at step 100 of 150" in resumed.stderr
     assert not partial.exists()
-    cached = load_file(str(partial.with_name(partial.name.removesuffix(".partial"))))
+    cached = load_file(str(partial.with_name(partial.name.removesuffix(".partial")) / "teacher.safetensors"))
 
     registry = Registry.discover(entry_points=False)
     resolved = resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=dist_sets)
@@ -65,8 +65,8 @@ def test_two_gloo_processes_train_the_toy_teacher_stage_together(tmp_path: Path,
     context = BuildContext(task=resolved.task_cls(resolved.data_config, alone), cache_dir=alone,
                            device=torch.device("cpu"), seed=0)
     resolved.teacher_factory().build(resolved.teacher_config, context)
-    (reference_path,) = (alone / "toy").glob("teacher-*.safetensors")
-    assert reference_path.name == partial.name.removesuffix(".partial")  # the same cache key
+    (reference_path,) = (alone / "toy").glob("teacher-*/teacher.safetensors")
+    assert reference_path.parent.name == partial.name.removesuffix(".partial")  # the same cache key
     reference = load_file(str(reference_path))
     # Not bitwise: the same examples, but the batch mean is summed in another order (two halves of 64, averaged by
     # DDP's all-reduce), so each gradient differs by float rounding, which 150 Adam steps carry along (measured:

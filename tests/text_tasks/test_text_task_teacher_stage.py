@@ -77,7 +77,7 @@ def test_a_run_killed_during_its_teacher_stage_resumes_it_and_ends_with_the_same
     entry = partial.with_name(partial.name[:-len(".partial")])
     killed_at = [int(p.name.split("-")[1]) for p in list_checkpoints(partial / "checkpoints")]
     assert killed_at and max(killed_at) < 60
-    assert (partial / "log.jsonl").is_file() and not (entry / "kd-teacher.json").exists()
+    assert (partial / "log.jsonl").is_file() and not (entry / "kd-cache.json").exists()
     logged = [r["step"] for r in read_jsonl(partial / "log.jsonl") if r["type"] == "train"]
     assert logged and logged[0] == 5
 
@@ -86,7 +86,7 @@ def test_a_run_killed_during_its_teacher_stage_resumes_it_and_ends_with_the_same
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Teacher stage: continuing from its checkpoint at step {max(killed_at)} of 60" in resumed.stderr
     # (b) Once the teacher is cached the partial directory is gone.
-    assert (entry / "kd-teacher.json").is_file() and not partial.exists()
+    assert (entry / "kd-cache.json").is_file() and not partial.exists()
     assert (out / "metrics.json").is_file()
 
     resumed_weights = load_file(str(entry / "model.safetensors"))
@@ -126,11 +126,11 @@ def test_an_interrupted_stage_is_not_a_cached_teacher_and_the_finished_one_leave
     (partial,) = _teachers(cache).glob("wmt-*.partial")
     entry = partial.with_name(partial.name[:-len(".partial")])
     assert [p.name for p in list_checkpoints(partial / "checkpoints")] == ["step-00000005", "step-00000010"]
-    assert not (entry / "kd-teacher.json").exists()
+    assert not (entry / "kd-cache.json").exists()
 
     context = BuildContext(task=task, cache_dir=cache, device=torch.device("cpu"), seed=0)
     resolved.teacher_factory().build(resolved.teacher_config, context)
-    assert (entry / "kd-teacher.json").is_file() and not partial.exists()
+    assert (entry / "kd-cache.json").is_file() and not partial.exists()
 
     reference = _reference_teacher(tmp_path / "reference-cache", sets)
     continued = load_file(str(entry / "model.safetensors"))
