@@ -86,7 +86,7 @@ class SummarizationTask(TextTask):
     teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 3, "decoder_layers": 3, "d_model": 256,
                                                   "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 1400,
                                                   "batch_size": 32, "lr": 5e-4, "warmup_steps": 300,
-                                                  "precision": "native-bf16"}
+                                                  "precision": "native-bf16", "time_budget_minutes": 12}
     presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("summarization")
 
     @property

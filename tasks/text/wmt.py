@@ -50,7 +50,7 @@ class TranslationTask(TextTask):
     teacher_defaults: ClassVar[dict[str, Any]] = {"encoder_layers": 3, "decoder_layers": 3, "d_model": 256,
                                                   "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 2000,
                                                   "batch_size": 64, "lr": 1e-3, "warmup_steps": 400,
-                                                  "precision": "native-bf16"}
+                                                  "precision": "native-bf16", "time_budget_minutes": 13}
     presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("wmt")
 
     @property

@@ -22,6 +22,11 @@ def test_defaults_resolve_for_every_plugin(task: str, plugin: str) -> None:
     teacher = resolved.task_cls.teacher_defaults
     assert config["decoder_layers"] < teacher["decoder_layers"] and config["d_model"] < teacher["d_model"]
     assert config["decoder_ffn_dim"] < teacher["ffn_dim"]
+    # Time budgets (kdcore.time_budget): the student loop within the 15-minute cached run, and teacher stage plus
+    # student loop leaving at least 4 of the 30 cold minutes for start-up and the test decoding.
+    budget = resolved.config.trainer.time_budget_minutes
+    assert budget == {"wmt": 10, "summarization": 9}[task]
+    assert teacher["time_budget_minutes"] + budget <= 26
 
 
 @pytest.mark.parametrize(("task", "preset", "teacher"), [
