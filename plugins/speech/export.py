@@ -24,7 +24,9 @@ hidden states within 1e-5 (``hf``, ``safetensors``) or
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -164,6 +166,31 @@ def _kd_config(exporter: "SpeechStudentExporter") -> dict[str, Any]:
 # ---------------------------------------------------------------------- ONNX
 
 
+@contextlib.contextmanager
+def separate_key_and_value(student: nn.Module) -> Iterator[None]:
+    """While tracing: every ``nn.MultiheadAttention`` of ``student`` gets its value as a view, not the key object.
+
+    The layers pass one tensor as key and value. When it is not also the query (GenDistiller's blocks attend to
+    earlier blocks), PyTorch projects key and value together and splits them with ``unflatten``, which the ONNX
+    tracer records with the traced length as a constant, so the graph fails on other lengths. A value that is a
+    different object takes PyTorch's general path (three projections), which traces with dynamic lengths.
+    """
+    patched = [module for module in student.modules() if isinstance(module, nn.MultiheadAttention)]
+
+    def aliased(forward: Any) -> Any:
+        def call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return forward(query, key, value.view_as(value) if value is key else value, *args, **kwargs)
+        return call
+
+    for module in patched:
+        module.forward = aliased(module.forward)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # the class's forward again
+
+
 class _HiddenStatesGraph(nn.Module):
     """waveform, waveform_lengths -> stacked hidden states, frame lengths (what the ONNX graph computes)."""
 
@@ -240,10 +267,11 @@ hidden_states, frame_mask = signals.hidden_states, signals.extra["frame_mask"]
         student = self.speech_student
         trace, check = self._batches()
         graph = _HiddenStatesGraph(student).eval()
-        export_module(graph, (trace["waveform"], trace["waveform_lengths"]), directory / ONNX_FILE,
-                      ["waveform", "waveform_lengths"], ["hidden_states", "frame_lengths"],
-                      {"waveform": {0: "batch", 1: "samples"}, "waveform_lengths": {0: "batch"},
-                       "hidden_states": {1: "batch", 2: "frames"}, "frame_lengths": {0: "batch"}})
+        with separate_key_and_value(student):
+            export_module(graph, (trace["waveform"], trace["waveform_lengths"]), directory / ONNX_FILE,
+                          ["waveform", "waveform_lengths"], ["hidden_states", "frame_lengths"],
+                          {"waveform": {0: "batch", 1: "samples"}, "waveform_lengths": {0: "batch"},
+                           "hidden_states": {1: "batch", 2: "frames"}, "frame_lengths": {0: "batch"}})
         onnx_session = session(directory / ONNX_FILE)
         worst = 0.0
         for batch in (trace, check):
