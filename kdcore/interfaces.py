@@ -223,6 +223,22 @@ class Task(abc.ABC):
         """Non-numeric facts about the last evaluation (e.g. sacrebleu signatures), saved with the metrics."""
         return {}
 
+    def fingerprints(self) -> dict[str, str]:
+        """Content hashes of what the task's data were made from (e.g. ``data``, ``test``, ``tokenizer``), recorded
+        in ``<out>/provenance.json`` and compared again by ``kd eval --run`` (docs/runs.md). Call after
+        :meth:`build_data`."""
+        return {}
+
+    def save_run_files(self, out_dir: Path) -> dict[str, Any]:
+        """Copy the small files a later ``kd eval --run`` needs besides the student's weights (e.g. a tokenizer)
+        into ``out_dir`` and return what was stored (relative paths, fingerprints). Call after :meth:`build_data`."""
+        return {}
+
+    def use_run_files(self, out_dir: Path, stored: Mapping[str, Any]) -> None:
+        """Read the files :meth:`save_run_files` stored in ``out_dir`` (``stored`` is what it returned) instead of
+        building them again; called before any model is built. Raises :class:`~kdcore.errors.KDUserError` naming a
+        missing file, its fingerprint and how to rebuild it when it cannot be replaced."""
+
     #: Roles of the user files :meth:`load_eval_files` accepts (e.g. ``("source", "reference")``).
     eval_file_roles: ClassVar[tuple[str, ...]] = ()
 

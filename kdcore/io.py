@@ -4,8 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_directory(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(staging)`` fills a new directory next to ``path``, which then replaces ``path`` (permissions: the
+    umask's): a reader finds the old directory, the new one, or (for a moment, when one existed) none, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        follow_umask(staging)
+        write(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,12 @@ def _build_model(factory_cls: type[ModelFactory], config: BaseModel, context: Bu
 
 
 def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Path | None = None,
-                     dry_run: bool = False, registry: Registry | None = None) -> BuiltRun:
+                     dry_run: bool = False, registry: Registry | None = None,
+                     saved_run: tuple[Path, Mapping[str, Any]] | None = None) -> BuiltRun:
     """Task, teacher (frozen), student and method for a resolved run (``dry_run``: see :class:`BuildContext`).
+
+    ``saved_run``: a run directory and what its task stored there (``kd eval``); the task reads those files
+    (:meth:`~kdcore.interfaces.Task.use_run_files`) before any model is built.
 
     Under torchrun the task is made on rank 0 first, then on the others; each model as its factory's
     ``builds_on_all_ranks`` says (:func:`_build_model`).
@@ -210,6 +215,8 @@ def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Pat
     on_all_ranks = resolved.teacher_factory.builds_on_all_ranks or resolved.student_factory.builds_on_all_ranks
     with distributed.main_first():
         task = resolved.task_cls(resolved.data_config, cache)
+        if saved_run is not None:
+            task.use_run_files(*saved_run)
         if on_all_ranks:
             # A model trained on every rank together reads the task's data: rank 0 fills the data caches
             # (corpus, tokenizer) before the other ranks read them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kdcore.errors import KDUserError
 from kdcore.evaluation import evaluate_model
 from kdcore.hooks import RunState
 from kdcore.io import atomic_write_json
+from kdcore.provenance import compare_fingerprints, read_provenance, record_provenance
 from kdcore.registry import Registry
 from kdcore.report import write_metrics, write_report
 from kdcore.resolve import BuiltRun, ResolvedRun, build_components, select_device
@@ -60,16 +62,18 @@ def check_cache_dir(resolved: ResolvedRun) -> None:
 
 
 def build(resolved: ResolvedRun, device: torch.device | None = None,
-          dry_run: bool = False, registry: Registry | None = None) -> tuple[BuiltRun, Any]:
+          dry_run: bool = False, registry: Registry | None = None,
+          saved_run: tuple[Path, Mapping[str, Any]] | None = None) -> tuple[BuiltRun, Any]:
     """Teacher, student, method and data. Distributed: rank 0 first (it fills caches), then the others read them;
     a teacher stage trains on every rank together (:func:`~kdcore.resolve.build_components`).
 
-    ``dry_run`` builds models with their real shapes but skips one-off work such as a teacher stage.
+    ``dry_run`` builds models with their real shapes but skips one-off work such as a teacher stage; ``saved_run``
+    (a run directory and its task's stored files) makes the task read those files first (``kd eval``).
     """
     check_cache_dir(resolved)
     device = device if device is not None else select_device(resolved.config.device)
     seed_everything(resolved.config.seed)
-    built = build_components(resolved, device, dry_run=dry_run, registry=registry)
+    built = build_components(resolved, device, dry_run=dry_run, registry=registry, saved_run=saved_run)
     with distributed.main_first():
         splits = built.task.build_data(resolved.config.seed)
     for name in ("train", "valid", "test"):
@@ -117,6 +121,8 @@ def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool =
             out_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(out_dir, resolved.to_dict())
         built, splits = build(resolved, device, registry=registry)
+        if state_of_ranks.is_main:
+            record_provenance(built, out_dir)
         distributed.barrier()
         trainer = Trainer(built, splits, out_dir, registry)
         state = trainer.fit(resume=resume)
@@ -192,11 +198,17 @@ def evaluate_saved(resolved: ResolvedRun, run_dir: Path,
     With ``files`` (role -> path, e.g. source/reference), the task reads the user's
     own evaluation set through :meth:`~kdcore.interfaces.Task.load_eval_files` instead.
     Returns the metrics and the task's :meth:`~kdcore.interfaces.Task.metric_metadata`.
+
+    Only the student is scored, so the teacher is built as a dry run builds it (its shape; never a teacher stage).
+    The task reads the files the run stored (``provenance.json``, e.g. its tokenizer) instead of the cache, and a
+    rebuilt test split whose fingerprint differs from the recorded one is reported.
     """
     from kdcore.checkpoint import list_checkpoints
-    from kdcore.errors import KDUserError
 
-    built, splits = build(resolved)
+    recorded = read_provenance(run_dir)
+    built, splits = build(resolved, dry_run=True, saved_run=(run_dir, recorded.get("task_files", {})))
+    if not files and recorded.get("fingerprints"):
+        compare_fingerprints(recorded["fingerprints"], built.task.fingerprints(), run_dir, names=("test",))
     weights = run_dir / "best" / "student.safetensors"
     if not weights.exists():
         checkpoints = list_checkpoints(run_dir / "checkpoints")

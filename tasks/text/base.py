@@ -24,6 +24,7 @@ import torch
 
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, DataSplits, Model, Task
+from kdcore.io import atomic_write_directory
 from kd_tasks.sampling import length_bucketed_batches
 
 from .collate import collate_seq2seq
@@ -39,6 +40,8 @@ from .tokenizer import task_tokenizer, tokenizer_fingerprint
 
 #: Training batches are sorted by length within pools of this many batches.
 BUCKET_POOL_BATCHES = 50
+#: Where a run directory holds the run's tokenizer (:meth:`TextTask.save_run_files`).
+RUN_TOKENIZER = "tokenizer"
 
 
 class TextTask(Task):
@@ -117,6 +120,52 @@ class TextTask(Task):
             digest.update(json.dumps([item["source_ids"], item["target_ids"]]).encode())
         return digest.hexdigest()
 
+    def fingerprints(self) -> dict[str, str]:
+        """``data`` (what a task-trained teacher learnt from), ``test`` (the scored inputs and references) and
+        ``tokenizer`` (its token -> id map)."""
+        digest = hashlib.sha256()
+        for item in self.build_data(0).test:
+            digest.update(json.dumps([item["source_ids"], item["target"]], ensure_ascii=False).encode())
+        return {"data": self.data_fingerprint(), "test": digest.hexdigest(),
+                "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
+    def save_run_files(self, out_dir: Path) -> dict[str, Any]:
+        """The tokenizer in ``<out>/tokenizer/`` (Hugging Face layout): the student's token ids mean nothing without
+        it, and the cache that holds it (or the data it is trained from) may be elsewhere."""
+        atomic_write_directory(Path(out_dir) / RUN_TOKENIZER, lambda staging: self.tokenizer.save_pretrained(staging))
+        return {"tokenizer": {"directory": RUN_TOKENIZER, "fingerprint": tokenizer_fingerprint(self.tokenizer)}}
+
+    def use_run_files(self, out_dir: Path, stored: Mapping[str, Any]) -> None:
+        """Tokenise with the run's own tokenizer; where its copy is gone, with the one this config builds, if it has
+        the recorded fingerprint."""
+        from kd_plugins.text.models import load_tokenizer
+
+        entry = stored.get("tokenizer")
+        if not isinstance(entry, Mapping):
+            return
+        expected, directory = str(entry.get("fingerprint")), Path(out_dir) / str(entry.get("directory"))
+        if directory.is_dir():
+            tokenizer = load_tokenizer(str(directory), local_files_only=True)
+            if tokenizer_fingerprint(tokenizer) != expected:
+                raise KDUserError(f"The run's tokenizer '{directory}' does not have the fingerprint its "
+                                  f"provenance.json records ({expected[:16]}): it was changed after the run. Copy "
+                                  f"the tokenizer/ folder again from the original run directory.")
+            self._tokenizer, self.tokenizer_dir = tokenizer, directory
+            return
+        rebuild = ("kd trains it again from data.train (the same training data give the same tokenizer)"
+                   if self.data_config.tokenizer == "train" else f"kd loads it from '{self.data_config.tokenizer}'")
+        try:
+            rebuilt = tokenizer_fingerprint(self.tokenizer)
+        except KDUserError as error:
+            raise KDUserError(f"The run's tokenizer '{directory}' (fingerprint {expected[:16]}) is missing, and "
+                              f"rebuilding it failed: {error} Copy the tokenizer/ folder from the original run "
+                              f"directory, or make the data it is built from available ({rebuild}).") from None
+        if rebuilt != expected:
+            raise KDUserError(f"The run's tokenizer '{directory}' (fingerprint {expected[:16]}) is missing, and the "
+                              f"tokenizer this config builds ({rebuild}) has fingerprint {rebuilt[:16]}: the student's "
+                              f"token ids would not match it. Copy the tokenizer/ folder from the original run "
+                              f"directory, or point data.train (--set) at the run's training data.")
+
     def load_eval_files(self, files: Mapping[str, Path]) -> Sequence[Any]:
         """Items from ``--source`` and ``--reference`` (one sentence per line, same number of lines, UTF-8)."""
         missing = [role for role in self.eval_file_roles if role not in files]
@@ -174,4 +223,4 @@ class TextTask(Task):
         return metrics
 
 
-__all__ = ["BUCKET_POOL_BATCHES", "TextTask"]
+__all__ = ["BUCKET_POOL_BATCHES", "RUN_TOKENIZER", "TextTask"]

@@ -68,7 +68,7 @@ def test_a_real_toy_run_writes_files_that_follow_the_umask(tmp_path: Path, umask
     out, cache = tmp_path / "run", tmp_path / "cache"
     _toy_run(out, cache)
     expected = ["config.yaml", "metrics.json", "report.md", "log.jsonl", "loss.png", "best/student.safetensors",
-                "best/info.json"]
+                "best/info.json", "provenance.json"]
     for name in expected:
         assert _mode(out / name) == file_mode, name
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
