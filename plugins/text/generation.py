@@ -1,10 +1,14 @@
 """Batched decoding for text models: greedy, top-k sampling and beam search.
 
-:func:`generate` is the student's decoder during ImitKD training and the greedy
-decoder for metrics. It is written here rather than calling ``model.generate``
-because sampling must draw from a caller-supplied ``torch.Generator`` (Hugging
-Face samples from the global RNG) and because the loop is short: encode once,
-then one decoder step per token reusing the key/value cache.
+:func:`generate` is the student's decoder during ImitKD training (its rollouts)
+and the greedy decoder for metrics: encode once, then one decoder step per token
+reusing the key/value cache. It is written here rather than calling
+``model.generate`` because sampling must draw from a caller-supplied
+``torch.Generator`` and reproduce kd's top-k draw (Hugging Face samples from the
+global RNG, over the whole vocabulary after masking, so the same seed gives other
+tokens), and because Hugging Face's loop does more work per step around the same
+model calls (logits processors, stopping criteria, input preparation), which is
+most of a small student's step (docs/performance.md, "Student rollouts").
 
 :func:`beam_search` is used for sequence-level KD targets and beam evaluation.
 It runs transformers' beam-search algorithm (v5 ``_beam_search``, early stopping)
@@ -95,16 +99,107 @@ def _lengths_from(sequences: torch.Tensor, eos_token_id: int | None) -> torch.Te
     return torch.where(is_eos.any(dim=1), first_eos + 1, torch.full_like(first_eos, width))
 
 
+class _DecodingSteps:
+    """Next-token logits of a batch, one decoding step at a time (the state of :func:`generate`'s loop).
+
+    Encoder-decoder models run the encoder once. With ``use_cache`` each step feeds
+    only the newest token and reuses the key/value cache (the cross-attention
+    keys/values are projected from the encoder output on the first step only);
+    without it the decoder re-reads the whole prefix, the reference the cache is
+    checked against. ``banned_token`` gets logit ``-inf``.
+
+    ``stack_only``: the decoder stack is called directly and the LM head applied
+    here as ``head(hidden) + final_logits_bias``, exactly the operations of the
+    model's forward for the heads :func:`_head_is_plain_linear` accepts (Marian,
+    BART, Pegasus), so the logits are the same floats, under bf16 autocast too
+    (:meth:`HFTextModel.logits_from_hidden`'s single ``addmm`` would round
+    differently, and add the bias in bf16 under autocast). What it saves per step is
+    the model wrapper's work around them: the banned token is folded into the
+    bias once instead of cloning and overwriting every step's logits, and the
+    seq2seq wrapper's argument handling is skipped. Other models run their full
+    forward on each step's new token.
+    """
+
+    def __init__(self, model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 use_cache: bool, stack_only: bool, banned_token: int | None) -> None:
+        self.model, self.hf = model, model.hf_model
+        self.use_cache, self.banned_token = use_cache, banned_token
+        self.attention_mask = attention_mask
+        self.past: Any = None
+        batch_size, device = input_ids.shape[0], input_ids.device
+        if model.is_encoder_decoder:
+            self.encoder_outputs = self.hf.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                         return_dict=True)
+            self.prefix = torch.full((batch_size, 1), model.decoder_start_token_id, dtype=torch.long, device=device)
+        else:
+            # Decoder-only: the prompts are the prefix. They must be left-padded so that every row's
+            # next token goes in the same column; positions count only attended tokens.
+            self.prefix = input_ids
+            self.positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.decoder = self.hf.get_decoder() if stack_only else None
+        self.cache_argument = _cache_argument(self.decoder if stack_only else self.hf)
+        if stack_only:
+            bias = self.hf.final_logits_bias
+            if banned_token is not None:
+                bias = bias.clone()
+                bias[..., banned_token] = float("-inf")
+            self.head, self.head_bias = self.hf.get_output_embeddings(), bias
+        # A cached causal LM's first step reads the whole prompt; only its last position's logits are needed.
+        # (Not without the cache: that path stays the plain reference.)
+        self.keeps_last_logits_only = (use_cache and not model.is_encoder_decoder
+                                       and "logits_to_keep" in inspect.signature(self.hf.forward).parameters)
+
+    def next_logits(self) -> torch.Tensor:
+        """``(B, V)`` logits of the token after the current prefix."""
+        incremental = self.use_cache and self.past is not None
+        inputs = self.prefix[:, -1:] if incremental else self.prefix
+        if self.decoder is not None:
+            outputs = self.decoder(input_ids=inputs, encoder_hidden_states=self.encoder_outputs.last_hidden_state,
+                                   encoder_attention_mask=self.attention_mask, use_cache=True, return_dict=True,
+                                   **{self.cache_argument: self.past})
+            self.past = outputs[self.cache_argument]
+            return (self.head(outputs.last_hidden_state) + self.head_bias)[:, -1, :]
+        if self.model.is_encoder_decoder:
+            outputs = self.hf(encoder_outputs=self.encoder_outputs, attention_mask=self.attention_mask,
+                              decoder_input_ids=inputs, use_cache=self.use_cache, return_dict=True,
+                              **{self.cache_argument: self.past})
+        else:
+            outputs = self.hf(input_ids=inputs, attention_mask=self.attention_mask,
+                              position_ids=self.positions[:, -1:] if incremental else self.positions,
+                              use_cache=self.use_cache, return_dict=True, **{self.cache_argument: self.past},
+                              **({"logits_to_keep": 1} if self.keeps_last_logits_only else {}))
+        if self.use_cache:
+            self.past = outputs[self.cache_argument]
+        logits = outputs.logits[:, -1, :]
+        if self.banned_token is not None:
+            logits[:, self.banned_token] = float("-inf")  # the model's own output tensor, used for nothing else
+        return logits
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Extend every row's prefix by its token of this step."""
+        self.prefix = torch.cat([self.prefix, tokens[:, None]], dim=1)
+        if not self.model.is_encoder_decoder:
+            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((tokens.shape[0], 1))],
+                                            dim=1)
+            self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+
+
 @torch.no_grad()
 def generate(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              strategy: Strategy = "greedy", top_k: int = 5, temperature: float = 1.0, max_new_tokens: int = 64,
-             generator: torch.Generator | None = None, use_cache: bool = True, suppress_pad: bool = True) -> Generated:
+             generator: torch.Generator | None = None, use_cache: bool = True, suppress_pad: bool = True,
+             implementation: Literal["auto", "model-forward"] = "auto") -> Generated:
     """Greedy or top-k sampled decoding of a batch, under ``no_grad``.
 
     Encoder-decoder models: ``input_ids`` are the sources (any padding side);
     decoder-only models: ``input_ids`` are left-padded prompts and the result is
     the continuation only.
 
+    The encoder runs once and each step decodes one token per row with the
+    key/value cache. ``implementation="auto"`` calls the decoder stack and the LM
+    head directly where the model's logits are ``head(hidden) + final_logits_bias``
+    (Marian, BART, Pegasus: same logits, less work per step, see
+    :class:`_DecodingSteps`); ``"model-forward"`` always runs the model's forward.
     ``use_cache=False`` re-runs the decoder over the whole prefix each step (the
     reference the cache is checked against). ``suppress_pad`` forbids the pad
     token mid-sequence (as Marian's generation config does), since a generated
@@ -115,50 +210,27 @@ def generate(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.
         raise ValueError(f"unknown decoding strategy {strategy!r}")
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    hf = model.hf_model
+    if implementation not in ("auto", "model-forward"):
+        raise ValueError(f"generate: implementation must be 'auto' or 'model-forward', not {implementation!r}")
     batch_size = input_ids.shape[0]
-    device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if model.is_encoder_decoder:
-        encoder_outputs = hf.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-        prefix = torch.full((batch_size, 1), model.decoder_start_token_id, dtype=torch.long, device=device)
-    else:
-        # Decoder-only: the prompts are the prefix. They must be left-padded so that every row's
-        # next token goes in the same column; positions count only attended tokens.
-        prefix, mask = input_ids, attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    cache_argument = _cache_argument(hf)
-    past: Any = None
+    pad_banned = suppress_pad and model.pad_token_id is not None and model.pad_token_id != model.eos_token_id
+    stack_only = (implementation == "auto" and use_cache and model.is_encoder_decoder
+                  and _head_is_plain_linear(model))
+    steps = _DecodingSteps(model, input_ids, attention_mask, use_cache=use_cache, stack_only=stack_only,
+                           banned_token=model.pad_token_id if pad_banned else None)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
     produced: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
-        incremental = use_cache and past is not None
-        if model.is_encoder_decoder:
-            outputs = hf(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                         decoder_input_ids=prefix[:, -1:] if incremental else prefix, use_cache=use_cache,
-                         return_dict=True, **{cache_argument: past})
-        else:
-            outputs = hf(input_ids=prefix[:, -1:] if incremental else prefix, attention_mask=mask,
-                         position_ids=positions[:, -1:] if incremental else positions, use_cache=use_cache,
-                         return_dict=True, **{cache_argument: past})
-        if use_cache:
-            past = outputs[cache_argument]
-        logits = outputs.logits[:, -1, :]
-        if suppress_pad and model.pad_token_id is not None and model.pad_token_id != model.eos_token_id:
-            logits = logits.clone()
-            logits[:, model.pad_token_id] = float("-inf")
-        tokens = _next_tokens(logits, strategy, top_k, temperature, generator)
+        tokens = _next_tokens(steps.next_logits(), strategy, top_k, temperature, generator)
         tokens = tokens.masked_fill(finished, model.pad_token_id)
         produced.append(tokens)
         if model.eos_token_id is not None:
             finished = finished | (tokens == model.eos_token_id)
         if bool(finished.all()):
             break
-        prefix = torch.cat([prefix, tokens[:, None]], dim=1)
-        if not model.is_encoder_decoder:
-            mask = torch.cat([mask, mask.new_ones((batch_size, 1))], dim=1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        steps.append(tokens)
     sequences = torch.stack(produced, dim=1) if produced else input_ids.new_zeros((batch_size, 0))
     return Generated(sequences, _lengths_from(sequences, model.eos_token_id))
 
