@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install -q -e ".[dev]"
+	# test-only reference code (tests/speech_students/test_s3prl_parity.py); its model needs only torch and numpy
+	$(PY) -m pip install -q --no-deps s3prl==0.4.18
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -71,6 +71,7 @@ class TrainerConfig(StrictModel):
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = Field(1e-8, description="Adam's epsilon, added to the root of the second moment")
     warmup_steps: NonNegativeInt = 0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)

@@ -3,18 +3,25 @@
 The student is HuBERT's CNN feature extractor, a 512->768 projection, the
 convolutional positional embedding and 2 transformer layers (768 wide, 12
 heads, FFN 3072), initialised from the teacher's CNN and first 2 layers. One
-linear head per target teacher layer (4, 8, 12) reads the *last* student
-layer and predicts that teacher layer. The method compares each head's
-prediction with its teacher layer; the default objective is the paper's
-L1 - log sigmoid(cos) per layer, summed over the heads (objective
-``l1_logsigmoid_cos``). After distillation the heads are dropped: the
-deployed model has 23.49M parameters with a HuBERT Base or WavLM Base+
-teacher (see tests/speech_students/test_parameter_counts.py).
+head per target teacher layer (4, 8, 12) reads the *last* student layer and
+predicts that teacher layer: ``head: mlp`` is s3prl's head (``Linear(768,
+768 * 3)``, GELU, then one ``768 -> 768`` map per target layer, i.e. one
+two-layer MLP per target layer), ``head: linear`` one linear map per target
+layer. The method compares each head's prediction with its teacher layer; the
+default objective is the paper's L1 - log sigmoid(cos) per layer, summed over
+the heads (objective ``l1_logsigmoid_cos``). After distillation the heads are
+dropped.
+
+The ``paper`` preset is the student as s3prl builds it (``mlp`` heads, the
+``s3prl`` front-end layout, CNN gradient scale 0.1) with s3prl's distiller
+recipe; tests/speech_students/test_s3prl_parity.py checks it against
+``s3prl.upstream.distiller.model.DistillerModel``. Every deviation from the
+paper and s3prl: docs/speech-methods.md.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, Field, PositiveInt
@@ -22,7 +29,7 @@ from torch import nn
 
 from kdcore.interfaces import Batch, Comparison, Teacher
 from kdcore.signals import SignalRequest, Signals
-from kd_plugins.speech.layer_method import TeacherLayerMethod, paper_presets
+from kd_plugins.speech.layer_method import PAPER_OBJECTIVES, TeacherLayerMethod, paper_presets
 from kd_plugins.speech.speech_signals import align_frames, frame_signals
 from kd_plugins.speech.student_base import SpeechStudent, SpeechStudentConfig, SpeechStudentFactory
 from kd_plugins.speech.teacher_init import init_from_teacher
@@ -30,9 +37,21 @@ from kd_plugins.speech.transformer_layer import make_layers
 
 
 class DistilHubertStudentConfig(SpeechStudentConfig):
-    """DistilHuBERT student: the shared front end, ``num_layers`` layers and one linear head per target layer."""
+    """DistilHuBERT student: the shared front end, ``num_layers`` layers and one head per target layer."""
 
     num_layers: PositiveInt = Field(2, description="transformer layers (paper: 2)")
+    head: Literal["linear", "mlp"] = Field(
+        "linear", description="prediction head per target layer on the last layer: 'linear' (one linear map) or "
+                              "'mlp' (s3prl's: Linear(hidden, hidden), GELU, Linear(hidden, teacher width))")
+
+
+def prediction_head(kind: str, hidden_size: int, teacher_dim: int) -> nn.Module:
+    """One target layer's head. ``mlp`` equals s3prl's ``Linear(hidden, hidden * n) -> GELU -> SplitLinear`` cut
+    into its ``n`` independent parts (the stacked first map and the split second one act per target layer), with
+    PyTorch's default ``Linear`` initialisation, which is s3prl's distribution for both maps."""
+    if kind == "linear":
+        return nn.Linear(hidden_size, teacher_dim)
+    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, teacher_dim))
 
 
 class DistilHubertStudent(SpeechStudent):
@@ -42,8 +61,8 @@ class DistilHubertStudent(SpeechStudent):
                  target_layers: Sequence[int] | None = None) -> None:
         super().__init__(config, teacher_dim, target_layers)
         self.layers = make_layers(config)
-        # One linear head per target layer on the last layer's output (s3prl: one Linear(768, 768 * n_tasks)).
-        self.heads = nn.ModuleList(nn.Linear(config.hidden_size, teacher_dim) for _ in self.target_layers)
+        self.heads = nn.ModuleList(prediction_head(config.head, config.hidden_size, teacher_dim)
+                                   for _ in self.target_layers)
 
     def initialise_from(self, teacher: Teacher) -> None:
         """The teacher's CNN, projection, positional conv and first layers (DistilHuBERT's initialisation)."""
@@ -81,28 +100,48 @@ class DistilHubertStudentFactory(SpeechStudentFactory):
     """Builds a DistilHuBERT student sized for the run's teacher, initialised from it when possible."""
 
     name: ClassVar[str] = "distilhubert-student"
-    description: ClassVar[str] = "DistilHuBERT student: HuBERT CNN + 2 transformer layers + per-layer linear heads"
+    description: ClassVar[str] = "DistilHuBERT student: HuBERT CNN + 2 transformer layers + per-layer heads"
     Config: ClassVar[type[BaseModel]] = DistilHubertStudentConfig
     student_class: ClassVar[type[SpeechStudent]] = DistilHubertStudent
 
 
-#: The paper's student (23.49M without the heads with a WavLM Base+/HuBERT Base teacher).
+#: What makes the student s3prl's DistillerModel (pretrain/distiller/config_model.yaml, upstream/distiller/model.py).
+S3PRL_STUDENT_ARGS: dict[str, Any] = {"head": "mlp", "front_end_layout": "s3prl", "feature_grad_mult": 0.1}
+
+#: The paper's student as s3prl builds it (23,491,200 parameters without the heads with a WavLM Base+/HuBERT Base
+#: teacher).
 PAPER_STUDENT_ARGS: dict[str, Any] = {"hidden_size": 768, "num_layers": 2, "num_heads": 12, "ffn_dim": 3072,
-                                      "target_layers": [4, 8, 12], "init_from_teacher": True}
+                                      "target_layers": [4, 8, 12], "init_from_teacher": True, **S3PRL_STUDENT_ARGS}
+
+#: s3prl's distiller recipe (pretrain/distiller/config_runner.yaml and optimizers.py, s3prl 0.4.18). Its optimiser
+#: ``AdamW_with_schedule`` groups the parameters itself: weight decay 0.01 on every parameter whose name holds no
+#: "bias" (the 1e-6 of the yaml is only the default those groups override), 0 on biases.
+S3PRL_TRAINER: dict[str, Any] = {"max_steps": 200000, "batch_size": 24, "lr": 2e-4, "warmup_steps": 14000,
+                                 "schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01,
+                                 "betas": [0.9, 0.98], "eps": 1e-6, "clip_norm": 5.0}
+
+#: s3prl's loss is the mean over the heads of L1 + (-log sigmoid(cos)), where the paper writes their sum.
+S3PRL_OBJECTIVES: dict[str, Any] = {
+    "kd": {**PAPER_OBJECTIVES["kd"], "args": {**PAPER_OBJECTIVES["kd"]["args"], "layer_weights": [1 / 3] * 3}}}
 
 
 class DistilHubertMethod(TeacherLayerMethod):
     """Each head's prediction against its target teacher layer."""
 
     name: ClassVar[str] = "distilhubert"
-    description: ClassVar[str] = ("DistilHuBERT (Chang et al. 2022): 2-layer student, linear heads predict teacher "
-                                  "layers 4/8/12, L1 - log sigmoid(cos)")
+    description: ClassVar[str] = ("DistilHuBERT (Chang et al. 2022): 2-layer student, one head per teacher layer "
+                                  "4/8/12, L1 - log sigmoid(cos)")
     student_factory = DistilHubertStudentFactory
     speech_student: DistilHubertStudent
     # Sized for the superb task's default teacher (Whisper tiny.en encoder, 384 wide): FFN 4x the width as in
     # DistilHuBERT (3072 = 4 x 768); GenDistiller's default keeps the papers' 2304 : 3072 ratio.
     default_student_args: ClassVar[dict[str, Any]] = {"num_layers": 2, "ffn_dim": 1536}
-    presets: ClassVar[dict[str, dict[str, Any]]] = paper_presets(DistilHubertStudentFactory.name, PAPER_STUDENT_ARGS)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        **paper_presets(DistilHubertStudentFactory.name, PAPER_STUDENT_ARGS, trainer=S3PRL_TRAINER,
+                        objectives=S3PRL_OBJECTIVES),
+        # s3prl's student at the task's own sizes and recipe (e.g. the embedded superb default's budget).
+        "s3prl-student": {"student": {"name": DistilHubertStudentFactory.name, "args": dict(S3PRL_STUDENT_ARGS)}},
+    }
 
     def compare(self, batch: Batch, step: int) -> Comparison:
         """Teacher target layers against the heads' predictions of them, on the common frames."""

@@ -18,12 +18,17 @@ same_time`` restricts it to (l, t) itself). The prediction of a block is
 input in teacher space: the generator learns what a layer adds to the previous
 one (the paper's skip connection plus output projection).
 
-Training uses teacher forcing (teacher layers as the inputs: one parallel pass
-with the block-causal mask), optionally with scheduled sampling; inference
-generates autoregressively: block l attends to the cached inputs of blocks
-< l at every generator layer, which gives exactly the teacher-forcing result
-when fed the same inputs (tests/speech_students/test_gendistiller.py).
-Assumptions where the paper is silent are listed in docs/speech-methods.md.
+Inference generates autoregressively: block l reads the student's own
+prediction of the previous layer and attends to the cached inputs of blocks
+< l at every generator layer. Training (``method.train_inputs``) runs that
+same generation by default (``generated``: the loss back-propagates through
+the generated inputs into the blocks before, and the logged ``sampling_prob``
+is 1.0, every input being the student's own); ``teacher``, the paper's
+teacher forcing and the paper presets' choice, feeds the teacher's layers in
+one parallel pass with the block-causal mask, optionally with scheduled
+sampling. Fed the same inputs, generation and teacher forcing give the same
+result (tests/speech_students/test_gendistiller.py). Assumptions where the
+paper is silent, and every deviation from it: docs/speech-methods.md.
 """
 from __future__ import annotations
 
@@ -154,7 +159,8 @@ class GenDistillerStudent(SpeechStudent):
     def teacher_forced(self, front_end: torch.Tensor, frame_mask: torch.Tensor,
                        previous_layers: list[torch.Tensor]) -> list[torch.Tensor]:
         """Predictions of all target layers in one pass, given the inputs of blocks 1.. (``previous_layers``:
-        the teacher's layers in training, or any other choice of inputs, ``(B, T, teacher_dim)`` each)."""
+        the teacher's layers when training with ``train_inputs: teacher``, or any other choice of inputs,
+        ``(B, T, teacher_dim)`` each)."""
         if len(previous_layers) != self.num_blocks - 1:
             raise ValueError(f"{self.num_blocks - 1} previous layers expected, got {len(previous_layers)}")
         frames = front_end.shape[1]
@@ -262,8 +268,9 @@ PAPER_STUDENT_ARGS: dict[str, Any] = {"hidden_size": 768, "num_layers": 1, "num_
 
 
 class GenDistillerMethod(TeacherLayerMethod):
-    """Each generated layer against its target teacher layer: teacher-forced (optionally with scheduled sampling)
-    or generated as deployed."""
+    """Each generated layer against its target teacher layer. By default (``train_inputs: generated``) the layers
+    are generated as deployed, with gradients through the generated inputs; ``train_inputs: teacher`` (the paper,
+    the paper presets) teacher-forces them, optionally with scheduled sampling."""
 
     name: ClassVar[str] = "gendistiller"
     description: ClassVar[str] = ("GenDistiller (Gao et al. 2023): a small student generates the teacher's layers "

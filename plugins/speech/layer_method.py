@@ -25,22 +25,26 @@ from kd_plugins.speech.teachers import WAVLM_BASE_PLUS_CONFIG
 #: The papers' loss (DistilHuBERT, kept by GenDistiller): L1 - log sigmoid(cos) on each target layer, summed.
 PAPER_OBJECTIVES: dict[str, Any] = {"kd": {"name": "l1_logsigmoid_cos", "weight": 1.0, "args": {"cos_weight": 1.0}}}
 
-#: DistilHuBERT's training recipe (s3prl distiller config): 200k updates, batch 24, lr 2e-4, 7% warm-up, linear decay.
+#: GenDistiller's paper recipe: DistilHuBERT's steps, batch, lr and schedule (s3prl's distiller config: 200k updates,
+#: batch 24, lr 2e-4, 7% warm-up, linear decay), with the engine's AdamW otherwise and no weight decay. DistilHuBERT's
+#: own ``paper`` preset takes s3prl's whole recipe (kd_plugins.speech.distilhubert.S3PRL_TRAINER).
 PAPER_TRAINER: dict[str, Any] = {"max_steps": 200000, "batch_size": 24, "lr": 2e-4, "warmup_steps": 14000,
                                  "schedule": "linear", "weight_decay": 0.0}
 
 
-def paper_presets(student: str, student_args: dict[str, Any], method: dict[str, Any] | None = None
+def paper_presets(student: str, student_args: dict[str, Any], method: dict[str, Any] | None = None, *,
+                  trainer: dict[str, Any] | None = None, objectives: dict[str, Any] | None = None
                   ) -> dict[str, dict[str, Any]]:
     """A method's presets: ``paper`` (the WavLM Base+ architecture with random weights, the paper's student, loss and
-    recipe) and ``wavlm-base-plus`` / ``hubert-base`` (the paper's student for the real Base teachers, which the
-    superb task's presets of the same names load)."""
+    recipe: ``objectives`` and ``trainer``, by default :data:`PAPER_OBJECTIVES` and :data:`PAPER_TRAINER`) and
+    ``wavlm-base-plus`` / ``hubert-base`` (the paper's student for the real Base teachers, which the superb task's
+    presets of the same names load)."""
     at_paper_size: dict[str, Any] = {"student": {"name": student, "args": dict(student_args)}}
     if method:
         at_paper_size["method"] = dict(method)
     paper = {"teacher": {"name": "wavlm", "args": {"source": None, "config": dict(WAVLM_BASE_PLUS_CONFIG)}},
-             **copy.deepcopy(at_paper_size), "objectives": copy.deepcopy(PAPER_OBJECTIVES),
-             "trainer": dict(PAPER_TRAINER)}
+             **copy.deepcopy(at_paper_size), "objectives": copy.deepcopy(objectives or PAPER_OBJECTIVES),
+             "trainer": copy.deepcopy(trainer or PAPER_TRAINER)}
     return {"paper": paper, "wavlm-base-plus": copy.deepcopy(at_paper_size),
             "hubert-base": copy.deepcopy(at_paper_size)}
 

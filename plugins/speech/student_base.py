@@ -18,7 +18,7 @@ from transformers import HubertConfig
 
 from kdcore.interfaces import Batch, BuildContext, ModelFactory, Student, Teacher
 from kdcore.signals import Signal, SignalRequest
-from kd_plugins.speech.front_end import DEFAULT_CONV_LAYERS, SpeechFrontEnd
+from kd_plugins.speech.front_end import DEFAULT_CONV_LAYERS, FrontEndLayout, SpeechFrontEnd
 from kd_plugins.speech.teacher_shape import resolve_target_layers, resolve_teacher_dim
 
 
@@ -52,6 +52,13 @@ class SpeechStudentConfig(BaseModel):
     num_targets: PositiveInt = Field(3, description="how many layers target_layers=None picks")
     teacher_hidden_size: PositiveInt | None = Field(
         None, description="width of the teacher's hidden states; None: read from the teacher")
+    front_end_layout: FrontEndLayout = Field(
+        "transformers", description="'transformers': HuBERT as transformers builds it (LayerNorm over the CNN "
+                                    "channels before the projection, dropout after it; the teacher's encoder "
+                                    "LayerNorm is copied); 's3prl': DistilHuBERT as s3prl builds it (the projection "
+                                    "reads the CNN directly, no dropout there; the encoder LayerNorm starts at 1, 0)")
+    feature_grad_mult: float = Field(
+        1.0, ge=0.0, description="multiplies the gradient reaching the CNN (s3prl's DistilHuBERT: 0.1; 0 freezes it)")
     init_from_teacher: bool | Literal["auto"] = Field(
         "auto", description="copy CNN, projection, positional conv and the first layers from a WavLM/HuBERT "
                             "teacher; 'auto': when the teacher is one and the shapes match")
@@ -77,9 +84,11 @@ class SpeechStudentConfig(BaseModel):
             num_hidden_layers=self.num_layers,
             conv_dim=[c for c, _, _ in self.conv_layers], conv_kernel=[k for _, k, _ in self.conv_layers],
             conv_stride=[s for _, _, s in self.conv_layers], conv_bias=self.conv_bias,
-            feat_extract_norm=self.extractor_norm, feat_extract_activation="gelu", feat_proj_layer_norm=True,
-            feat_proj_dropout=self.dropout, num_conv_pos_embeddings=self.pos_conv_kernel,
-            num_conv_pos_embedding_groups=self.pos_conv_groups, layer_norm_eps=self.layer_norm_eps,
+            feat_extract_norm=self.extractor_norm, feat_extract_activation="gelu",
+            feat_proj_layer_norm=self.front_end_layout == "transformers",
+            feat_proj_dropout=self.dropout if self.front_end_layout == "transformers" else 0.0,
+            num_conv_pos_embeddings=self.pos_conv_kernel, num_conv_pos_embedding_groups=self.pos_conv_groups,
+            layer_norm_eps=self.layer_norm_eps,
             do_stable_layer_norm=self.layer_norm_first,
         )
 

@@ -2,7 +2,9 @@
 
 The student's front end and transformer layers mirror transformers' module names
 (:mod:`kd_plugins.speech.front_end`, :mod:`kd_plugins.speech.transformer_layer`), so the teacher's CNN, feature
-projection, positional conv, encoder layer norm and first layers copy over by name.
+projection, positional conv, encoder layer norm and first layers copy over by name. A front end with the ``s3prl``
+layout takes what s3prl's ``DistillerForPretrain`` copies: the CNN, the projection's linear map (it has no LayerNorm
+over the CNN channels), the positional conv and the layers, not the encoder layer norm.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def copy_transformer_layer(target: SpeechTransformerLayer, source: nn.Module) ->
 
 def init_from_teacher(front_end: SpeechFrontEnd, layers: Sequence[SpeechTransformerLayer], teacher: nn.Module,
                       mode: bool | Literal["auto"]) -> bool:
-    """Copy the teacher's CNN, projection, positional conv, encoder layer norm and first ``len(layers)`` layers.
+    """Copy the teacher's CNN, projection, positional conv, encoder layer norm (``transformers`` layout only) and
+    first ``len(layers)`` layers.
 
     Returns whether weights were copied. ``mode=True`` raises :class:`KDUserError`
     when the teacher is not a transformers WavLM/HuBERT model or the shapes differ;
@@ -65,7 +68,8 @@ def init_from_teacher(front_end: SpeechFrontEnd, layers: Sequence[SpeechTransfor
         except (RuntimeError, AttributeError, KeyError) as error:
             problem = f"the shapes differ ({str(error).splitlines()[0]})"
     if problem is None:
-        log.info("student initialised from the teacher: CNN, projection, positional conv and %d layer(s)", len(layers))
+        log.info("student initialised from the teacher: CNN, projection, positional conv%s and %d layer(s)",
+                 ", encoder layer norm" if front_end.layout == "transformers" else "", len(layers))
         return True
     if mode == "auto":
         log.info("student not initialised from the teacher (%s); random initialisation", problem)
@@ -79,9 +83,12 @@ def _copy_front_end_and_layers(front_end: SpeechFrontEnd, layers: Sequence[Speec
     # Load into copies first so a shape error leaves the student untouched.
     staged_front = copy.deepcopy(front_end)
     staged_front.feature_extractor.load_state_dict(source.feature_extractor.state_dict())
-    staged_front.feature_projection.load_state_dict(source.feature_projection.state_dict())
     staged_front.pos_conv_embed.load_state_dict(source.encoder.pos_conv_embed.state_dict())
-    staged_front.layer_norm.load_state_dict(source.encoder.layer_norm.state_dict())
+    if front_end.layout == "transformers":
+        staged_front.feature_projection.load_state_dict(source.feature_projection.state_dict())
+        staged_front.layer_norm.load_state_dict(source.encoder.layer_norm.state_dict())
+    else:  # s3prl copies post_extract_proj alone and leaves the encoder's layer norm at its initialisation
+        staged_front.feature_projection.projection.load_state_dict(source.feature_projection.projection.state_dict())
     staged_layers = [copy.deepcopy(layer) for layer in layers]
     for staged, teacher_layer in zip(staged_layers, source.encoder.layers):
         copy_transformer_layer(staged, teacher_layer)
