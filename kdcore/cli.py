@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="random seed (overrides the config)")
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="device (overrides the config)")
 
-    listing = commands.add_parser("list", help="show registered plugins, tasks, objectives, teachers, students")
+    listing = commands.add_parser("list", help="show registered plugins, tasks, objectives, teachers, students, trackers")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     evaluate = commands.add_parser("eval", help="evaluate the saved student of a run again")

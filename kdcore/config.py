@@ -91,10 +91,21 @@ class TrainerConfig(StrictModel):
         "ddp", description="under torchrun: ddp replicates the student, fsdp shards it (FSDP2 fully_shard)")
     early_stopping: EarlyStoppingConfig | None = Field(
         None, description="stop when the task's validation metric has not improved for `patience` evaluations")
+    report_to: list[str] = Field(
+        default_factory=list, description="experiment trackers that receive log.jsonl's scalars, the config and "
+                                          "report.md's figures (docs/tracking.md): tensorboard, mlflow, wandb or a "
+                                          "plugin's; kd list shows them")
     time_budget_minutes: PositiveFloat | None = Field(
         None, description="wall-clock minutes for the training loop, validations included: when the rate measured "
                           "on the first steps projects more, max_steps is lowered to what fits (logged and "
                           "reported; the schedule follows); null: no budget")
+
+    @model_validator(mode="after")
+    def _trackers_named_once(self) -> "TrainerConfig":
+        twice = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if twice:
+            raise KDUserError(f"trainer.report_to names {', '.join(twice)} more than once; name each tracker once.")
+        return self
 
     @model_validator(mode="after")
     def _early_stopping_can_act(self) -> "TrainerConfig":

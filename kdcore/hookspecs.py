@@ -51,6 +51,10 @@ class KDHookSpecs:
     def kd_register_students(self) -> list[Any]:
         """Student factories: ``kdcore.interfaces.ModelFactory`` subclasses."""
 
+    @hookspec
+    def kd_register_trackers(self) -> list[Any]:
+        """Experiment trackers (``trainer.report_to: [NAME]``): ``kdcore.tracking.Tracker`` subclasses."""
+
     # --- lifecycle ----------------------------------------------------------
     @hookspec
     def kd_on_train_start(self, context: RunContext) -> None:
@@ -59,6 +63,11 @@ class KDHookSpecs:
     @hookspec
     def kd_on_step_end(self, context: RunContext, step: int, logs: dict[str, float]) -> None:
         """After each optimiser step; ``logs`` holds the loss and its parts."""
+
+    @hookspec
+    def kd_on_log(self, context: RunContext, record: dict[str, Any]) -> None:
+        """After the trainer appended ``record`` to log.jsonl: its ``type`` (``train``, ``eval``, ...), its ``step`` and
+        its values (the loss and its parts, learning rate and throughput; validation metrics; ...)."""
 
     @hookspec
     def kd_on_evaluation_end(self, context: RunContext, step: int, metrics: dict[str, float]) -> None:

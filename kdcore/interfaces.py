@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from kdcore.signals import Signal, SignalRequest, Signals
+from kdcore.tracking.base import Tracker  # registered trackers subclass it (trainer.report_to, kdcore.tracking)
 
 #: Every signal kind: what a method offers when it hands over whatever the models return (vanilla KD).
 ALL_SIGNALS: frozenset[Signal] = frozenset(Signal)
@@ -387,5 +388,5 @@ def objectives_misfit(method: type[Method], objectives: Sequence[tuple[str, Obje
 __all__ = [
     "ALL_SIGNALS", "Batch", "BuildContext", "Comparison", "DataSplits", "EmptyConfig", "Method", "Model", "ModelFactory", "Objective",
     "ObjectiveOutput", "Signal", "SignalRequest", "Signals", "StepOutput", "Student", "Task", "Teacher",
-    "WeightedObjective", "combine_objectives", "objectives_misfit",
+    "Tracker", "WeightedObjective", "combine_objectives", "objectives_misfit",
 ]

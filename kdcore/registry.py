@@ -62,6 +62,7 @@ KINDS: dict[str, Kind] = {
         Kind("objective", "objectives", "kd_register_objectives", "Objective"),
         Kind("teacher", "teachers", "kd_register_teachers", "ModelFactory"),
         Kind("student", "students", "kd_register_students", "ModelFactory"),
+        Kind("tracker", "trackers", "kd_register_trackers", "Tracker"),
     )
 }
 
@@ -85,6 +86,7 @@ class RegistryFile(BaseModel):
     objectives: dict[str, LazyEntry] = {}
     teachers: dict[str, LazyEntry] = {}
     students: dict[str, LazyEntry] = {}
+    trackers: dict[str, LazyEntry] = {}
 
 
 def import_target(target: str) -> Any:
@@ -179,6 +181,10 @@ class BuiltinPlugin:
     def kd_register_students(self) -> list[Any]:
         return self._entries("students")
 
+    @hookimpl
+    def kd_register_trackers(self) -> list[Any]:
+        return self._entries("trackers")
+
 
 def _read_registry_file(path: Path) -> RegistryFile:
     try:
@@ -194,7 +200,7 @@ def _read_registry_file(path: Path) -> RegistryFile:
         key = ".".join(str(p) for p in first["loc"])
         raise KDUserError(
             f"{path}: key '{key}' is invalid ({first['msg']}). Each section (plugins, tasks, objectives, teachers, "
-            f"students) maps a name to {{target: 'module:attribute', description: '...'}}."
+            f"students, trackers) maps a name to {{target: 'module:attribute', description: '...'}}."
         ) from None
 
 

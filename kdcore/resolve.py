@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,11 @@ from kdcore.config import (
 )
 from kdcore.errors import KDUserError, did_you_mean
 from kdcore.interfaces import (
-    BuildContext, Method, Model, ModelFactory, Objective, Student, Task, Teacher, WeightedObjective, objectives_misfit,
+    BuildContext, Method, Model, ModelFactory, Objective, Student, Task, Teacher, Tracker, WeightedObjective,
+    objectives_misfit,
 )
 from kdcore.registry import Registry
+from kdcore.tracking.registration import resolve_trackers
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ResolvedRun:
     student_factory: type[ModelFactory]
     student_config: BaseModel
     objectives: list[ResolvedObjective]
+    trackers: list[type[Tracker]] = field(default_factory=list)  # trainer.report_to
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config (defaults filled in), as saved with the run."""
@@ -138,8 +141,9 @@ def validate_layers(registry: Registry, layers: LayeredConfig) -> ResolvedRun:
         objective_config = validate_model(cls.Config, spec.args, f"objectives.{label}.args", layers)
         objectives.append(ResolvedObjective(label, cls, objective_config, spec.weight))
     check_objectives_fit(method_cls, objectives)
+    trackers = resolve_trackers(registry, config.trainer.report_to)
     return ResolvedRun(config, task_cls, method_cls, data_config, method_config, teacher_factory, teacher_config,
-                       student_factory, student_config, objectives)
+                       student_factory, student_config, objectives, trackers)
 
 
 def check_objectives_fit(method_cls: type[Method], objectives: list[ResolvedObjective]) -> None:

@@ -24,6 +24,7 @@ from kdcore.registry import Registry
 from kdcore.report import write_metrics, write_report
 from kdcore.resolve import BuiltRun, ResolvedRun, build_components, select_device
 from kdcore.seeding import seed_everything
+from kdcore.tracking.registration import check_installed, reporting
 from kdcore.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def build(resolved: ResolvedRun, device: torch.device | None = None,
 
 def plan(resolved: ResolvedRun, out_dir: Path) -> dict[str, Any]:
     """Build everything, write ``plan.json`` and return it (``kd run --dry-run``; rank 0 writes under torchrun)."""
+    check_installed(resolved.trackers)  # a missing tracker extra is refused before anything is built
     built, splits = build(resolved, dry_run=True)
     writes = os.environ.get("RANK", "0") in ("", "0")
     if writes:
@@ -112,6 +114,7 @@ def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool =
     Under torchrun (``WORLD_SIZE`` > 1) every process calls this; they join one
     process group here, train together, and only rank 0 writes.
     """
+    check_installed(resolved.trackers)  # before a long build (a teacher stage) and before any file is written
     state_of_ranks, device = distributed.init_from_env(resolved.config.device)
     try:
         # The output directory of rank 0 (a default --out has a timestamp that may differ by a second).
@@ -125,8 +128,10 @@ def run(resolved: ResolvedRun, registry: Registry, out_dir: Path, resume: bool =
             record_provenance(built, out_dir)
         distributed.barrier()
         trainer = Trainer(built, splits, out_dir, registry)
-        state = trainer.fit(resume=resume)
-        metrics = finish(built, splits, out_dir, registry, state, trainer)
+        # The trackers of trainer.report_to hear the run from its first log record to its report.
+        with reporting(registry, resolved.trackers):
+            state = trainer.fit(resume=resume)
+            metrics = finish(built, splits, out_dir, registry, state, trainer)
         # No rank leaves before rank 0 has written the reports: a gloo peer that exits early closes
         # its sockets under rank 0's transport threads, which then abort ("terminate called ...").
         distributed.barrier()

@@ -73,6 +73,8 @@ class Trainer:
         self.autocast = autocast_dtype(self.trainer_config.precision, built.device)
         self.dist = distributed.current()
         self.parallel: DataParallelStudent | None = None
+        # Training time (data, forward, backward, update) and steps since the last train record: its throughput.
+        self._seconds_since_log, self._steps_since_log = 0.0, 0
         if self.trainer_config.early_stopping is not None and not evaluate_in_loop:
             raise KDUserError("trainer.early_stopping needs validations during training, and this training stage "
                               "has none; remove trainer.early_stopping from its settings.")
@@ -84,6 +86,7 @@ class Trainer:
         with clear_write_errors("the training log", self.log_path), open(self.log_path, "a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
             stream.flush()
+        self.registry.hook.kd_on_log(context=self.context, record=record)
 
     def _batches(self, sampler: EpochSampler) -> Iterator[tuple[Batch, float]]:
         """This rank's micro-batches and each one's share of the global batch (x world size; 1.0 when even).
@@ -260,6 +263,7 @@ class Trainer:
     def _train_step(self, batches: Iterator[tuple[Batch, float]], optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: Any, sampler: EpochSampler, progress: Progress) -> None:
         """One optimiser step (or a counted skip); advances ``state.step``."""
+        started = time.perf_counter()
         trainer_config, state, parallel = self.trainer_config, self.state, self.parallel
         assert parallel is not None
         step = state.step
@@ -314,8 +318,13 @@ class Trainer:
         if self.dist.enabled:  # the global batch's loss parts: each rank weighted by its share
             logs = distributed.average_logs(logs, share)
         progress.update(1, loss=logs["loss"])
+        self._seconds_since_log += time.perf_counter() - started
+        self._steps_since_log += 1
         if step % trainer_config.log_every == 0 or step == trainer_config.max_steps:
-            record = {"type": "train", "step": step, "epoch": sampler.epoch, "lr": scheduler.get_last_lr()[0], **logs}
+            examples = self._steps_since_log * trainer_config.batch_size * trainer_config.grad_accum
+            record = {"type": "train", "step": step, "epoch": sampler.epoch, "lr": scheduler.get_last_lr()[0],
+                      "examples_per_second": examples / self._seconds_since_log, **logs}
+            self._seconds_since_log, self._steps_since_log = 0.0, 0
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             self._log(record)
