@@ -138,3 +138,48 @@ def test_teacher_without_transformers_config_is_probed(tiny_sizes: dict, tmp_pat
     config = DistilHubertStudentConfig(**{**tiny_sizes, "target_layers": None, "num_targets": 2})
     student = DistilHubertStudentFactory().build(config, _context(tmp_path, SignalsOnlyTeacher().freeze()))
     assert student.teacher_dim == 40 and student.target_layers == (3, 6)
+
+
+def test_s3prl_student_options(tiny_sizes: dict, audio_batch: dict) -> None:
+    """`head: mlp` is one two-layer MLP per target layer; the s3prl layout has no LayerNorm before the projection."""
+    config = DistilHubertStudentConfig(**tiny_sizes, head="mlp", front_end_layout="s3prl")
+    student = DistilHubertStudent(config, teacher_dim=24)
+    plain = DistilHubertStudent(DistilHubertStudentConfig(**tiny_sizes), teacher_dim=24)
+    assert student.num_parameters() - student.parameter_count_excluding() == 3 * (32 * 32 + 32 + 32 * 24 + 24)
+    assert plain.parameter_count_excluding() - student.parameter_count_excluding() == 2 * 16  # LayerNorm(16)
+    assert not hasattr(student.front_end.feature_projection, "layer_norm")
+    predictions, _ = student.predict(audio_batch)
+    assert [p.shape for p in predictions] == [(2, 149, 24)] * 3
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_feature_grad_mult_scales_the_cnns_gradient(tiny_sizes: dict, audio_batch: dict, scale: float) -> None:
+    """The CNN's gradient is ``scale`` times the unscaled one (0: the CNN is frozen); the rest is unchanged."""
+    grads = {}
+    for mult in (1.0, scale):
+        torch.manual_seed(0)
+        student = DistilHubertStudent(DistilHubertStudentConfig(**tiny_sizes, feature_grad_mult=mult, dropout=0.0,
+                                                                attention_dropout=0.0, activation_dropout=0.0), 24)
+        predictions, _ = student.predict(audio_batch)
+        sum(p.square().mean() for p in predictions).backward()
+        grads[mult] = (student.front_end.feature_extractor.conv_layers[0].conv.weight.grad,
+                       student.front_end.feature_projection.projection.weight.grad)
+    (cnn, projection), (scaled_cnn, scaled_projection) = grads[1.0], grads[scale]
+    assert torch.allclose(scaled_projection, projection, atol=1e-6)
+    if scale == 0.0:
+        assert scaled_cnn is None
+    else:
+        assert torch.allclose(scaled_cnn, scale * cnn, rtol=1e-4, atol=1e-8)
+
+
+def test_s3prl_student_preset_keeps_the_tasks_sizes_and_recipe() -> None:
+    from kdcore.registry import Registry
+    from kdcore.resolve import resolve_run
+
+    registry = Registry.discover(entry_points=False)
+    default = resolve_run(registry, task="superb", plugin="distilhubert")
+    s3prl = resolve_run(registry, task="superb", plugin="distilhubert", preset="s3prl-student")
+    args = s3prl.student_config
+    assert (args.head, args.front_end_layout, args.feature_grad_mult) == ("mlp", "s3prl", 0.1)
+    assert args.hidden_size == default.student_config.hidden_size and s3prl.config.trainer == default.config.trainer
+    assert (default.student_config.head, default.student_config.front_end_layout) == ("linear", "transformers")
