@@ -428,8 +428,9 @@ def scan_cache(root: Path) -> CacheScan:
     scan.total_bytes = disk_bytes(root)
     containers: dict[Path, bool] = {}
 
-    def is_entry(path: Path) -> bool:
-        return path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()
+    def is_entry(path: Path) -> bool:  # a moved-aside or half-built copy keeps its manifest but is no entry
+        return _loose_kind(path.name) == "unverified" and path.is_dir() and not path.is_symlink() \
+            and (path / MANIFEST).is_file()
 
     def is_container(directory: Path) -> bool:
         """Whether ``directory`` holds entries or kd's own files next to them (so it is listed by its parts)."""

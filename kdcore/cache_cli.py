@@ -105,10 +105,10 @@ def _list(root: Path, args: argparse.Namespace) -> int:
     kinds: dict[str, list[CachedPath]] = {}
     for row in rows:
         kinds.setdefault(row.kind, []).append(row)
-    width = max(len(kind) for kind in kinds)
-    print()
+    width = max(len(kind) for kind in (*kinds, "KIND"))
+    print(f"\n  {'KIND'.ljust(width)}  ENTRIES       SIZE")
     for kind, members in sorted(kinds.items(), key=lambda item: -sum(row.bytes for row in item[1])):
-        print(f"  {kind.ljust(width)}  {len(members):4d}  {format_bytes(sum(row.bytes for row in members)):>9}")
+        print(f"  {kind.ljust(width)}  {len(members):7d}  {format_bytes(sum(row.bytes for row in members)):>9}")
     print()
     for kind, members in sorted(kinds.items()):
         print(f"{kind}:")

@@ -19,7 +19,9 @@ crash stays in one run), writing to ``OUT/<label>-s<seed>``; its output goes to
 costs seconds, not the hours of the runs before it. A sweep is resumable: finished runs
 (with metrics.json) are skipped, interrupted ones continue with ``--resume``. The
 first run goes alone by default: it builds the task's cached corpus, tokenizer and
-teacher, which the other runs then reuse instead of each building them at once.
+teacher with all the sweep's threads, which the other runs then reuse. That is for
+speed only: runs started together build each cache entry once anyway (the entry's
+lock, kdcore.cache: the others wait for it; tested with two kd runs on an empty cache).
 
 Hand-written rather than a job runner (hydra multirun, GNU parallel): a sweep needs
 only a process pool of ``kd run`` calls, and these checks are specific to kd.
@@ -63,7 +65,8 @@ class SweepConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     jobs: int = Field(1, ge=1, description="runs at a time")
     threads: int | None = Field(None, ge=1, description="OMP_NUM_THREADS of each run (null: inherit)")
-    first_alone: bool = Field(True, description="run the first job alone (builds the task's caches once)")
+    first_alone: bool = Field(True, description="run the first job alone, with threads x jobs threads (it builds "
+                                                "the task's caches; runs started together would wait for them)")
     score_teacher: Literal["once", "every", "never"] = Field(
         "once", description="which runs score the teacher: the first only (the same cached teacher decodes the "
                             "same way every time), every run, or none (trainer.evaluate_teacher)")
@@ -176,7 +179,8 @@ def run_sweep(config: SweepConfig, out: Path, jobs: int | None = None) -> list[t
     workers = jobs or config.jobs
     results: list[tuple[SweepJob, int]] = []
     if pending and config.first_alone and workers > 1:
-        # The first run builds the task's caches (corpus, tokenizer, teacher) with all the sweep's threads.
+        # The first run builds the task's caches (corpus, tokenizer, teacher) with all the sweep's threads; started
+        # together, the other runs would only wait for it on the locks of those cache entries.
         first_threads = config.threads * workers if config.threads is not None else None
         job, returncode, _ = _execute(pending.pop(0), logs, first_threads)
         results.append((job, returncode))

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,9 +40,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperForConditionalGeneration
 
+from kdcore.cache import ensure_entry
 from kdcore.config import default_cache_dir
 from kdcore.errors import KDUserError
-from kdcore.io import atomic_write_json, follow_umask, sha256_file
+from kdcore.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,8 @@ SUPPORTED_BINARY_VERSIONS = (5, 6)
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 #: Version of the conversion below; part of the cache key so a fixed converter never reuses stale weights.
 CONVERTER_VERSION = 2
+#: The kind of the converted model's cache entry (kdcore.cache).
+WHISPER_CT2_KIND = "whisper-ct2"
 
 
 # --------------------------------------------------------------------------- reading model.bin
@@ -305,9 +306,11 @@ def load_ctranslate2_whisper(directory: str | Path, cache_dir: str | Path | None
 
     Weights are widened from float16 to float32 exactly. With ``use_cache`` the
     converted model is saved once (``save_pretrained``: safetensors + config +
-    tokenizer) under ``<cache_dir>/whisper-ct2/<sha256 of model.bin>/`` and
-    loaded from there afterwards; that directory is itself a transformers
-    Whisper model any tool can load. ``cache_dir`` defaults to kd's cache.
+    tokenizer) as a verified cache entry (:mod:`kdcore.cache`) under
+    ``<cache_dir>/whisper-ct2/<sha256 of model.bin>/`` and loaded from there
+    afterwards (a damaged entry is moved aside and converted again); that
+    directory is itself a transformers Whisper model any tool can load.
+    ``cache_dir`` defaults to kd's cache.
     """
     directory = Path(directory)
     model_bin = _check_directory(directory)
@@ -316,34 +319,19 @@ def load_ctranslate2_whisper(directory: str | Path, cache_dir: str | Path | None
     digest = sha256_file(model_bin)
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = target / "whisper-ct2" / f"{digest[:24]}-v{CONVERTER_VERSION}"
-    if (target / "kd-conversion.json").is_file():
-        try:
-            return WhisperForConditionalGeneration.from_pretrained(target, local_files_only=True).eval()
-        except (OSError, ValueError, RuntimeError) as error:  # a damaged cache entry is rebuilt
-            log.warning("converted Whisper cache %s is unreadable (%s); converting again", target, error)
-    model = convert_ctranslate2_whisper(directory)
-    _save_atomically(model, directory, target, digest)
-    return model
 
-
-def _save_atomically(model: WhisperForConditionalGeneration, source: Path, target: Path, digest: str) -> None:
-    # Save into a temporary sibling directory, then rename it into place: readers never see half a cache entry.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        follow_umask(staging)
+    def convert(staging: Path) -> dict[str, Any]:
+        model = convert_ctranslate2_whisper(directory)
         model.save_pretrained(staging, safe_serialization=True)
         for name in ("tokenizer.json", "vocabulary.txt"):
-            if (source / name).exists():
-                shutil.copyfile(source / name, staging / name)
-        atomic_write_json(staging / "kd-conversion.json", {"source": str(source), "model_bin_sha256": digest,
-                                                           "converter_version": CONVERTER_VERSION})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            if (directory / name).exists():
+                shutil.copyfile(directory / name, staging / name)
+        return {"source": str(directory)}
+
+    return ensure_entry(target, WHISPER_CT2_KIND, {"model_bin_sha256": digest, "converter_version": CONVERTER_VERSION},
+                        convert, what="the converted Whisper model",
+                        load=lambda _: WhisperForConditionalGeneration.from_pretrained(target,
+                                                                                       local_files_only=True).eval())
 
 
 def load_ctranslate2_whisper_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:

@@ -6,16 +6,19 @@ teacher: each utterance is keyed by a hash of its samples, every batch's misses
 go through the inner teacher once and are written as one new shard, and hits are
 read back. Layout::
 
-    <cache_dir>/speech-teacher-states/<teacher hash>-<layer tag>/shard-<time>-<random>.safetensors
+    <cache_dir>/speech-teacher-states/<teacher hash>-<layer tag>/shard-<time>-<size>-<sha256>.safetensors
+
+The directory is a verified, appendable cache entry (:mod:`kdcore.cache`): its ``kd-cache.json`` names the
+teacher hash and layers it holds states of, and every shard is written once, atomically, named by its size and
+sha256 (:func:`kdcore.cache.write_shard`), so each shard verifies itself.
 
 * teacher hash: blake2b over the teacher's class, its ``cache_identity()`` (input
   options such as waveform normalisation) and every tensor of its state dict, so
   other weights never read these states;
 * layer tag: ``all`` or the stored layers (``l4-8-12``);
-* a shard holds ``<utterance hash>/<layer>`` tensors ``(frames, D)`` in float16,
-  and in its metadata a blake2b checksum of each utterance's bytes. A shard
-  whose header cannot be read or whose checksum fails is deleted and its
-  utterances recomputed.
+* a shard holds ``<utterance hash>/<layer>`` tensors ``(frames, D)`` in float16. Its size is checked on every
+  read and its sha256 once per process; a shard that fails either, or whose header cannot be read, is deleted
+  (with a warning naming it) and its utterances recomputed.
 
 Values are float16-rounded on the first pass too, so a run sees the same
 targets whether or not the cache was warm. Disk use is bounded
@@ -27,9 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,17 @@ from safetensors.torch import save
 
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Teacher
-from kdcore.io import atomic_write_bytes
+from kdcore.cache import CacheEntryDamaged, ensure_entry, touch_shard, verify_shard, write_shard
 from kdcore.signals import Signal, SignalRequest, Signals
 from kd_plugins.speech.waveforms import waveform_lengths
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "kd-speech-teacher-states/1"
+#: /2: shards named by their size and sha256 (kdcore.cache) instead of per-utterance checksums in their metadata.
+CACHE_FORMAT = "kd-speech-teacher-states/2"
+#: The kind of the states' cache entries (kdcore.cache), and the pattern of their shards.
+STATES_KIND = "speech-teacher-states"
+SHARD_PATTERN = "shard-*.safetensors"
 
 
 def waveform_key(samples: torch.Tensor) -> str:
@@ -68,13 +72,6 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _checksum(tensors: Sequence[torch.Tensor]) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for tensor in tensors:
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 class CachedSpeechTeacher(Teacher):
     """A speech teacher whose hidden states are cached on disk per utterance.
 
@@ -92,7 +89,6 @@ class CachedSpeechTeacher(Teacher):
         self.max_bytes = int(max_bytes)
         self._directory: Path | None = None
         self._index: dict[str, Path] = {}  # utterance key -> shard
-        self._checksums: dict[Path, dict[str, str]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -107,8 +103,14 @@ class CachedSpeechTeacher(Teacher):
         """This teacher's shard directory (computing the teacher hash on first use)."""
         if self._directory is None:
             tag = "all" if self.layers is None else "l" + "-".join(map(str, self.layers))
-            self._directory = self.cache_root / f"{teacher_fingerprint(self.inner)[:24]}-{tag}"
-            self._directory.mkdir(parents=True, exist_ok=True)
+            fingerprint = teacher_fingerprint(self.inner)
+            directory = self.cache_root / f"{fingerprint[:24]}-{tag}"
+            built_from = {"format": CACHE_FORMAT, "teacher_fingerprint": fingerprint, "layers": self.layers,
+                          "teacher_class": type(self.inner).__name__}
+            # An empty entry whose shards come as batches miss; an older or damaged one is moved aside first.
+            ensure_entry(directory, STATES_KIND, built_from, lambda staging: None,
+                         what="the speech teacher-state cache", shards=SHARD_PATTERN, load=lambda _: None)
+            self._directory = directory
             self._load_index()
         return self._directory
 
@@ -117,75 +119,68 @@ class CachedSpeechTeacher(Teacher):
     def _load_index(self) -> None:
         assert self._directory is not None
         self._index.clear()
-        self._checksums.clear()
-        for shard in sorted(self._directory.glob("shard-*.safetensors")):
+        for shard in sorted(self._directory.glob(SHARD_PATTERN)):  # oldest first: names start with the time
             self._add_shard(shard)
 
     def _add_shard(self, shard: Path) -> bool:
         try:
+            verify_shard(shard)
             with safe_open(str(shard), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 names = list(handle.keys())
             if metadata.get("format") != CACHE_FORMAT:
                 raise ValueError(f"format {metadata.get('format')!r}")
-            checksums = json.loads(metadata["checksums"])
+        except CacheEntryDamaged as damage:
+            self._drop_shard(shard, damage.reason)
+            return False
         except Exception as error:  # noqa: BLE001 - any unreadable shard is dropped and recomputed
             self._drop_shard(shard, f"unreadable header ({error})")
             return False
-        keys = {name.split("/", 1)[0] for name in names}
-        if keys != set(checksums):
-            self._drop_shard(shard, "tensors and checksums disagree")
-            return False
-        self._checksums[shard] = checksums
-        for key in keys:
+        for key in {name.split("/", 1)[0] for name in names}:
             self._index[key] = shard
         return True
 
     def _drop_shard(self, shard: Path, reason: str) -> None:
-        log.warning("teacher cache: dropping shard %s (%s); its utterances will be recomputed", shard.name, reason)
+        log.warning("The speech teacher-state shard %s is damaged (%s): deleted; its utterances will be recomputed.",
+                    shard, reason)
         for key in [key for key, value in self._index.items() if value == shard]:
             del self._index[key]
-        self._checksums.pop(shard, None)
         shard.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading and writing
 
     def _read(self, keys: Sequence[str]) -> dict[str, dict[int, torch.Tensor]]:
-        """Stored layers of the cached ``keys`` that verify; missing or corrupt ones are left out."""
+        """Stored layers of the cached ``keys`` whose shards verify; missing or damaged ones are left out."""
         by_shard: dict[Path, list[str]] = {}
         for key in keys:
             by_shard.setdefault(self._index[key], []).append(key)
         found: dict[str, dict[int, torch.Tensor]] = {}
         for shard, shard_keys in by_shard.items():
             try:
+                verify_shard(shard)  # its size on every read, its sha256 once per process
                 with safe_open(str(shard), framework="pt") as handle:
                     names = list(handle.keys())
                     states = {key: {int(name.split("/", 1)[1]): handle.get_tensor(name)
                                     for name in names if name.split("/", 1)[0] == key} for key in shard_keys}
-            except Exception as error:  # noqa: BLE001 - e.g. truncated data: recompute
+            except CacheEntryDamaged as damage:
+                self._drop_shard(shard, damage.reason)
+                continue
+            except Exception as error:  # noqa: BLE001 - e.g. a shard evicted by another process: recompute
                 self._drop_shard(shard, f"unreadable ({error})")
                 continue
-            checksums = self._checksums[shard]
-            if any(_checksum(_ordered(states[key])) != checksums[key] for key in shard_keys):
-                self._drop_shard(shard, "checksum mismatch")
-                continue
-            os.utime(shard)  # least-recently-used eviction
+            touch_shard(shard)  # least-recently-used eviction
             found.update(states)
         return found
 
     def _write(self, states: dict[str, dict[int, torch.Tensor]]) -> None:
         tensors = {f"{key}/{layer}": tensor for key, layers in states.items() for layer, tensor in layers.items()}
-        checksums = {key: _checksum(_ordered(layers)) for key, layers in states.items()}
-        shard = self.directory / f"shard-{time.time_ns():020d}-{secrets.token_hex(4)}.safetensors"
-        atomic_write_bytes(shard, save(tensors, metadata={"format": CACHE_FORMAT,
-                                                          "checksums": json.dumps(checksums)}))
-        self._checksums[shard] = checksums
+        shard = write_shard(self.directory, "shard", ".safetensors", save(tensors, metadata={"format": CACHE_FORMAT}))
         for key in states:
             self._index[key] = shard
         self._evict(keep=shard)
 
     def _evict(self, keep: Path) -> None:
-        shards = sorted(self.directory.glob("shard-*.safetensors"), key=lambda path: path.stat().st_mtime)
+        shards = sorted(self.directory.glob(SHARD_PATTERN), key=lambda path: path.stat().st_mtime)
         total = sum(shard.stat().st_size for shard in shards)
         for oldest in shards:
             if total <= self.max_bytes:
@@ -195,7 +190,6 @@ class CachedSpeechTeacher(Teacher):
             total -= oldest.stat().st_size
             for key in [key for key, value in self._index.items() if value == oldest]:
                 del self._index[key]
-            self._checksums.pop(oldest, None)
             oldest.unlink(missing_ok=True)
             log.info("teacher cache over %.2f GB: evicted %s", self.max_bytes / 1024 ** 3, oldest.name)
 
@@ -278,8 +272,4 @@ class CachedSpeechTeacher(Teacher):
         return {"inner": teacher_fingerprint(self.inner), "layers": self.layers}
 
 
-def _ordered(layers: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-    return [layers[layer] for layer in sorted(layers)]
-
-
-__all__ = ["CACHE_FORMAT", "CachedSpeechTeacher", "teacher_fingerprint", "waveform_key"]
+__all__ = ["CACHE_FORMAT", "STATES_KIND", "CachedSpeechTeacher", "teacher_fingerprint", "waveform_key"]

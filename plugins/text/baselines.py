@@ -14,23 +14,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-import uuid
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdcore.cache import CacheEntryDamaged, ensure_entry, verify_shard, write_shard
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Comparison, EmptyConfig, Student, Task, Teacher, WeightedObjective
-from kdcore.io import atomic_write_json
 from kdcore.padding import pad_rows
 from kdcore.signals import IGNORE_INDEX
 from kd_plugins.text.generation import beam_search, generation_length_limit, longest_target
 from kd_plugins.text.method import TextMethod, take_rows
 
 log = logging.getLogger(__name__)
+
+#: The kind of seq-kd's cache entries (kdcore.cache), and the pattern of their chunks.
+SEQ_KD_KIND = "seq-kd"
+CHUNK_PATTERN = "chunk-*.json"
 
 
 class ScratchMethod(TextMethod):
@@ -75,25 +77,29 @@ class SeqKDConfig(BaseModel):
 
 
 class SeqKDCache:
-    """Teacher outputs on disk: ``<root>/<key>/chunk-*.json`` files, each written atomically, never rewritten.
+    """Teacher outputs on disk: a verified, appendable cache entry (:mod:`kdcore.cache`) ``<root>/<key>/`` whose
+    ``chunk-<time>-<size>-<sha256>.json`` files are each written once, atomically, and verify themselves.
 
-    ``key`` combines the teacher's weight fingerprint and the decoding settings,
-    so a different teacher or beam never reuses stale targets. Each entry stores
-    a hash of the example's source tokens: an id whose source changed is regenerated.
+    ``key`` combines the teacher's weight fingerprint and the decoding settings (recorded in the entry's manifest),
+    so a different teacher or beam never reuses stale targets. Each entry stores a hash of the example's source
+    tokens: an id whose source changed is regenerated. A damaged chunk is deleted, with a warning naming it, and
+    its targets are generated again.
     """
 
-    def __init__(self, root: Path, key: str, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: Path, key: str, built_from: dict[str, Any]) -> None:
         self.directory = Path(root) / key
-        self.directory.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.directory / "manifest.json"
-        if not manifest_path.exists():
-            atomic_write_json(manifest_path, manifest)
+        ensure_entry(self.directory, SEQ_KD_KIND, built_from, lambda staging: None,
+                     what="the seq-kd teacher outputs", shards=CHUNK_PATTERN, load=lambda _: None)
         self.entries: dict[str, dict[str, Any]] = {}
-        for chunk in sorted(self.directory.glob("chunk-*.json")):
+        for chunk in sorted(self.directory.glob(CHUNK_PATTERN)):
             try:
+                verify_shard(chunk)
                 self.entries.update(json.loads(chunk.read_text(encoding="utf-8")))
-            except json.JSONDecodeError:  # cannot happen with atomic writes unless edited by hand: regenerate
-                log.warning("Ignoring unreadable seq-kd cache file %s.", chunk)
+            except (CacheEntryDamaged, ValueError) as error:
+                reason = error.reason if isinstance(error, CacheEntryDamaged) else f"unreadable JSON ({error})"
+                log.warning("The seq-kd cache file %s is damaged (%s): deleted; its targets will be generated "
+                            "again.", chunk, reason)
+                chunk.unlink(missing_ok=True)
 
     def lookup(self, example_id: str, source_hash: str) -> list[int] | None:
         entry = self.entries.get(example_id)
@@ -104,8 +110,7 @@ class SeqKDCache:
     def store(self, new_entries: dict[str, dict[str, Any]]) -> None:
         if not new_entries:
             return
-        name = f"chunk-{time.time_ns()}-{uuid.uuid4().hex[:8]}.json"
-        atomic_write_json(self.directory / name, new_entries)
+        write_shard(self.directory, "chunk", ".json", json.dumps(new_entries).encode("utf-8"))
         self.entries.update(new_entries)
 
 

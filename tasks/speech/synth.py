@@ -23,17 +23,15 @@ draws from a generator seeded by (seed, utterance id).
 
 The cache: ``<cache_dir>/speech-synth/<config hash>/`` holds ``<split>.safetensors``
 (int16 samples of all clips concatenated, plus offsets), ``<split>.jsonl``
-(labels and how each clip was made) and ``manifest.json`` (config, versions,
-counts, sha256 of every file), written last and atomically. A cache whose
-manifest or file hashes do not match is rebuilt.
+(labels and how each clip was made) and the entry's manifest ``kd-cache.json`` (config, versions,
+counts, size and sha256 of every file), written last (:mod:`kdcore.cache`). A damaged cache is moved aside and
+rebuilt.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -47,11 +45,12 @@ import torchaudio
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
+from kdcore.cache import ensure_entry
 from kdcore.errors import KDUserError
-from kdcore.io import atomic_write_json, atomic_write_text, follow_umask, sha256_file
+from kdcore.io import atomic_write_text
 from kdcore.progress import track
 
-from ..text.manifest import MANIFEST_FORMAT, MANIFEST_NAME, content_hash, jsonl_text, valid_manifest
+from ..text.manifest import corpus_manifest, jsonl_text
 from .augment import AugmentConfig, augment, make_noise, uniform
 from .corpora import DEFAULT_KEYWORDS, SAMPLE_RATE, SILENCE, UNKNOWN, SpeechItem
 from .espeak import EspeakVoiceError, SynthRequest, synthesize
@@ -60,6 +59,8 @@ log = logging.getLogger(__name__)
 
 # Bump when planning, post-processing or storage change: cached corpora are then rebuilt.
 BUILDER_VERSION = "speech-synth/3"
+#: The kind of its cache entries (kdcore.cache).
+SPEECH_CORPUS_KIND = "speech-corpus"
 SPLITS = ("train", "valid", "test")
 ASR = "asr"
 
@@ -384,36 +385,18 @@ def _to_int16(waveform: torch.Tensor) -> torch.Tensor:
     return (waveform * 32767.0).round().clamp(-32768, 32767).to(torch.int16)
 
 
-def _write(directory: Path, plan: list[_Planned], audio: dict[str, list[torch.Tensor]],
-           manifest: dict[str, Any]) -> dict[str, Any]:
-    """Split shards and metadata first, the manifest (with every file's sha256) last."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST_NAME).unlink(missing_ok=True)  # while files change, the cache must not look complete
-    files: dict[str, str] = {}
+def _write(directory: Path, plan: list[_Planned], audio: dict[str, list[torch.Tensor]]) -> None:
+    """The split shards and their labels, into the cache entry's staging directory (its manifest comes last)."""
     for split in SPLITS:
         items = [p for p in plan if p.split == split]
         clips = [_to_int16(w) for w in audio[split]]
         offsets = torch.zeros(len(clips) + 1, dtype=torch.int64)
         offsets[1:] = torch.tensor([c.numel() for c in clips], dtype=torch.int64).cumsum(0)
-        shard = directory / f"{split}.safetensors"
-        # A unique temp name, then os.replace: two processes building the same cache never mix their files.
-        handle, temp = tempfile.mkstemp(prefix=f".{split}.", suffix=".tmp", dir=directory)
-        os.close(handle)
-        try:
-            save_file({"audio": torch.cat(clips) if clips else torch.zeros(0, dtype=torch.int16),
-                       "offsets": offsets}, temp)
-            follow_umask(temp)
-            os.replace(temp, shard)
-        finally:
-            Path(temp).unlink(missing_ok=True)
+        save_file({"audio": torch.cat(clips) if clips else torch.zeros(0, dtype=torch.int16), "offsets": offsets},
+                  str(directory / f"{split}.safetensors"))
         records = [{"utterance_id": p.utterance_id, "keyword": p.keyword, "text": p.text, "speaker": p.speaker,
                     **p.details} for p in items]
         atomic_write_text(directory / f"{split}.jsonl", jsonl_text(records))
-        for path in (shard, directory / f"{split}.jsonl"):
-            files[path.name] = sha256_file(path)
-    full = {"format": MANIFEST_FORMAT, **manifest, "files": files, "content_sha256": content_hash(files)}
-    atomic_write_json(directory / MANIFEST_NAME, full)
-    return full
 
 
 def _read(directory: Path) -> dict[str, list[SpeechItem]]:
@@ -450,24 +433,23 @@ def synthetic_speech_corpus(config: SynthConfig, cache_dir: str | Path) -> tuple
     config_hash = config.config_hash()
     directory = Path(cache_dir).expanduser() / "speech-synth" / config_hash[:16]
     expected = {"builder": BUILDER_VERSION, "config_hash": config_hash}
-    manifest = valid_manifest(directory, expected)
-    if manifest is not None:
-        try:
-            return _read(directory), manifest
-        except (OSError, ValueError, KeyError, RuntimeError) as error:  # hashes matched but decoding failed
-            log.warning("Synthetic speech cache %s unreadable (%s); rebuilding.", directory, error)
-    started = time.perf_counter()
-    plan, speakers = _plan(config)
-    audio, espeak_version = _synthesize_plan(plan, config)
-    seconds = time.perf_counter() - started
-    manifest = _write(directory, plan, audio, {
-        **expected, "espeak_ng": espeak_version, "espeakng_loader": _espeak_package_version(),
-        "licence": "audio generated by kd with espeak-ng (GPL-3.0+) used as a tool; the audio is kd's data",
-        "config": config.model_dump(mode="json"), "speakers": speakers, "counts": _counts(plan, audio),
-        "build_seconds": round(seconds, 2)})
-    total = sum(v["items"] for v in manifest["counts"].values())
-    log.info("Synthesised %d speech clips (%d speakers) in %.1f s into %s", total, len(speakers), seconds, directory)
-    return _read(directory), manifest
+
+    def build(staging: Path) -> dict[str, Any]:
+        started = time.perf_counter()
+        plan, speakers = _plan(config)
+        audio, espeak_version = _synthesize_plan(plan, config)
+        seconds = time.perf_counter() - started
+        _write(staging, plan, audio)
+        counts = _counts(plan, audio)
+        log.info("Synthesised %d speech clips (%d speakers) in %.1f s into %s",
+                 sum(v["items"] for v in counts.values()), len(speakers), seconds, directory)
+        return {"espeak_ng": espeak_version, "espeakng_loader": _espeak_package_version(),
+                "licence": "audio generated by kd with espeak-ng (GPL-3.0+) used as a tool; the audio is kd's data",
+                "config": config.model_dump(mode="json"), "speakers": speakers, "counts": counts,
+                "build_seconds": round(seconds, 2)}
+
+    return ensure_entry(directory, SPEECH_CORPUS_KIND, expected, build, what="the synthetic speech corpus",
+                        load=lambda manifest: (_read(directory), corpus_manifest(manifest)))
 
 
 def build_synthetic_speech(config: SynthConfig, cache_dir: str | Path) -> dict[str, list[SpeechItem]]:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import read_corpus
 
 _SPACE = re.compile(r"\s+")
 
@@ -51,11 +50,6 @@ class Corpus:
     test: list[dict[str, Any]]
     manifest: dict[str, Any]
     directory: Path
-
-    @classmethod
-    def from_directory(cls, directory: Path, manifest: Mapping[str, Any]) -> "Corpus":
-        splits = read_corpus(directory, manifest)
-        return cls(splits["train"], splits["valid"], splits["test"], dict(manifest), directory)
 
 
 __all__ = ["CleanRecords", "Corpus", "dedup_key", "letter_fraction", "normalize_space",

@@ -41,7 +41,7 @@ from kdcore.errors import KDUserError
 from kdcore.progress import track
 
 from .corpus import CleanRecords, Corpus, dedup_key, letter_fraction, normalize_space, split_rank
-from .manifest import valid_manifest, write_corpus
+from .manifest import cached_corpus
 
 log = logging.getLogger(__name__)
 
@@ -428,14 +428,14 @@ def load_summarization_corpus(cache_dir: str | Path | None = None, *,
                    "max_summary_words": MAX_SUMMARY_WORDS, "min_document_words": MIN_DOCUMENT_WORDS,
                    "max_document_words": MAX_DOCUMENT_WORDS},
     }
-    manifest = None if force else valid_manifest(directory, expected)
-    if manifest is None:
-        manifest = build_summarization_corpus(directory, expected)
-    return Corpus.from_directory(directory, manifest)
+    splits, manifest = cached_corpus(directory, expected, lambda: build_summarization_corpus(expected),
+                                     what="the docstring summarization corpus", force=force)
+    log.info("Docstring summarization corpus in %s: %s", directory, manifest["splits"])
+    return Corpus(splits["train"], splits["valid"], splits["test"], manifest, directory)
 
 
-def build_summarization_corpus(directory: Path, expected: Mapping[str, Any]) -> dict[str, Any]:
-    """Parse, clean, dedupe and split the docstrings; write the splits and manifest into ``directory``."""
+def build_summarization_corpus(expected: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Parse, clean, dedupe and split the docstrings: the splits and the counts (cached by the caller)."""
     started = time.perf_counter()
     packages = [name for name, version in expected["source"]["packages"].items() if version]
     files = (source for package in packages for source in source_files(package))
@@ -446,9 +446,5 @@ def build_summarization_corpus(directory: Path, expected: Mapping[str, Any]) -> 
         per_package[record["package"]] = per_package.get(record["package"], 0) + 1
     params = expected["params"]
     splits, split_info = split_by_unit(corpus.records, params["valid_size"], params["test_size"])
-    manifest = write_corpus(directory, splits, {
-        **expected, "counts": {**corpus.counts, "per_package": per_package, **split_info},
-        "build_seconds": round(time.perf_counter() - started, 2)})
-    log.info("Built the docstring summarization corpus in %s: %s", directory, manifest["splits"])
-    return manifest
-
+    return splits, {"counts": {**corpus.counts, "per_package": per_package, **split_info},
+                    "build_seconds": round(time.perf_counter() - started, 2)}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.errors import KDUserError
-from kdcore.io import atomic_write_json
+from kdcore.cache import ensure_entry
 
 from .data_config import TextDataConfig
 from .files import TextRecord
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 # Bump when the tokenizer recipe changes: cached tokenizers (and the teachers keyed by them) are rebuilt.
 TOKENIZER_RECIPE = "bpe-metaspace-nfkc/1"
+#: The kind of its cache entries (kdcore.cache).
+TOKENIZER_KIND = "tokenizer"
 
 
 def training_text_hash(texts: Iterable[str], vocab_size: int) -> str:
@@ -63,21 +65,25 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
 
 
 def cached_trained_tokenizer(cache_dir: Path, texts: Sequence[str], vocab_size: int) -> tuple[Any, Path]:
-    """The tokenizer trained on ``texts`` (loaded from the cache when it was trained before) and its directory."""
+    """The tokenizer trained on ``texts`` (loaded from the cache when it was trained before) and its directory.
+
+    The directory is a verified cache entry (:mod:`kdcore.cache`): a damaged one is moved aside and trained again.
+    """
     from transformers import PreTrainedTokenizerFast
 
     key = training_text_hash(texts, vocab_size)
     directory = Path(cache_dir) / "text" / "tokenizers" / key[:20]
-    marker = directory / "kd-tokenizer.json"
-    if marker.is_file() and (directory / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(directory)), directory
-    log.info("Training a %d-token BPE tokenizer on %d texts (cached in %s).", vocab_size, len(texts), directory)
-    tokenizer = train_bpe_tokenizer(texts, vocab_size)
-    # save_pretrained writes several files; the marker written last (atomically) says they are complete.
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(directory))
-    atomic_write_json(marker, {"recipe": TOKENIZER_RECIPE, "vocab_size": vocab_size, "texts": len(texts),
-                               "training_text_sha256": key, "actual_vocab_size": len(tokenizer)})
+
+    def build(staging: Path) -> dict[str, Any]:
+        log.info("Training a %d-token BPE tokenizer on %d texts (cached in %s).", vocab_size, len(texts), directory)
+        tokenizer = train_bpe_tokenizer(texts, vocab_size)
+        tokenizer.save_pretrained(str(staging))
+        return {"actual_vocab_size": len(tokenizer)}
+
+    built_from = {"recipe": TOKENIZER_RECIPE, "vocab_size": vocab_size, "texts": len(texts),
+                  "training_text_sha256": key}
+    tokenizer = ensure_entry(directory, TOKENIZER_KIND, built_from, build, what="the trained tokenizer",
+                             load=lambda _: PreTrainedTokenizerFast.from_pretrained(str(directory)))
     return tokenizer, directory
 
 
@@ -109,5 +115,5 @@ def task_tokenizer(config: TextDataConfig, cache_dir: Path, train: Sequence[Text
     return tokenizer, directory
 
 
-__all__ = ["EOS", "PAD", "TOKENIZER_RECIPE", "UNK", "cached_trained_tokenizer", "task_tokenizer",
+__all__ = ["EOS", "PAD", "TOKENIZER_KIND", "TOKENIZER_RECIPE", "UNK", "cached_trained_tokenizer", "task_tokenizer",
            "tokenizer_fingerprint", "train_bpe_tokenizer", "training_text_hash"]

@@ -25,7 +25,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter, defaultdict
@@ -34,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdcore.cache import ensure_entry
 from kdcore.config import default_cache_dir
 from kdcore.errors import KDUserError
 from kdcore.io import sha256_file
 
 from .corpus import CleanRecords, Corpus, dedup_key, letter_fraction, normalize_space, split_rank
-from .manifest import valid_manifest, write_corpus
+from .manifest import cached_corpus
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ HA_WHEEL_SHA256 = "7ca5fbde9dea879ac7723949fc84347aac5182e6309c357b2e4973fd391b0
 HA_PYTHON_VERSION = "3.14.2"
 HA_LICENSE = "Apache-2.0"
 WHEEL_ENV = "KD_HOMEASSISTANT_WHEEL"
+#: The kind of the cache entry holding the downloaded wheel (kdcore.cache).
+DOWNLOAD_KIND = "download"
 
 # Bump when the cleaning, masking, dedup or split rules change: cached corpora are then rebuilt.
 BUILDER_VERSION = "ha-translations/1"
@@ -86,27 +88,27 @@ def fetch_wheel(cache_dir: Path | None = None, wheel: str | Path | None = None, 
                 expected_sha256: str = HA_WHEEL_SHA256) -> Path:
     """The verified Home Assistant wheel: ``wheel`` (or $KD_HOMEASSISTANT_WHEEL), the cached copy, or a download.
 
-    The download runs ``python -m pip download`` (PyPI or the user's configured
-    index) into a temp folder and moves the wheel into ``<cache>/downloads/``
-    only after its sha256 matched, so the cache never holds a wrong wheel.
+    The cached copy is a verified cache entry (:mod:`kdcore.cache`) ``<cache>/downloads/<package>-<version>/``:
+    the download runs ``python -m pip download`` (PyPI or the user's configured index) into the entry's staging
+    directory, and the entry is published only after the wheel's sha256 matched the pinned one.
     """
     wheel = wheel or os.environ.get(WHEEL_ENV) or None
     if wheel:
         return _check_wheel(Path(wheel).expanduser(), expected_sha256)
     downloads = (cache_dir or default_cache_dir()) / "downloads"
-    cached = downloads / HA_WHEEL_NAME
-    if cached.is_file():
-        if sha256_file(cached) == expected_sha256:
-            return cached
-        log.warning("Cached %s has the wrong sha256; downloading it again.", cached)
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as temp:
+    entry = downloads / f"{HA_PACKAGE}-{HA_VERSION}"
+
+    def download(staging: Path) -> None:
+        legacy = downloads / HA_WHEEL_NAME  # where kd before verified cache entries kept it
+        if legacy.is_file() and sha256_file(legacy) == expected_sha256:
+            os.replace(legacy, staging / HA_WHEEL_NAME)
+            return
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--python-version", HA_PYTHON_VERSION, f"{HA_PACKAGE}=={HA_VERSION}", "-d", temp,
+                   "--python-version", HA_PYTHON_VERSION, f"{HA_PACKAGE}=={HA_VERSION}", "-d", str(staging),
                    "--disable-pip-version-check", "--quiet"]
         log.info("Downloading %s==%s (67.6 MB) for the translation corpus.", HA_PACKAGE, HA_VERSION)
         result = subprocess.run(command, capture_output=True, text=True, check=False)
-        downloaded = Path(temp) / HA_WHEEL_NAME
+        downloaded = staging / HA_WHEEL_NAME
         if result.returncode != 0 or not downloaded.is_file():
             tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
             raise KDUserError(
@@ -114,10 +116,12 @@ def fetch_wheel(cache_dir: Path | None = None, wheel: str | Path | None = None, 
                 f"{' '.join(tail) or 'nothing'}). The translation corpus is built from that wheel. On a machine with "
                 f"PyPI access run 'pip download --no-deps --only-binary=:all: --python-version {HA_PYTHON_VERSION} "
                 f"{HA_PACKAGE}=={HA_VERSION} -d DIR' and give the wheel's path in ${WHEEL_ENV} (or the task's "
-                f"data.wheel), or copy it to {cached}.")
+                f"data.wheel).")
         _check_wheel(downloaded, expected_sha256)
-        os.replace(downloaded, cached)
-    return cached
+
+    built_from = {"package": HA_PACKAGE, "version": HA_VERSION, "wheel": HA_WHEEL_NAME, "sha256": expected_sha256}
+    return ensure_entry(entry, DOWNLOAD_KIND, built_from, download, what=f"the {HA_WHEEL_NAME} download",
+                        load=lambda _: entry / HA_WHEEL_NAME)
 
 
 # ---------------------------------------------------------------------------------------- extract
@@ -299,23 +303,21 @@ def load_translation_corpus(cache_dir: str | Path | None = None, *, wheel: str |
                    "test_size": test_size, "max_source_chars": MAX_SOURCE_CHARS,
                    "max_placeholders": MAX_PLACEHOLDERS, "min_letter_fraction": MIN_LETTER_FRACTION},
     }
-    manifest = None if force else valid_manifest(directory, expected)
-    if manifest is None:
-        manifest = build_translation_corpus(directory, expected, cache_dir, wheel)
-    return Corpus.from_directory(directory, manifest)
+    splits, manifest = cached_corpus(directory, expected,
+                                     lambda: build_translation_corpus(expected, cache_dir, wheel),
+                                     what="the translation corpus", force=force)
+    log.debug("Translation corpus in %s: %s", directory, manifest["splits"])
+    return Corpus(splits["train"], splits["valid"], splits["test"], manifest, directory)
 
 
-def build_translation_corpus(directory: Path, expected: Mapping[str, Any], cache_dir: Path,
-                             wheel: str | Path | None = None) -> dict[str, Any]:
-    """Fetch, extract, clean and split; write the splits and manifest into ``directory``."""
+def build_translation_corpus(expected: Mapping[str, Any], cache_dir: Path, wheel: str | Path | None = None
+                             ) -> tuple[dict[str, list[dict[str, str]]], dict[str, Any]]:
+    """Fetch, extract, clean and split: the splits and the counts of every step (cached by the caller)."""
     started = time.perf_counter()
     params = expected["params"]
     wheel_path = fetch_wheel(cache_dir, wheel, expected_sha256=expected["source"]["sha256"])
     raw = extract_pairs(wheel_path, params["source_lang"], params["target_lang"])
     cleaned = clean_pairs(raw)
     splits = split_records(cleaned.records, params["valid_size"], params["test_size"])
-    manifest = write_corpus(directory, splits, {**expected, "counts": cleaned.counts,
-                                                "build_seconds": round(time.perf_counter() - started, 2)})
-    log.info("Built the translation corpus in %s: %s", directory, manifest["splits"])
-    return manifest
+    return splits, {"counts": cleaned.counts, "build_seconds": round(time.perf_counter() - started, 2)}
 

@@ -86,9 +86,9 @@ def test_splits_are_disjoint_stratified_and_speakers_closed_set(small) -> None:
 
 def test_cache_is_reused_then_rebuilt_when_corrupt(small, tmp_path: Path) -> None:
     splits, manifest, cache = small
-    directory = next((cache / "speech-synth").iterdir())
-    on_disk = json.loads((directory / "manifest.json").read_text())
-    assert on_disk["config_hash"] == SynthConfig(**SMALL).config_hash() and on_disk["espeak_ng"]
+    directory = next(path for path in (cache / "speech-synth").iterdir() if path.is_dir())
+    on_disk = json.loads((directory / "kd-cache.json").read_text())  # the verified cache entry's manifest
+    assert on_disk["built_from"]["config_hash"] == SynthConfig(**SMALL).config_hash() and on_disk["info"]["espeak_ng"]
     assert set(on_disk["files"]) == {f"{s}.{e}" for s in ("train", "valid", "test") for e in ("safetensors", "jsonl")}
     stamp = (directory / "train.safetensors").stat().st_mtime_ns
     again, manifest_again = synthetic_speech_corpus(SynthConfig(**SMALL), cache)
@@ -102,9 +102,9 @@ def test_cache_is_reused_then_rebuilt_when_corrupt(small, tmp_path: Path) -> Non
     rebuilt = build_synthetic_speech(SynthConfig(**SMALL), cache)
     assert _same(splits, rebuilt)
     # A missing manifest (a build killed before the end) also rebuilds.
-    (directory / "manifest.json").unlink()
+    (directory / "kd-cache.json").unlink()
     assert _same(splits, build_synthetic_speech(SynthConfig(**SMALL), cache))
-    assert (directory / "manifest.json").is_file()
+    assert (directory / "kd-cache.json").is_file()
 
 
 def test_keyword_clips_differ_across_voices(tmp_path: Path) -> None:

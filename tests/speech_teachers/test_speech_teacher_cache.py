@@ -122,7 +122,7 @@ def test_other_teacher_weights_do_not_read_these_states(model_dir: Path, tmp_pat
     counter = CountingTeacher(changed)
     CachedSpeechTeacher(changed, tmp_path / "cache").signals(_batch(clips), ALL)
     assert counter.utterances == 2
-    assert len(list((tmp_path / "cache" / "speech-teacher-states").iterdir())) == 2
+    assert len([p for p in (tmp_path / "cache" / "speech-teacher-states").iterdir() if p.is_dir()]) == 2
 
 
 @pytest.mark.parametrize("damage", ["flip_data", "truncate"])

@@ -46,7 +46,7 @@ def test_seq_kd_cache_is_reused_without_calling_the_teacher(tiny: SimpleNamespac
     first_targets, hits = first.teacher_targets(batch)
     assert hits == 0 and first.teacher_calls == 1 and calls
     files = sorted(p.name for p in first.cache.directory.iterdir())
-    assert "manifest.json" in files and any(name.startswith("chunk-") for name in files)
+    assert "kd-cache.json" in files and any(name.startswith("chunk-") for name in files)
     assert not any(name.endswith(".tmp") for name in files)
 
     # A new run (fresh method object, same cache directory and teacher): no teacher call at all.
@@ -71,7 +71,7 @@ def test_seq_kd_cache_is_keyed_by_teacher_weights(tiny: SimpleNamespace, fake_ta
     other = SeqKDMethod(config, fake_task, other_teacher, student, [tiny.objective("nll")])
     _, hits = other.teacher_targets(tiny.batch(4))
     assert hits == 0 and other.teacher_calls == 1
-    manifest = json.loads((other.cache.directory / "manifest.json").read_text())
+    manifest = json.loads((other.cache.directory / "kd-cache.json").read_text())["built_from"]
     assert manifest["teacher_sha256"] == other_teacher.fingerprint() != teacher.fingerprint()
 
 

@@ -50,7 +50,7 @@ def test_trained_tokenizer_round_trips_appends_eos_and_is_cached(tmp_path: Path)
     assert tokenizer.decode(ids, skip_special_tokens=True) == "Turn on the light, please (now)!"
     first, directory = cached_trained_tokenizer(tmp_path, texts, 500)
     second, same_directory = cached_trained_tokenizer(tmp_path, texts, 500)
-    assert directory == same_directory and (directory / "kd-tokenizer.json").is_file()
+    assert directory == same_directory and (directory / "kd-cache.json").is_file()
     assert first.get_vocab() == second.get_vocab()
     _, other = cached_trained_tokenizer(tmp_path, texts[:-1], 500)
     assert other != directory

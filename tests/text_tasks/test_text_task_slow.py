@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from kd_tasks.text.translation_data import HA_WHEEL_NAME
+from kd_tasks.text.translation_data import HA_VERSION, HA_WHEEL_NAME
 
 pytestmark = pytest.mark.slow
 
 
 def _wheel() -> Path | None:
-    for candidate in (os.environ.get("KD_HOMEASSISTANT_WHEEL"), Path.home() / ".cache" / "kd" / "downloads" /
-                      HA_WHEEL_NAME):
+    downloads = Path.home() / ".cache" / "kd" / "downloads"
+    for candidate in (os.environ.get("KD_HOMEASSISTANT_WHEEL"), downloads / f"homeassistant-{HA_VERSION}" /
+                      HA_WHEEL_NAME, downloads / HA_WHEEL_NAME):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
