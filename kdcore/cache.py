@@ -418,7 +418,8 @@ def scan_cache(root: Path) -> CacheScan:
 
     A path outside every entry is listed by its name: an interrupted teacher stage (``partial``), a moved-aside
     entry (``damaged``), a build in progress (``staging``), a lock file (``lock``); anything else (files of an
-    older kd without manifests: ``unverified``) at the highest level that holds none of these. The rows' sizes add up to the total but for the directories
+    older kd without manifests: ``unverified``) at the highest level that holds none of these. The rows' sizes
+    add up to the total but for the directories
     that hold them.
     """
     root = Path(root)
@@ -470,4 +471,5 @@ def _entry_row(directory: Path) -> CachedPath:
 __all__ = ["CacheEntryDamaged", "CacheScan", "CachedPath", "DAMAGED_MARK", "LOCK_SUFFIX", "MANIFEST",
            "MANIFEST_FORMAT", "PARTIAL_SUFFIX", "disk_bytes", "ensure_entry", "entry_lock", "file_record",
            "lock_if_free", "lock_path", "move_aside", "publish_entry", "read_manifest", "remove_entry", "scan_cache",
-           "shard_paths", "touch_shard", "usable_entry", "verify_entry", "verify_shard", "write_manifest", "write_shard"]
+           "shard_paths", "touch_shard", "usable_entry", "verify_entry", "verify_shard", "write_manifest",
+           "write_shard"]

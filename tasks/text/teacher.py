@@ -74,7 +74,8 @@ class TaskTeacherConfig(StrictModel):
         100, description="steps between the teacher stage's checkpoints (a killed stage continues from the last)")
     time_budget_minutes: PositiveFloat | None = Field(
         None, description="wall-clock minutes for the teacher stage (null: the task's default); a slower machine "
-                          "trains fewer steps, logged and recorded in the entry's kd-cache.json (not part of the cache key)")
+                          "trains fewer steps, logged and recorded in the entry's kd-cache.json (not part of the "
+                          "cache key)")
 
 
 FALLBACK = {"encoder_layers": 6, "decoder_layers": 6, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
