@@ -419,8 +419,7 @@ def scan_cache(root: Path) -> CacheScan:
     A path outside every entry is listed by its name: an interrupted teacher stage (``partial``), a moved-aside
     entry (``damaged``), a build in progress (``staging``), a lock file (``lock``); anything else (files of an
     older kd without manifests: ``unverified``) at the highest level that holds none of these. The rows' sizes
-    add up to the total but for the directories
-    that hold them.
+    add up to the total but for the directories that hold them.
     """
     root = Path(root)
     scan = CacheScan(root)
