@@ -32,7 +32,8 @@ class ExportResult:
 
     ``library_name`` goes into the model card header (``transformers``, ``onnx``, ``kd``);
     ``checks`` holds the self-test's measured values (differences to the kd student,
-    tolerances, outputs compared); ``usage`` is a Markdown section with the loading code.
+    tolerances, outputs compared); ``usage`` is a Markdown section with the loading code
+    (``EXPORT_DIR`` stands for the export's directory).
     """
 
     library_name: str

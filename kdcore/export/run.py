@@ -120,6 +120,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str | None = None,
     staging.mkdir()
     try:
         result = exporter.write(chosen, staging)
+        result.usage = result.usage.replace("EXPORT_DIR", str(out_dir))  # the loading code names this export
         card = model_card(run_dir, resolved, metrics, result, chosen, license_id, weights, exporter.describe_student())
         atomic_write_text(staging / "README.md", card)
         atomic_write_json(staging / "export.json", {

@@ -112,6 +112,25 @@ def test_gendistiller_onnx_reproduces_its_layers_within_1e_4(tmp_path: Path) -> 
     assert max(float(np.abs(a.numpy() - b)[mask.numpy()].max()) for a, b in zip(ours, hidden)) <= 1e-4
 
 
+def test_pre_ln_distilhubert_exports_to_onnx_by_default(tmp_path: Path) -> None:
+    """The embedded superb default's layout (pre-LN) cannot take hf; its default format is then safetensors, and
+    ONNX reproduces its hidden states on other shapes than the traced ones."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    student = _distilhubert(layer_norm_first=True)
+    exporter = _exporter(DistilHubertExporter, student, "distilhubert-student")
+    assert pick_exporter(exporter.built, exporter.splits, None)[1] == "safetensors"
+    result = exporter.write("onnx", tmp_path)
+    assert result.checks["max_abs_difference"] <= 1e-4
+    batch = _collate(_utterances(2, seed=5))
+    ours, mask = student_hidden_states(student, batch)
+    hidden, _ = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).run(
+        None, {"waveform": batch["waveform"].numpy(), "waveform_lengths": batch["waveform_lengths"].numpy()})
+    assert len(hidden) == student.config.num_layers + 1
+    assert max(float(np.abs(a.numpy() - b)[mask.numpy()].max()) for a, b in zip(ours, hidden)) <= 1e-4
+
+
 def test_gendistiller_safetensors_loads_back_with_kds_loader(tmp_path: Path) -> None:
     student = _gendistiller()
     result = _exporter(GenDistillerExporter, student, "gendistiller-student").write("safetensors", tmp_path)

@@ -104,7 +104,7 @@ def test_hf_export_decodes_like_kd_eval_in_a_python_without_kd(run_cache: Path, 
     sources, kd_outputs = _kd_greedy(run_cache)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-I", "-c", CLEAN_PYTHON, str(out)], input=json.dumps(sources),
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path,
                             env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
