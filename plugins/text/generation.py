@@ -6,9 +6,8 @@ reusing the key/value cache. It is written here rather than calling
 ``model.generate`` because sampling must draw from a caller-supplied
 ``torch.Generator`` and reproduce kd's top-k draw (Hugging Face samples from the
 global RNG, over the whole vocabulary after masking, so the same seed gives other
-tokens), and because Hugging Face's loop does more work per step around the same
-model calls (logits processors, stopping criteria, input preparation), which is
-most of a small student's step (docs/performance.md, "Student rollouts").
+tokens); for greedy decoding Hugging Face gives the same tokens but does more work
+per step around the same model calls (docs/performance.md, "Student rollouts").
 
 :func:`beam_search` is used for sequence-level KD targets and beam evaluation.
 It runs transformers' beam-search algorithm (v5 ``_beam_search``, early stopping)
