@@ -172,7 +172,7 @@ def test_hidden_states_and_predictions_equal_s3prls(models: tuple[DistillerModel
 
 
 def test_loss_and_gradients_equal_s3prls(models: tuple[DistillerModel, DistilHubertStudent]) -> None:
-    """The preset's objective on the heads equals s3prl's loss; its gradients, the CNN's scaled by 0.1, equal s3prl's."""
+    """The preset's objective on the heads equals s3prl's loss; its gradients (the CNN's scaled by 0.1) s3prl's."""
     reference, student = models
     waveform, lengths = waveforms([4800, 4800], seed=1)  # no padding: s3prl's loss also scores padding frames
     batch = {"waveform": waveform, "waveform_lengths": lengths}
@@ -197,9 +197,10 @@ def test_loss_and_gradients_equal_s3prls(models: tuple[DistillerModel, DistilHub
     assert bool(mask.all()) and mask.shape[1] == frames
     assert abs(my_loss.item() - their_loss.item()) <= 1e-5
     theirs, mine = dict(reference.named_parameters()), dict(student.named_parameters())
+    cnn = "front_end.feature_extractor.conv_layers"
     pairs = {  # the first and last conv (scaled by feature_grad_mult), the projection, a layer and a head
-        "front_end.feature_extractor.conv_layers.0.conv.weight": theirs["feature_extractor.conv_layers.0.0.weight"].grad,
-        "front_end.feature_extractor.conv_layers.6.conv.weight": theirs["feature_extractor.conv_layers.6.0.weight"].grad,
+        f"{cnn}.0.conv.weight": theirs["feature_extractor.conv_layers.0.0.weight"].grad,
+        f"{cnn}.6.conv.weight": theirs["feature_extractor.conv_layers.6.0.weight"].grad,
         "front_end.feature_projection.projection.weight": theirs["post_extract_proj.weight"].grad,
         "layers.1.feed_forward.output_dense.weight": theirs["encoder.layers.1.fc2.weight"].grad,
         "heads.2.2.weight": theirs["output_layer.2.weight"].grad[2].T,
@@ -218,10 +219,9 @@ def test_initialisation_copies_what_s3prl_copies(tiny_sizes: dict, teacher_facto
     with torch.no_grad():  # a teacher layer norm that differs from a fresh one, so copying it would show
         teacher.model.encoder.layer_norm.weight.fill_(2.0)
         teacher.model.encoder.layer_norm.bias.fill_(0.5)
-    config = DistilHubertStudentConfig(**{**tiny_sizes, **{key: value for key, value in
-                                                           DistilHubertMethod.presets["paper"]["student"]["args"].items()
-                                                           if key in ("head", "front_end_layout", "feature_grad_mult",
-                                                                      "init_from_teacher")}})
+    paper_args = DistilHubertMethod.presets["paper"]["student"]["args"]
+    s3prl_keys = ("head", "front_end_layout", "feature_grad_mult", "init_from_teacher")
+    config = DistilHubertStudentConfig(**tiny_sizes, **{key: paper_args[key] for key in s3prl_keys})
     context = BuildContext(task=None, cache_dir=tmp_path, device=torch.device("cpu"), seed=0, teacher=teacher)
     student = DistilHubertStudentFactory().build(config, context)
     model, front_end = teacher.model, student.front_end
