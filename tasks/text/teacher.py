@@ -174,11 +174,11 @@ class TaskTrainedTeacherFactory(ModelFactory):
         settings = effective_settings(config, task, context.device)
         directory = cache_directory(task, settings, context.cache_dir)
         if context.dry_run and not (directory / MANIFEST).is_file():
-            # A plan must not cost the minutes of the teacher stage; an untrained model of the same config has the
-            # same parameter count, which is all a plan reports about it.
-            log.info("Dry run: the teacher is not cached (%s); kd run would train it first (%d steps of %d). "
-                     "Planned with an untrained model of the same size.", directory, settings["train_steps"],
-                     settings["batch_size"])
+            # A plan (or kd eval, which scores only the student) must not cost the minutes of the teacher stage; an
+            # untrained model of the same config has the same shape and parameter count, all either reads of it.
+            log.info("The teacher is not cached (%s); a kd run would train it first (%d steps of %d). Built "
+                     "untrained with the same shape for this plan or evaluation.", directory,
+                     settings["train_steps"], settings["batch_size"])
             return TextTeacher(untrained_teacher(task, settings).eval(), task.tokenizer)
         built_from = {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
                       "data_fingerprint": task.data_fingerprint()}
