@@ -11,7 +11,7 @@ STAMP := $(VENV)/.kd-installed
 # about 6 GiB, and pip unpacks its wheels beside it: stop with a clear message before a half install.
 MIN_FREE_GIB ?= 7
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py Makefile
 	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
 	sys.exit(0) if free >= $(MIN_FREE_GIB) else sys.exit( \
 	f'make: installing kd into $(CURDIR)/$(VENV) needs about $(MIN_FREE_GIB) GiB free on its disk ' \
