@@ -33,14 +33,21 @@ def validations_between(done: int, total: int, eval_every: int | None) -> int:
     return count + (0 if total % eval_every == 0 else 1)
 
 
+def projected_seconds(*, done: int, total: int, elapsed: float, seconds_per_step: float,
+                      seconds_per_validation: float, eval_every: int | None) -> float:
+    """Wall-clock seconds of a loop of ``total`` steps, ``elapsed`` of which are spent after ``done`` steps."""
+    return (elapsed + (total - done) * seconds_per_step
+            + validations_between(done, total, eval_every) * seconds_per_validation)
+
+
 def steps_that_fit(*, done: int, planned: int, elapsed: float, budget: float, seconds_per_step: float,
                    seconds_per_validation: float, eval_every: int | None) -> int:
     """The largest total number of steps (at most ``planned``, at least ``done + 1``) whose projected end is
     within ``budget`` seconds, given ``elapsed`` seconds already spent after ``done`` steps."""
 
     def projected(total: int) -> float:
-        return (elapsed + (total - done) * seconds_per_step
-                + validations_between(done, total, eval_every) * seconds_per_validation)
+        return projected_seconds(done=done, total=total, elapsed=elapsed, seconds_per_step=seconds_per_step,
+                                 seconds_per_validation=seconds_per_validation, eval_every=eval_every)
 
     if projected(planned) <= budget:
         return planned
@@ -100,8 +107,8 @@ class BudgetPlanner:
                                  eval_every=self.eval_every)
         if fitting >= planned:
             return None
-        projection = (elapsed + (planned - done) * per_step
-                      + validations_between(done, planned, self.eval_every) * per_validation)
+        projection = projected_seconds(done=done, total=planned, elapsed=elapsed, seconds_per_step=per_step,
+                                       seconds_per_validation=per_validation, eval_every=self.eval_every)
         validations = (f" and {per_validation:.1f} s per validation" if self.validations else
                        " (no validation timed yet)")
         reason = (f"projected {_minutes(projection)} for {planned} steps at {per_step:.3f} s per step{validations}, "
@@ -113,4 +120,4 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if math.isfinite(seconds) else "inf"
 
 
-__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "steps_that_fit", "validations_between"]
+__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "projected_seconds", "steps_that_fit", "validations_between"]
