@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     from kdcore.cache_cli import add_cache_parser
 
     add_cache_parser(commands)
+    from kdcore.teacher_store_cli import add_teacher_parser
+
+    add_teacher_parser(commands)
     return parser
 
 
@@ -303,6 +306,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return run_cache_command(args)
 
 
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    from kdcore.teacher_store_cli import run_teacher_command
+
+    return run_teacher_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kd`` console script; returns the exit code."""
     parser = _parser()
@@ -316,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USER_ERROR
         handler = {"run": _cmd_run, "list": _cmd_list, "eval": _cmd_eval,
                    "summarize": _cmd_summarize, "sweep": _cmd_sweep, "export": _cmd_export,
-                   "cache": _cmd_cache}[args.command]
+                   "cache": _cmd_cache, "teacher": _cmd_teacher}[args.command]
         return handler(args)
     except KDUserError as error:
         print(f"kd: error: {error}", file=sys.stderr)

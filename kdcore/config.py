@@ -179,9 +179,10 @@ class LayeredConfig:
 
 
 def _merge_into(target: dict, incoming: Mapping, prefix: tuple[str, ...], label: str, provenance: dict[str, str]) -> None:
-    if len(prefix) == 2 and prefix[0] == "objectives" and _renames(target, incoming):
-        # An objective's args belong to its name: a layer that swaps forward_kl for logit_mse must not inherit
-        # temperature from the layer below (it would be refused as an unknown key of the new objective).
+    named_part = (len(prefix) == 2 and prefix[0] == "objectives") or prefix in (("teacher",), ("student",))
+    if named_part and _renames(target, incoming):
+        # Args belong to their name: a layer that swaps forward_kl for logit_mse (or the task-trained teacher for a
+        # teacher store) must not inherit the layer below's args (they would be refused as unknown keys).
         target.pop("args", None)
         stale = ".".join((*prefix, "args"))
         for key in [k for k in provenance if k == stale or k.startswith(stale + ".")]:

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from kdcore.errors import KDUserError
 from kdcore.signals import Signal, SignalRequest, Signals
 from kdcore.tracking.base import Tracker  # registered trackers subclass it (trainer.report_to, kdcore.tracking)
 
@@ -62,6 +63,16 @@ class Teacher(Model):
     def signals(self, batch: Batch, request: SignalRequest) -> Signals:
         """The requested signals for ``batch``, without autograd history."""
         return self.forward_signals(batch, request).detached()
+
+    def unavailable(self, request: SignalRequest) -> frozenset[Signal]:
+        """The signals of ``request`` this teacher can never give (a stored teacher has logits only); a method
+        whose objectives ask for one is refused at planning."""
+        return frozenset()
+
+    def recorded_metrics(self) -> dict[str, Any] | None:
+        """Test scores measured elsewhere (a stored teacher's, at capture), reported instead of evaluating it;
+        None: evaluate the teacher itself."""
+        return None
 
 
 class Student(Model):
@@ -249,8 +260,6 @@ class Task(abc.ABC):
         ``files`` maps a role from :attr:`eval_file_roles` to a path. Tasks that
         cannot read user files keep this default, which reports that clearly.
         """
-        from kdcore.errors import KDUserError
-
         raise KDUserError(f"Task '{self.name}' cannot evaluate on user files (got {sorted(files)}); "
                           f"run 'kd eval --run DIR' without file options to score its own test split.")
 
@@ -304,6 +313,12 @@ class Method(abc.ABC):
         self.student = student
         self.objectives = list(objectives)
         self.total_steps = 0
+        missing = teacher.unavailable(self.teacher_request()) if teacher is not None else frozenset()
+        if missing:
+            raise KDUserError(
+                f"Plugin '{self.name}': the objectives ask the teacher for {', '.join(sorted(s.value for s in missing))}"
+                f", which this teacher ({type(teacher).__name__}) cannot give. Choose objectives on the signals it "
+                f"has (a stored teacher has logits only), or a teacher model (teacher.name).")
 
     def on_train_start(self, total_steps: int) -> None:
         """Called by the engine before the first step (schedules such as ImitKD's beta need T), and again with the

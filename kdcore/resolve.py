@@ -214,6 +214,24 @@ def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Pat
     Under torchrun the task is made on rank 0 first, then on the others; each model as its factory's
     ``builds_on_all_ranks`` says (:func:`_build_model`).
     """
+    task, teacher, context = build_task_and_teacher(resolved, device, cache_dir, dry_run=dry_run, registry=registry,
+                                                    saved_run=saved_run)
+    if resolved.config.trainer.evaluate_teacher:
+        teacher.recorded_metrics()  # a teacher that can neither be evaluated nor has scores is refused here
+    student = _build_model(resolved.student_factory, resolved.student_config, context, "student", Student)
+    student.to(device)
+    objectives = [WeightedObjective(o.label, o.cls(o.config), o.weight) for o in resolved.objectives]
+    with distributed.main_first():
+        method = resolved.method_cls(resolved.method_config, task, teacher, student, objectives)
+    return BuiltRun(resolved, task, teacher, student, method, device)
+
+
+def build_task_and_teacher(resolved: ResolvedRun, device: torch.device, cache_dir: Path | None = None, *,
+                           dry_run: bool = False, registry: Registry | None = None,
+                           saved_run: tuple[Path, Mapping[str, Any]] | None = None,
+                           ) -> tuple[Task, Teacher, BuildContext]:
+    """The task and the frozen teacher of a resolved run, and the build context a student is built in next
+    (:func:`build_components`; ``kd teacher capture`` needs only these two)."""
     config = resolved.config
     cache = Path(cache_dir) if cache_dir is not None else config.resolved_cache_dir()
     on_all_ranks = resolved.teacher_factory.builds_on_all_ranks or resolved.student_factory.builds_on_all_ranks
@@ -231,9 +249,4 @@ def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Pat
     teacher.freeze()
     teacher.to(device)
     context.teacher = teacher
-    student = _build_model(resolved.student_factory, resolved.student_config, context, "student", Student)
-    student.to(device)
-    objectives = [WeightedObjective(o.label, o.cls(o.config), o.weight) for o in resolved.objectives]
-    with distributed.main_first():
-        method = resolved.method_cls(resolved.method_config, task, teacher, student, objectives)
-    return BuiltRun(resolved, task, teacher, student, method, device)
+    return task, teacher, context

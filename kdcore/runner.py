@@ -163,8 +163,11 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
             load_weights(built.student, best)
     batch_size = trainer.eval_batch_size()
     student_metrics = evaluate_model(built, built.student, splits.test, batch_size)
-    teacher_metrics = (evaluate_model(built, built.teacher, splits.test, batch_size)
-                       if built.resolved.config.trainer.evaluate_teacher else {})
+    teacher_metrics: dict[str, Any] = {}
+    if built.resolved.config.trainer.evaluate_teacher:
+        recorded = built.teacher.recorded_metrics()
+        teacher_metrics = recorded if recorded is not None else evaluate_model(built, built.teacher, splits.test,
+                                                                                batch_size)
     if not rank.is_main:
         return distributed.broadcast_object(None)
     registry.hook.kd_on_evaluation_end(context=trainer.context, step=-1, metrics=student_metrics)

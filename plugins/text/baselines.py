@@ -42,6 +42,7 @@ class ScratchMethod(TextMethod):
     description: ClassVar[str] = "No distillation: the student trained with NLL on the data targets"
     Config: ClassVar[type[BaseModel]] = EmptyConfig
     exchanges_tokens: ClassVar[bool] = False
+    needs_teacher_model: ClassVar[bool] = False
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class WordKDMethod(TextMethod):
     description: ClassVar[str] = "Word-level KD: teacher next-token distribution on data prefixes (+ optional NLL)"
     Config: ClassVar[type[BaseModel]] = EmptyConfig
     exchanges_tokens: ClassVar[bool] = False  # both read the data; the teacher only when an objective asks
+    needs_teacher_model: ClassVar[bool] = False
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

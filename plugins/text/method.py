@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Comparison, Method, Student, Task, Teacher, WeightedObjective
 from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals
+from kdcore.teacher_store import StoredTeacher
 from kd_plugins.text.models import HFTextModel, check_vocab_compatible
 
 #: What a text method hands the objectives from each model.
@@ -54,15 +55,24 @@ class TextMethod(Method):
     #: or the student learns the teacher's outputs). Then, or when an objective compares the two, both must share
     #: one vocabulary.
     exchanges_tokens: ClassVar[bool] = True
+    #: Whether the teacher must run on prefixes outside the data (generation, the student's outputs); then a
+    #: stored teacher (:mod:`kdcore.teacher_store`) is refused.
+    needs_teacher_model: ClassVar[bool] = True
 
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
                  objectives: Sequence[WeightedObjective]) -> None:
         super().__init__(config, task, teacher, student, objectives)
-        if not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
+        if isinstance(teacher, StoredTeacher) and self.needs_teacher_model:
+            raise KDUserError(f"plugin '{self.name}' runs the teacher on prefixes that are not in the data (the "
+                              f"student's or the teacher's own outputs), so it needs the teacher model; a teacher "
+                              f"store (teacher: store) holds the teacher's logits on the data only. Use teacher "
+                              f"'{teacher.store.manifest['teacher'].get('name', 'the captured teacher')}', or a "
+                              f"plugin that reads the data (word-kd).")
+        if not isinstance(teacher, (HFTextModel, StoredTeacher)) or not isinstance(student, HFTextModel):
             raise KDUserError(f"plugin '{self.name}' needs text teacher and student models (teacher/student "
-                              f"'seq2seq' or 'causal-lm'); got {type(teacher).__name__} and "
+                              f"'seq2seq' or 'causal-lm', or a teacher 'store'); got {type(teacher).__name__} and "
                               f"{type(student).__name__}.")
-        self.text_teacher: HFTextModel = teacher
+        self.text_teacher: HFTextModel = teacher  # type: ignore[assignment] # a StoredTeacher answers the same calls
         self.text_student: HFTextModel = student
         if self.exchanges_tokens or self.teacher_request().signals:
             check_vocab_compatible(teacher, student, where=f"plugin '{self.name}'")

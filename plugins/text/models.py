@@ -205,7 +205,7 @@ class TextStudent(HFTextModel, Student):
 # ---------------------------------------------------------------------- vocabulary checks
 
 
-def _vocab_of(model: HFTextModel) -> dict[str, int] | None:
+def _vocab_of(model: Any) -> dict[str, int] | None:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         return None
@@ -220,7 +220,7 @@ def check_vocab_compatible(teacher: Model, student: Model, *, cross_tokenizer: b
     ``cross_tokenizer=True`` (an objective that aligns different vocabularies) skips
     the check. ``where`` names the config key for the message.
     """
-    if cross_tokenizer or not isinstance(teacher, HFTextModel) or not isinstance(student, HFTextModel):
+    if cross_tokenizer or not all(hasattr(model, "vocab_size") for model in (teacher, student)):
         return
     context = f" ({where})" if where else ""
     if teacher.vocab_size != student.vocab_size:
