@@ -506,6 +506,18 @@ class StoredTeacher(Teacher):
                               f"trainer.evaluate_teacher=false, or capture the store with this run's test data.")
         return {key: float(value) for key, value in metrics.items()}
 
+    def check_temperatures(self, objectives: Sequence[Any], where: str) -> None:
+        """Refuse divergence objectives whose temperature differs from the one the tail mass was captured at."""
+        captured = self.store.settings.temperature
+        for item in objectives:
+            temperature = getattr(getattr(item.objective, "config", None), "temperature", None)
+            if temperature is not None and float(temperature) != captured and not self.store.settings.full_logits:
+                raise KDUserError(
+                    f"Objective '{item.label}' ({where}) divides the logits by temperature {temperature}, but the "
+                    f"teacher store '{self.store.directory}' holds the teacher's tail mass at temperature {captured}; "
+                    f"the top-k distribution is exact only there. Set objectives.{item.label}.args.temperature="
+                    f"{captured}, or capture the store again with --temperature {temperature}.")
+
     def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
         missing = self.unavailable(request)
         if missing:

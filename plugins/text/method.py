@@ -68,6 +68,8 @@ class TextMethod(Method):
                               f"store (teacher: store) holds the teacher's logits on the data only. Use teacher "
                               f"'{teacher.store.manifest['teacher'].get('name', 'the captured teacher')}', or a "
                               f"plugin that reads the data (word-kd).")
+        if isinstance(teacher, StoredTeacher):
+            teacher.check_temperatures(self.objectives, f"plugin '{self.name}'")
         if not isinstance(teacher, (HFTextModel, StoredTeacher)) or not isinstance(student, HFTextModel):
             raise KDUserError(f"plugin '{self.name}' needs text teacher and student models (teacher/student "
                               f"'seq2seq' or 'causal-lm', or a teacher 'store'); got {type(teacher).__name__} and "

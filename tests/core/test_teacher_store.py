@@ -162,6 +162,9 @@ def test_bad_stores_are_refused_with_exit_2(store: Path, in_cache: Path, tmp_pat
     # a method that runs the teacher on the student's prefixes
     assert _run_from(store, tmp_path, plugin="imitation") == 2
     assert "needs the teacher model" in capsys.readouterr().err
+    # a divergence at another temperature than the stored tail mass
+    assert _run_from(store, tmp_path, "--set", "objectives.kd.args.temperature=2.0") == 2
+    assert "temperature 1.0" in capsys.readouterr().err
     # a truncated shard, and one with a flipped byte
     copy = _copy(store, tmp_path)
     shard = copy / "shard-00002-of-00004.safetensors"
