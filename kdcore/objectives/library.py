@@ -2,8 +2,9 @@
 
 Each class is a thin adapter from :class:`~kdcore.signals.Signals` to one function of the
 objectives library; the math lives in :mod:`kdcore.objectives.divergence`,
-:mod:`kdcore.objectives.hidden`, :mod:`kdcore.objectives.uld`, :mod:`kdcore.objectives.nll`
-and :mod:`kdcore.fused`. Formulas, use cases and config keys: docs/objectives.md.
+:mod:`kdcore.objectives.hidden`, :mod:`kdcore.objectives.uld`, :mod:`kdcore.objectives.cross_tokenizer`
+(with :mod:`kdcore.objectives.token_alignment`), :mod:`kdcore.objectives.nll` and :mod:`kdcore.fused`.
+Formulas, use cases and config keys: docs/objectives.md.
 
 Contract with models:
 
@@ -22,14 +23,17 @@ The hidden-state objectives are in :mod:`kdcore.objectives.layers`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+import torch
 from torch import Tensor
 
 from kdcore.errors import KDUserError
 from kdcore.fused import fused_linear_divergence
 from kdcore.interfaces import Batch, Objective, ObjectiveOutput
+from kdcore.objectives.cross_tokenizer import DISTANCES, batch_groups, cross_tokenizer_loss
 from kdcore.objectives.divergence import divergence
 from kdcore.objectives.inputs import counted_positions, labels_of, logits_of
 from kdcore.objectives.nll import token_nll
@@ -108,6 +112,28 @@ class ULDConfig(BaseModel):
                                       "when absent from the batch every teacher position counts")
 
 
+class CrossTokenizerConfig(BaseModel):
+    """Config of the cross-tokenizer likelihood matching (docs/objectives.md, "Across tokenizers")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    distance: Literal["binary_kl", "reverse_binary_kl", "abs_log", "abs_prob"] = Field(
+        "binary_kl", description=f"distance between Bernoulli(p_T(group)) and Bernoulli(p_S(group)): "
+                                 f"{', '.join(DISTANCES)}")
+    temperature: float = Field(
+        1.0, gt=0, description="ALM's binarisation temperature: each group's log-probability (not the logits) is "
+                               "divided by it, p -> p^(1/T), before the distance; ALM's recipe uses 100")
+    teacher_labels_key: str = Field(
+        "teacher_labels", description="batch key of the teacher's target ids per teacher logit position (-100 = not "
+                                      "a target)")
+    teacher_offsets_key: str = Field(
+        "teacher_offsets", description="batch key of (B, T_teacher, 2) character offsets of each teacher target "
+                                       "token in the text, (0, 0) for none")
+    student_offsets_key: str = Field(
+        "student_offsets", description="batch key of (B, T_student, 2) character offsets of each student target "
+                                       "token in the same text, (0, 0) for none")
+
+
 # --------------------------------------------------------------------------- helpers
 def _fused_ready(signals: Signals) -> bool:
     return signals.final_hidden is not None and signals.output_weight is not None
@@ -123,15 +149,51 @@ def _vocabulary_size(signals: Signals) -> int | None:
     return None
 
 
+#: ``Signals.extra`` key: how many rows of the model's head are real tokens (its tokenizer's size). Rows beyond it
+#: are padding (a head rounded up to a multiple, as Qwen-style models have); the logit objectives ignore them.
+TOKENIZER_VOCAB_SIZE = "tokenizer_vocab_size"
+
+
+def _drop_padding_rows(signals: Signals, role: str, name: str) -> None:
+    """Cut the head's padding rows (beyond the ``TOKENIZER_VOCAB_SIZE`` the signals report) off the logits, the
+    output projection and a top-k teacher, in place: later objectives of the same step see the trimmed signals."""
+    size = signals.extra.get(TOKENIZER_VOCAB_SIZE)
+    head = _vocabulary_size(signals)
+    if size is None or head is None or head == int(size):
+        return
+    size = int(size)
+    if size > head:
+        raise KDUserError(f"The {role} reports a tokenizer of {size} tokens but its head has only {head} rows (objective "
+                          f"{name!r}): the model and its tokenizer do not belong together.")
+    if isinstance(signals.logits, SparseLogits):
+        if bool((signals.logits.indices >= size).any()):
+            raise KDUserError(f"The {role}'s top-k logits hold ids of its head's padding rows (>= its tokenizer's "
+                              f"{size} tokens), objective {name!r}: capture them from the logits of the real tokens.")
+        signals.logits = replace(signals.logits, vocab_size=size)
+    elif signals.logits is not None:
+        signals.logits = signals.logits[..., :size]
+    if signals.output_weight is not None:
+        signals.output_weight = signals.output_weight[:size]
+    if signals.output_bias is not None:
+        signals.output_bias = signals.output_bias[:size]
+
+
 def _check_same_vocabulary(student: Signals, teacher: Signals, name: str) -> None:
-    """Token-level divergences need one vocabulary: say so (and what to use instead) before any math."""
+    """Token-level divergences need one vocabulary: heads that differ only by padding rows are trimmed to it
+    (:data:`TOKENIZER_VOCAB_SIZE`); any other difference is refused, with what to use instead, before any math."""
+    _drop_padding_rows(student, "student", name)
+    _drop_padding_rows(teacher, "teacher", name)
     student_vocab, teacher_vocab = _vocabulary_size(student), _vocabulary_size(teacher)
     if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
         raise KDUserError(
             f"Objective '{name}' compares distributions token by token, but the student predicts {student_vocab} "
             f"tokens and the teacher {teacher_vocab} (different vocabularies). Give the student the teacher's "
-            f"tokenizer, or use the cross-tokenizer objective instead: --set objectives.<label>=null "
-            f"--set 'objectives.uld={{name: uld}}'.")
+            f"tokenizer, or compare them across tokenizers: --set objectives.<label>=null --set "
+            f"'objectives.xt={{name: cross_tokenizer}}' (matches the likelihoods of the text both tokenizations "
+            f"cover; the batches must carry both sides' labels and character offsets) or 'objectives.uld={{name: "
+            f"uld}}' (sorted probabilities, position i with position i). Heads that differ only by padding rows "
+            f"beyond one shared tokenizer are accepted when the models report the tokenizer's size "
+            f"(Signals.extra['{TOKENIZER_VOCAB_SIZE}']).")
 
 
 # --------------------------------------------------------------------------- logit divergences
@@ -267,10 +329,15 @@ class TokenNLLObjective(Objective):
 
 # --------------------------------------------------------------------------- cross-tokenizer
 class ULDObjective(Objective):
-    """ULD: L1 between sorted probability vectors; student and teacher may use different tokenizers."""
+    """ULD: L1 between sorted probability vectors; student and teacher may use different tokenizers.
+
+    It pairs the i-th counted student position with the i-th counted teacher position, whatever text they cover:
+    the fallback when no character offsets are at hand. :class:`CrossTokenizerObjective` aligns the text.
+    """
 
     name: ClassVar[str] = "uld"
-    description: ClassVar[str] = "Universal Logit Distillation: L1 of sorted probabilities, for different tokenizers"
+    description: ClassVar[str] = ("Universal Logit Distillation: L1 of sorted probabilities, position i with position i "
+                                  "(the fallback of cross_tokenizer, which aligns the text)")
     Config: ClassVar[type[BaseModel]] = ULDConfig
 
     def student_request(self) -> SignalRequest:
@@ -280,6 +347,8 @@ class ULDObjective(Objective):
         return SignalRequest(frozenset({Signal.LOGITS}))
 
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
+        _drop_padding_rows(student, "student", self.name)
+        _drop_padding_rows(teacher, "teacher", self.name)
         student_logits = logits_of(student, "student", self.name)
         teacher_logits = logits_of(teacher, "teacher", self.name)
         assert isinstance(student_logits, Tensor)
@@ -295,7 +364,83 @@ class ULDObjective(Objective):
         return ObjectiveOutput(loss)
 
 
+def _batch_entry(batch: Batch, key: str, shape: tuple[int, ...], what: str, name: str) -> Any:
+    """``batch[key]``, refused with the reason when absent or not of ``shape`` (a tensor, or nested lists)."""
+    value = batch.get(key)
+    if value is None:
+        raise KDUserError(f"The objective {name!r} needs batch[{key!r}] ({what}), but the task's batches have no "
+                          f"{key!r}. Teacher and student read the text through different tokenizers, so the batch must "
+                          f"carry each side's targets and offsets (docs/objectives.md, 'Across tokenizers'); name "
+                          f"another key with the objective's '*_key' args.")
+    if isinstance(value, Tensor):
+        found: Any = tuple(value.shape)
+        fits = found == shape
+    else:
+        found = f"{len(value)} rows of lengths {sorted({len(row) for row in value})}"
+        fits = len(value) == shape[0] and all(len(row) == shape[1] for row in value)
+    if not fits:
+        raise KDUserError(f"The objective {name!r} found batch[{key!r}] of shape {found}, expected {shape} ({what}): "
+                          f"one entry per logit position of that side.")
+    return value
+
+
+class CrossTokenizerObjective(Objective):
+    """Likelihood matching of aligned text pieces (ALM; GOLD's token merging) between different tokenizers.
+
+    Reads both models' logits at their own positions, their own target ids (``labels``, ``teacher_labels``) and
+    both sides' character offsets of those targets; :mod:`kdcore.objectives.cross_tokenizer` has the math.
+    """
+
+    name: ClassVar[str] = "cross_tokenizer"
+    description: ClassVar[str] = ("Different tokenizers: likelihoods of the text pieces both tokenizations cover "
+                                  "(ALM / GOLD token merging)")
+    Config: ClassVar[type[BaseModel]] = CrossTokenizerConfig
+
+    def student_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.LOGITS}))
+
+    def teacher_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.LOGITS}))
+
+    def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
+        config = self.config
+        _drop_padding_rows(student, "student", self.name)
+        _drop_padding_rows(teacher, "teacher", self.name)
+        student_logits = logits_of(student, "student", self.name)
+        teacher_logits = logits_of(teacher, "teacher", self.name)
+        if isinstance(teacher_logits, SparseLogits):
+            raise KDUserError(f"The objective {self.name!r} needs the teacher's log-probability of each of its own "
+                              f"target tokens, which top-k logits lack whenever the target is outside the top k; give "
+                              f"it the teacher's dense logits (a teacher model, not a store of top-k logits).")
+        assert isinstance(student_logits, Tensor)
+        if student_logits.dim() != 3 or teacher_logits.dim() != 3:
+            raise KDUserError(f"The objective {self.name!r} expects (batch, time, vocab) logits, got student "
+                              f"{tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}; use it with "
+                              f"sequence models.")
+        if batch.get("labels") is None:
+            raise KDUserError(f"The objective {self.name!r} needs batch['labels'] (the student's target ids per logit "
+                              f"position, -100 = not scored), but the task's batches have none.")
+        student_labels = labels_of(batch, student_logits.shape, self.name)
+        assert student_labels is not None
+        rows, t_length, s_length = student_logits.shape[0], teacher_logits.shape[1], student_logits.shape[1]
+        teacher_labels = _batch_entry(batch, config.teacher_labels_key, (rows, t_length),
+                                      "the teacher's target ids per teacher logit position, -100 = not scored", self.name)
+        if not isinstance(teacher_labels, Tensor):
+            teacher_labels = torch.as_tensor(teacher_labels, dtype=torch.long)
+        teacher_offsets = _batch_entry(batch, config.teacher_offsets_key, (rows, t_length, 2),
+                                       "character offsets of the teacher's target tokens", self.name)
+        student_offsets = _batch_entry(batch, config.student_offsets_key, (rows, s_length, 2),
+                                       "character offsets of the student's target tokens", self.name)
+        groups = batch_groups(teacher_offsets, student_offsets, teacher_labels, student_labels)
+        loss = cross_tokenizer_loss(student_logits, teacher_logits, student_labels, teacher_labels, groups,
+                                    distance=config.distance, temperature=config.temperature)
+        aligned = sum(len(group.student) for row in groups for group in row)
+        scored = counted_positions(student_labels, 0)
+        return ObjectiveOutput(loss, {"groups": float(sum(len(row) for row in groups)),
+                                      "aligned_fraction": aligned / scored if scored else 0.0})
+
+
 __all__ = [
     "ForwardKLObjective", "JSDObjective", "ReverseKLObjective", "SkewForwardKLObjective", "SkewReverseKLObjective", "TVDObjective",
-    "TokenNLLObjective", "ULDObjective", "FUSED_AUTO_MIN_VOCAB",
+    "TokenNLLObjective", "ULDObjective", "CrossTokenizerObjective", "FUSED_AUTO_MIN_VOCAB", "TOKENIZER_VOCAB_SIZE",
 ]

@@ -4,9 +4,13 @@ When teacher and student have different vocabularies, their probability vectors 
 compared token by token. ULD compares them as *sorted* vectors: both distributions are
 sorted in decreasing order, the shorter one is padded with zeros to the larger vocabulary,
 and the loss is the L1 distance (a closed form of the Wasserstein-1 distance between the
-two sets of probabilities under a uniform cost). Sequences are aligned as ULD does: the
-i-th counted student position is paired with the i-th counted teacher position, and the
-longer of the two lists is truncated.
+two sets of probabilities under a uniform cost).
+
+Sequences are paired by *position*, as ULD does: the i-th counted student position is paired
+with the i-th counted teacher position, whatever text each covers, and the longer of the two
+lists is truncated. Where the two tokenizers cut the text differently, these pairs predict
+different pieces of text, so this is the fallback for when no character offsets are at hand;
+:mod:`kdcore.objectives.cross_tokenizer` (objective ``cross_tokenizer``) aligns the text.
 """
 from __future__ import annotations
 
