@@ -163,8 +163,8 @@ def _drop_padding_rows(signals: Signals, role: str, name: str) -> None:
         return
     size = int(size)
     if size > head:
-        raise KDUserError(f"The {role} reports a tokenizer of {size} tokens but its head has only {head} rows (objective "
-                          f"{name!r}): the model and its tokenizer do not belong together.")
+        raise KDUserError(f"The {role} reports a tokenizer of {size} tokens but its head has only {head} rows "
+                          f"(objective {name!r}): the model and its tokenizer do not belong together.")
     if isinstance(signals.logits, SparseLogits):
         if bool((signals.logits.indices >= size).any()):
             raise KDUserError(f"The {role}'s top-k logits hold ids of its head's padding rows (>= its tokenizer's "
@@ -336,8 +336,8 @@ class ULDObjective(Objective):
     """
 
     name: ClassVar[str] = "uld"
-    description: ClassVar[str] = ("Universal Logit Distillation: L1 of sorted probabilities, position i with position i "
-                                  "(the fallback of cross_tokenizer, which aligns the text)")
+    description: ClassVar[str] = ("Universal Logit Distillation: L1 of sorted probabilities, position i with "
+                                  "position i (the fallback of cross_tokenizer, which aligns the text)")
     Config: ClassVar[type[BaseModel]] = ULDConfig
 
     def student_request(self) -> SignalRequest:
@@ -424,7 +424,8 @@ class CrossTokenizerObjective(Objective):
         assert student_labels is not None
         rows, t_length, s_length = student_logits.shape[0], teacher_logits.shape[1], student_logits.shape[1]
         teacher_labels = _batch_entry(batch, config.teacher_labels_key, (rows, t_length),
-                                      "the teacher's target ids per teacher logit position, -100 = not scored", self.name)
+                                      "the teacher's target ids per teacher logit position, -100 = not scored",
+                                      self.name)
         if not isinstance(teacher_labels, Tensor):
             teacher_labels = torch.as_tensor(teacher_labels, dtype=torch.long)
         teacher_offsets = _batch_entry(batch, config.teacher_offsets_key, (rows, t_length, 2),
