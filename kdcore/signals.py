@@ -8,6 +8,7 @@ their vocabulary ids, e.g. from the on-disk teacher-logit cache).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -32,23 +33,76 @@ class Signal(str, enum.Enum):
 OPTIONAL_SIGNALS: frozenset[Signal] = frozenset({Signal.FINAL_HIDDEN})
 
 
+# float32 working copy of the logits in SparseLogits.from_dense, per block of rows
+_FROM_DENSE_BLOCK_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class SparseLogits:
-    """Top-k teacher logits per position.
+    """Top-k teacher logits per position, optionally with the log of the probability mass they leave out.
 
-    ``values`` and ``indices`` have shape ``(..., k)``; ``vocab_size`` is the
-    size of the full vocabulary. Entries outside the top k are treated as -inf
-    unless the consumer renormalises differently (see docs/objectives.md).
+    ``values`` and ``indices`` have shape ``(..., k)`` (raw logits, temperature 1, and their vocabulary
+    ids); ``vocab_size`` is the size of the full vocabulary. ``tail_log_mass`` (shape ``values.shape[:-1]``)
+    is ``log(1 - sum of the top-k probabilities)`` of the teacher at temperature ``tail_temperature``.
+    Without it the divergences renormalise the teacher over its top k; with it they compare the
+    (k+1)-atom distributions top-k + rest (docs/objectives.md, "Sparse (top-k) teachers and tail mass").
     """
 
     values: torch.Tensor
     indices: torch.Tensor
     vocab_size: int
+    tail_log_mass: torch.Tensor | None = None
+    tail_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.values.shape != self.indices.shape or self.values.dim() < 1:
+            raise ValueError(f"SparseLogits values {tuple(self.values.shape)} and indices "
+                             f"{tuple(self.indices.shape)} must have the same shape (..., k)")
+        if self.tail_log_mass is not None and self.tail_log_mass.shape != self.values.shape[:-1]:
+            raise ValueError(f"SparseLogits tail_log_mass {tuple(self.tail_log_mass.shape)} must have the shape of "
+                             f"the positions, {tuple(self.values.shape[:-1])}")
+        if not (self.tail_temperature > 0 and math.isfinite(self.tail_temperature)):
+            raise ValueError(f"SparseLogits tail_temperature must be a positive finite number, got "
+                             f"{self.tail_temperature}")
+
+    @property
+    def k(self) -> int:
+        """Number of kept logits per position."""
+        return int(self.values.shape[-1])
 
     def to_dense(self, fill: float = float("-inf")) -> torch.Tensor:
         """Scatter back to a ``(..., vocab_size)`` tensor filled with ``fill``."""
         dense = self.values.new_full((*self.values.shape[:-1], self.vocab_size), fill)
         return dense.scatter(-1, self.indices.long(), self.values)
+
+    @classmethod
+    def from_dense(cls, logits: torch.Tensor, k: int, temperature: float = 1.0) -> "SparseLogits":
+        """The top ``k`` of ``(..., V)`` logits with the exact log tail mass at ``temperature``.
+
+        ``values`` keep the dtype of ``logits`` (unscaled), ``indices`` are int64 and sorted by
+        decreasing logit, ``tail_log_mass`` is float32: ``logsumexp`` of the other logits minus
+        ``logsumexp`` of all (both divided by ``temperature``), ``-inf`` when nothing is left out.
+        Computed row block by row block so that only a bounded float32 copy of the logits exists.
+        """
+        vocab = int(logits.shape[-1])
+        if not 1 <= k <= vocab:
+            raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        top = logits.topk(k, dim=-1)
+        flat = logits.reshape(-1, vocab)
+        flat_indices = top.indices.reshape(-1, k)
+        tail = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        rows = max(1, _FROM_DENSE_BLOCK_BYTES // (4 * vocab))
+        for start in range(0, flat.shape[0], rows):
+            scaled = flat[start:start + rows].to(torch.float32, copy=True).div_(temperature)
+            log_total = torch.logsumexp(scaled, -1)
+            scaled.scatter_(-1, flat_indices[start:start + rows], float("-inf"))
+            log_rest = torch.logsumexp(scaled, -1)
+            # a row with no finite logit has no distribution: nothing is left out of it
+            tail[start:start + rows] = torch.where(torch.isfinite(log_total), log_rest - log_total,
+                                                   torch.full_like(log_total, float("-inf")))
+        return cls(top.values, top.indices, vocab, tail.reshape(logits.shape[:-1]), float(temperature))
 
 
 @dataclass(frozen=True)

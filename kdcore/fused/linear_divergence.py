@@ -7,6 +7,8 @@ logits, the per-position loss and the closed-form d loss / d logits with
 uses), and immediately turns that gradient into the gradients for the student's hidden
 states, weight and bias. Only one chunk of logits exists at a time, and backward is a
 multiplication of the stored (small) gradients by the incoming scalar.
+``fused_linear_sparse_divergence`` does the same against a top-k teacher (rows of its
+:class:`~kdcore.signals.SparseLogits` instead of projected teacher logits).
 
 Plain PyTorch only: no Triton, no torch.compile. Where an optional CUDA extension is
 built (:mod:`kdcore.fused.cuda_ext`), it is used on CUDA for the per-chunk step.
@@ -23,9 +25,13 @@ from kdcore.objectives.divergence import (
     Workspace,
     auto_chunk_rows,
     check_divergence_args,
+    check_sparse_teacher,
     divergence_chunk,
+    sparse_divergence_chunk,
+    sparse_on,
     valid_positions,
 )
+from kdcore.signals import SparseLogits
 
 # float64 inputs also take the "matmul dtype" route: the divergence math itself runs in float32.
 _FULL_PRECISION = (torch.float32,)
@@ -81,14 +87,26 @@ def _scaled(tensor: Tensor | None, factor: float) -> Tensor | None:
 class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,  # type: ignore[override]
-                teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Tensor | None, labels: Tensor | None,
-                kind: str, beta: float, skew: float, temperature: float, chunk_size: int | None) -> Tensor:
+                teacher_hidden: Tensor | SparseLogits, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+                labels: Tensor | None, kind: str, beta: float, skew: float, temperature: float,
+                chunk_size: int | None) -> Tensor:
+        # The teacher is either its hidden states and head (logits projected chunk by chunk) or
+        # top-k logits (rows taken from the sparse tensors and compared by sparse_divergence_chunk).
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_grad = need_hidden or need_weight or need_bias
         device = student_hidden.device
         vocab = student_weight.shape[0]
         student_flat = student_hidden.reshape(-1, student_hidden.shape[-1])
-        teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        sparse = teacher_hidden if isinstance(teacher_hidden, SparseLogits) else None
+        if sparse is not None:
+            teacher_flat = sparse.values.reshape(-1, sparse.k)
+            teacher_ids = sparse.indices.reshape(-1, sparse.k)
+            teacher_tail = None if sparse.tail_log_mass is None else sparse.tail_log_mass.reshape(-1)
+            teacher_dtype = student_hidden.dtype
+        else:
+            assert isinstance(teacher_hidden, Tensor) and teacher_weight is not None
+            teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+            teacher_dtype = teacher_hidden.dtype
         n_rows = student_flat.shape[0]
         valid = valid_positions(labels, student_hidden.shape[:-1], device)
         n_valid = n_rows if valid is None else valid.numel()
@@ -104,7 +122,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=device)
 
         if n_valid:
-            low_precision = student_hidden.dtype not in _FULL_PRECISION or teacher_hidden.dtype not in _FULL_PRECISION
+            low_precision = student_hidden.dtype not in _FULL_PRECISION or teacher_dtype not in _FULL_PRECISION
             use_onednn = device.type == "cpu" and not low_precision and onednn_gemm_usable()
             use_cuda_kernel = device.type == "cuda" and load_extension() is not None
             # Logits are finite unless a bias masks tokens with -inf: then the -inf clamp pass is needed.
@@ -116,8 +134,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
             student_lp = teacher_lp = weight_lp = None
             if low_precision:
                 student_lp = torch.empty(chunk, vocab, dtype=student_hidden.dtype, device=device)
-                teacher_lp = (student_lp if teacher_hidden.dtype == student_hidden.dtype
-                              else torch.empty(chunk, vocab, dtype=teacher_hidden.dtype, device=device))
+                teacher_lp = (student_lp if teacher_dtype == student_hidden.dtype
+                              else torch.empty(chunk, vocab, dtype=teacher_dtype, device=device))
                 if need_weight:
                     weight_lp = torch.empty(student_weight.shape, dtype=student_hidden.dtype, device=device)
             # logits / T = (h / T) @ W.T + b / T: dividing the (n, H) hidden states and the bias is a
@@ -127,7 +145,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
             if student_bias is not None:
                 student_bias = student_bias.to(student_hidden.dtype)
             if teacher_bias is not None:
-                teacher_bias = teacher_bias.to(teacher_hidden.dtype)
+                teacher_bias = teacher_bias.to(teacher_dtype)
             student_bias_t = _scaled(student_bias, inv_t)
             teacher_bias_t = _scaled(teacher_bias, inv_t)
             # d loss / d raw logits = d loss_row / d (logits / T) / T, averaged over counted positions
@@ -136,34 +154,45 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 rows: slice | Tensor = (slice(start, min(start + chunk, n_rows)) if valid is None
                                         else valid[start:start + chunk])
                 hidden_s = _rows(student_flat, rows)
-                hidden_t = _rows(teacher_flat, rows)
+                teacher_rows = _rows(teacher_flat, rows)  # hidden states, or top-k values
                 n = hidden_s.shape[0]
                 if low_precision:
-                    assert student_lp is not None and teacher_lp is not None
+                    assert student_lp is not None
                     # the matmul runs in the input dtype (fp32 accumulation inside), as the unfused
                     # model would produce its logits; the divergence math then runs in float32
                     logits_s = ws.get("student", n).copy_(torch.addmm(student_bias, hidden_s, student_weight.t(),
                                                                       out=student_lp[:n])
                                                           if student_bias is not None else
                                                           torch.mm(hidden_s, student_weight.t(), out=student_lp[:n]))
-                    logits_t = ws.get("teacher", n).copy_(torch.addmm(teacher_bias, hidden_t, teacher_weight.t(),
-                                                                      out=teacher_lp[:n])
-                                                          if teacher_bias is not None else
-                                                          torch.mm(hidden_t, teacher_weight.t(), out=teacher_lp[:n]))
                     if temperature != 1.0:
                         logits_s.mul_(inv_t)
-                        logits_t.mul_(inv_t)
                 else:
                     logits_s = _linear(_scaled(hidden_s, inv_t), student_weight, student_bias_t, use_onednn)
-                    logits_t = _linear(_scaled(hidden_t, inv_t), teacher_weight, teacher_bias_t, use_onednn)
-                if use_cuda_kernel and need_grad:
-                    result = student_chunk_step(logits_s, logits_t, kind, beta=beta, skew=skew, workspace=ws)
+                if sparse is not None:
+                    result = sparse_divergence_chunk(
+                        logits_s, teacher_rows.float() * inv_t, _rows(teacher_ids, rows),
+                        None if teacher_tail is None else _rows(teacher_tail, rows), kind, beta=beta, skew=skew,
+                        student_grad=need_grad, finite=finite)
                 else:
-                    result = divergence_chunk(logits_s, logits_t, kind, beta=beta, skew=skew, student_grad=need_grad,
-                                              workspace=ws, finite=finite)
+                    assert teacher_weight is not None
+                    if low_precision:
+                        assert teacher_lp is not None
+                        logits_t = ws.get("teacher", n).copy_(
+                            torch.addmm(teacher_bias, teacher_rows, teacher_weight.t(), out=teacher_lp[:n])
+                            if teacher_bias is not None else
+                            torch.mm(teacher_rows, teacher_weight.t(), out=teacher_lp[:n]))
+                        if temperature != 1.0:
+                            logits_t.mul_(inv_t)
+                    else:
+                        logits_t = _linear(_scaled(teacher_rows, inv_t), teacher_weight, teacher_bias_t, use_onednn)
+                    if use_cuda_kernel and need_grad:
+                        result = student_chunk_step(logits_s, logits_t, kind, beta=beta, skew=skew, workspace=ws)
+                    else:
+                        result = divergence_chunk(logits_s, logits_t, kind, beta=beta, skew=skew,
+                                                  student_grad=need_grad, workspace=ws, finite=finite)
+                    del logits_t
                 total += result.loss.sum(dtype=torch.float64)
                 grad_logits = result.student_grad
-                del logits_t
                 if grad_logits is None:
                     continue
                 if grad_bias is not None:
@@ -248,3 +277,39 @@ def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor, teac
         else student_weight
     return _FusedLinearDivergence.apply(student_hidden, student_weight_matched, student_bias, teacher_hidden.detach(),
                                         teacher_weight, teacher_bias, labels, kind, beta, skew, temperature, chunk_size)
+
+
+def fused_linear_sparse_divergence(student_hidden: Tensor, student_weight: Tensor, teacher: SparseLogits, kind: str, *,
+                                   student_bias: Tensor | None = None, labels: Tensor | None = None, beta: float = 0.5,
+                                   skew: float = 0.1, temperature: float = 1.0,
+                                   chunk_size: int | None = None) -> Tensor:
+    """``divergence(student_hidden @ student_weight.T + student_bias, teacher, kind, ...)`` for a top-k teacher
+    (:class:`~kdcore.signals.SparseLogits`, e.g. from a teacher store) without holding the full student logits.
+
+    The student's logits are produced chunk by chunk as in :func:`fused_linear_divergence`; the teacher's
+    rows are taken from ``teacher`` (``(..., k)``, same positions as ``student_hidden``) and each chunk
+    goes through :func:`kdcore.objectives.divergence.sparse_divergence_chunk`, the function the dense
+    path uses, so both give the same value. With ``teacher.tail_log_mass`` every kind is computable
+    (at ``temperature == teacher.tail_temperature``); without it the teacher is renormalised over its
+    top k and ``reverse_kl`` is refused.
+
+    Returns:
+        A float32 scalar with gradients for ``student_hidden``, ``student_weight`` and ``student_bias``.
+
+    Raises:
+        KDUserError: a top-k teacher the kind cannot use (see :func:`~kdcore.objectives.divergence.check_sparse_teacher`).
+    """
+    check_divergence_args(kind, beta, skew, temperature)
+    if student_hidden.shape[:-1] != teacher.values.shape[:-1]:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and sparse teacher "
+                         f"{tuple(teacher.values.shape)} must have the same leading (position) shape")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student weight {tuple(student_weight.shape)} must be (V, {student_hidden.shape[-1]})")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_sparse_teacher(teacher, kind, temperature, int(student_weight.shape[0]))
+    student_weight_matched = student_weight.to(student_hidden.dtype) if student_weight.dtype != student_hidden.dtype \
+        else student_weight
+    return _FusedLinearDivergence.apply(student_hidden, student_weight_matched, student_bias,
+                                        sparse_on(teacher, student_hidden.device), None, None, labels, kind, beta,
+                                        skew, temperature, chunk_size)

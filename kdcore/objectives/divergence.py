@@ -5,6 +5,9 @@ Everything that compares two categorical distributions given by logits goes thro
 *and* its gradient with respect to the (temperature-scaled) student logits, in closed form.
 :func:`divergence` (dense logits) and :func:`kdcore.fused.fused_linear_divergence` (logits
 produced chunk by chunk from hidden states) both call it, so the two can never disagree.
+A top-k teacher (:class:`~kdcore.signals.SparseLogits`) goes through
+:func:`sparse_divergence_chunk`, which groups both distributions into the teacher's k tokens
+plus "any other token" and calls :func:`divergence_chunk` on those k+1 atoms, in both paths.
 
 Why closed-form gradients instead of autograd: the fused path must produce the gradient
 while the logits of a chunk exist and then drop them; autograd would keep every chunk's
@@ -30,7 +33,7 @@ Conventions (see docs/objectives.md):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -254,6 +257,95 @@ def divergence_chunk(student: Tensor, teacher: Tensor, kind: str, *, beta: float
     return ChunkResult(loss, grad_s, grad_t)
 
 
+def _log1mexp(log_x: Tensor) -> Tensor:
+    """``log(1 - exp(log_x))`` for ``log_x <= 0``, accurate at both ends (Maechler's two branches)."""
+    return torch.where(log_x > -math.log(2.0), torch.log(-torch.expm1(log_x)), torch.log1p(-torch.exp(log_x)))
+
+
+def _first_finite_occurrences(values: Tensor, indices: Tensor) -> Tensor:
+    """Which of the ``(n, k)`` teacher entries form the top-k set: a finite value whose id did not occur
+    earlier in its row. Stored padding rows (ids 0..k-1 with -inf values) and repeated ids are left out,
+    so the k atoms and the rest always partition the vocabulary."""
+    member = values > float("-inf")
+    if indices.shape[-1] > 1:
+        sorted_ids, order = indices.sort(dim=-1, stable=True)
+        repeated = torch.zeros_like(member)
+        repeated[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+        member &= ~torch.empty_like(member).scatter_(-1, order, repeated)
+    return member
+
+
+def sparse_divergence_chunk(student: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
+                            teacher_tail: Tensor | None, kind: str, *, beta: float = 0.5, skew: float = 0.1,
+                            student_grad: bool = True, finite: bool = False) -> ChunkResult:
+    """Per-position divergence to a top-k (+ tail mass) teacher and its gradient wrt the dense student logits.
+
+    Both distributions are reduced to k+1 atoms: the teacher's top-k ids and "everything else".
+    The teacher's atoms are its top-k probabilities and its tail mass ``exp(teacher_tail)``; the
+    student's are its probabilities of the same ids and its own mass on all other ids. The
+    divergence of these two distributions is :func:`divergence_chunk` on their log-probabilities.
+    It equals the full-vocabulary divergence when the teacher's tail is distributed like the
+    student's, and is a lower bound of it otherwise (data-processing inequality). With
+    ``teacher_tail`` None the teacher has no mass outside its top k (it is renormalised over them),
+    and then the result equals the full-vocabulary divergence exactly, for every kind.
+
+    Args:
+        student: float32 ``(n, V)`` student logits already divided by the temperature; used as
+            scratch and overwritten (``student_grad`` of the result aliases it).
+        teacher_values: ``(n, k)`` teacher logits of the top-k ids, divided by the same temperature.
+        teacher_indices: ``(n, k)`` their vocabulary ids. Entries with value -inf, and repeats of an
+            id already in the row, are not part of the top-k set (their mass stays in the tail).
+        teacher_tail: ``(n,)`` log of the teacher's probability outside the top k at this
+            temperature, or None.
+        kind, beta, skew, student_grad, finite: as in :func:`divergence_chunk`.
+
+    Returns:
+        The per-position loss and d loss / d student (no teacher gradient: the teacher is a constant).
+    """
+    if student.dtype != torch.float32:
+        raise TypeError("sparse_divergence_chunk expects float32 student scratch logits")
+    n, k = teacher_values.shape
+    indices = teacher_indices.long()
+    member = _first_finite_occurrences(teacher_values, indices)
+
+    # teacher atoms: log p_T of the top-k ids (renormalised, then scaled to 1 - tail mass) and the tail
+    teacher_bucket = torch.empty(n, k + 1, dtype=torch.float32, device=student.device)
+    top = teacher_bucket[:, :k]
+    top.copy_(torch.log_softmax(teacher_values.float().clamp(min=LOG_FLOOR).masked_fill_(~member, LOG_FLOOR), -1))
+    if teacher_tail is None:
+        teacher_bucket[:, k] = LOG_FLOOR
+    else:
+        tail = teacher_tail.float().clamp(max=0.0)  # the top k always carry some mass; rounding may say otherwise
+        top.add_(_log1mexp(tail).clamp_(min=LOG_FLOOR).unsqueeze(-1))
+        teacher_bucket[:, k] = tail.clamp(min=LOG_FLOOR)
+    top.masked_fill_(~member, LOG_FLOOR)
+
+    # student atoms: log p_S of the same ids, and the log of its mass on all other ids
+    log_p = _floored_log_softmax_(student, finite)
+    student_bucket = torch.empty_like(teacher_bucket)
+    student_bucket[:, :k] = log_p.gather(-1, indices).masked_fill_(~member, LOG_FLOOR)
+    # drop the top-k ids (order-independent with repeated ids: the minimum of -inf and anything is -inf)
+    log_p.scatter_reduce_(-1, indices, torch.where(member, float("-inf"), float("inf")), "amin")
+    peak = log_p.amax(-1, keepdim=True)
+    peak.masked_fill_(peak == float("-inf"), 0.0)  # no other id: every factor below is 0
+    share = log_p.sub_(peak).exp_()  # p_v / exp(peak) on the other ids, 0 on the top k
+    total = share.sum(-1, keepdim=True)
+    student_bucket[:, k:] = (peak + total.log()).clamp_(min=LOG_FLOOR)
+
+    result = divergence_chunk(student_bucket, teacher_bucket, kind, beta=beta, skew=skew, student_grad=student_grad,
+                              workspace=Workspace(n, k + 1, student.device))
+    if not student_grad:
+        return ChunkResult(result.loss, None, None)
+    bucket_grad = result.student_grad
+    assert bucket_grad is not None
+    # The loss depends on z only through the atoms, whose gradients sum to 0 (softmax): a top-k id
+    # gets its atom's gradient, another id v its share p_v / m_S of the tail atom's gradient.
+    factor = torch.where(total > 0, bucket_grad[:, k:] / total, torch.zeros_like(total))
+    grad = share.mul_(factor)
+    grad.scatter_add_(-1, indices, bucket_grad[:, :k].masked_fill(~member, 0.0))
+    return ChunkResult(result.loss, grad, None)
+
+
 # --------------------------------------------------------------------------- argument checks
 def check_kind_message(kind: object) -> str:
     return f"unknown divergence kind {kind!r}; expected one of {', '.join(DIVERGENCE_KINDS)}"
@@ -271,18 +363,35 @@ def check_divergence_args(kind: str, beta: float, skew: float, temperature: floa
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
 
 
-def sparse_teacher_logits(teacher: SparseLogits, kind: str) -> Tensor:
-    """Dense teacher logits from top-k values: renormalised over the top-k support.
-
-    Tokens outside the support get probability 0 (logit -inf). Reverse KL is infinite
-    as soon as the student gives any mass outside the support, so it is refused.
-    """
-    if kind == "reverse_kl":
+def check_sparse_teacher(teacher: SparseLogits, kind: str, temperature: float, vocab: int) -> None:
+    """Refuse a top-k teacher that the divergence ``kind`` cannot use at ``temperature`` (KDUserError),
+    or whose ids do not fit a vocabulary of ``vocab`` entries (ValueError)."""
+    if teacher.vocab_size != vocab:
+        raise ValueError(f"the sparse teacher's vocabulary ({teacher.vocab_size}) and the student's ({vocab}) differ")
+    if teacher.indices.numel() and (int(teacher.indices.min()) < 0 or int(teacher.indices.max()) >= vocab):
+        raise ValueError(f"sparse teacher ids must lie in [0, {vocab}), got ids from {int(teacher.indices.min())} "
+                         f"to {int(teacher.indices.max())}")
+    if teacher.tail_log_mass is None:
+        if kind == "reverse_kl":
+            raise KDUserError(
+                "The objective kind 'reverse_kl' cannot use top-k teacher logits without their tail mass: the teacher "
+                "then gives probability 0 outside its top-k tokens, so KL(p_S || p_T) is infinite. Use a teacher "
+                "store captured with the tail mass (kd teacher capture records it), 'skew_reverse_kl' (finite for "
+                "skew > 0), 'jsd' or 'forward_kl', or run the teacher live.")
+        return
+    if not math.isclose(temperature, teacher.tail_temperature, rel_tol=1e-6):
         raise KDUserError(
-            "The objective kind 'reverse_kl' cannot use sparse (top-k, e.g. cached) teacher logits: the teacher "
-            "gives probability 0 outside its top-k tokens, so KL(p_S || p_T) is infinite. Use 'skew_reverse_kl' "
-            "(finite for skew > 0), 'jsd' or 'forward_kl' with a cached teacher, or run the teacher live.")
-    return teacher.to_dense(float("-inf"))
+            f"The objective kind '{kind}' uses temperature {temperature:g}, but the top-k teacher's tail mass was "
+            f"recorded at temperature {teacher.tail_temperature:g}, and the mass outside the top k at another "
+            f"temperature cannot be recovered from the top k alone. Set the objective's temperature to "
+            f"{teacher.tail_temperature:g}, or capture the teacher store again at temperature {temperature:g}.")
+
+
+def sparse_on(teacher: SparseLogits, device: torch.device) -> SparseLogits:
+    """``teacher`` with its tensors on ``device``, detached (a sparse teacher is a constant)."""
+    tail = teacher.tail_log_mass
+    return replace(teacher, values=teacher.values.detach().to(device), indices=teacher.indices.to(device),
+                   tail_log_mass=None if tail is None else tail.detach().to(device))
 
 
 def valid_positions(labels: Tensor | None, leading_shape: torch.Size, device: torch.device) -> Tensor | None:
@@ -356,18 +465,27 @@ def _put_rows(flat: Tensor, rows: slice | Tensor, values: Tensor) -> None:
 
 
 class _DenseDivergence(torch.autograd.Function):
-    """Dense-logits divergence whose gradient is computed in forward by :func:`divergence_chunk`."""
+    """Dense-logits divergence whose gradient is computed in forward by :func:`divergence_chunk`
+    (or, for a top-k teacher, :func:`sparse_divergence_chunk`)."""
 
     @staticmethod
-    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, kind: str,  # type: ignore[override]
-                beta: float, skew: float, temperature: float, chunk_size: int | None) -> Tensor:
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor | SparseLogits, labels: Tensor | None,  # type: ignore[override]
+                kind: str, beta: float, skew: float, temperature: float, chunk_size: int | None) -> Tensor:
         vocab = student_logits.shape[-1]
         student_flat = student_logits.reshape(-1, vocab)
-        teacher_flat = teacher_logits.reshape(-1, vocab)
+        sparse = teacher_logits if isinstance(teacher_logits, SparseLogits) else None
+        if sparse is not None:
+            teacher_flat = sparse.values.reshape(-1, sparse.k)
+            teacher_ids = sparse.indices.reshape(-1, sparse.k)
+            teacher_tail = None if sparse.tail_log_mass is None else sparse.tail_log_mass.reshape(-1)
+        else:
+            assert isinstance(teacher_logits, Tensor)
+            teacher_flat = teacher_logits.reshape(-1, vocab)
+            teacher_shape = teacher_logits.shape
         n_rows = student_flat.shape[0]
         valid = valid_positions(labels, student_logits.shape[:-1], student_logits.device)
         n_valid = n_rows if valid is None else valid.numel()
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and sparse is None
         total = torch.zeros((), dtype=torch.float64, device=student_logits.device)
         grad_s_flat = grad_t_flat = None
         if n_valid:
@@ -379,15 +497,22 @@ class _DenseDivergence(torch.autograd.Function):
             if need_s:
                 grad_s_flat = new_grad(student_flat.shape, dtype=student_logits.dtype, device=student_logits.device)
             if need_t:
-                grad_t_flat = new_grad(teacher_flat.shape, dtype=teacher_logits.dtype, device=teacher_logits.device)
+                grad_t_flat = new_grad(teacher_flat.shape, dtype=teacher_flat.dtype, device=teacher_flat.device)
             for rows, n in _chunk_indices(valid, n_rows, chunk):
                 student = ws.get("student", n).copy_(_take_rows(student_flat, rows))
-                teacher = ws.get("teacher", n).copy_(_take_rows(teacher_flat, rows))
                 if temperature != 1.0:
                     student.mul_(1.0 / temperature)
-                    teacher.mul_(1.0 / temperature)
-                result = divergence_chunk(student, teacher, kind, beta=beta, skew=skew, student_grad=need_s,
-                                          teacher_grad=need_t, workspace=ws)
+                if sparse is not None:
+                    result = sparse_divergence_chunk(
+                        student, _take_rows(teacher_flat, rows).float() * (1.0 / temperature),
+                        _take_rows(teacher_ids, rows), None if teacher_tail is None else _take_rows(teacher_tail, rows),
+                        kind, beta=beta, skew=skew, student_grad=need_s)
+                else:
+                    teacher = ws.get("teacher", n).copy_(_take_rows(teacher_flat, rows))
+                    if temperature != 1.0:
+                        teacher.mul_(1.0 / temperature)
+                    result = divergence_chunk(student, teacher, kind, beta=beta, skew=skew, student_grad=need_s,
+                                              teacher_grad=need_t, workspace=ws)
                 total += result.loss.sum(dtype=torch.float64)
                 if grad_s_flat is not None and result.student_grad is not None:
                     _put_rows(grad_s_flat, rows, result.student_grad.mul_(scale))
@@ -398,7 +523,7 @@ class _DenseDivergence(torch.autograd.Function):
             grad_t_flat = torch.zeros_like(teacher_flat) if need_t else None
         ctx.save_for_backward(
             grad_s_flat.view(student_logits.shape) if grad_s_flat is not None else None,
-            grad_t_flat.view(teacher_logits.shape) if grad_t_flat is not None else None,
+            grad_t_flat.view(teacher_shape) if grad_t_flat is not None else None,
         )
         return (total / max(n_valid, 1)).to(torch.float32)
 
@@ -417,8 +542,10 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor | SparseLogits, ki
 
     Args:
         student_logits: ``(..., V)`` logits (any float dtype; computed in float32).
-        teacher_logits: ``(..., V)`` logits, or :class:`~kdcore.signals.SparseLogits` (top-k
-            values and ids) which are renormalised over their top-k support.
+        teacher_logits: ``(..., V)`` logits, or :class:`~kdcore.signals.SparseLogits` (top-k values
+            and ids, ``(..., k)``): with its ``tail_log_mass`` compared as k+1 atoms (top k + the
+            rest, :func:`sparse_divergence_chunk`), without it renormalised over the top k. A sparse
+            teacher is a constant (no gradient flows to its values).
         kind: one of :data:`DIVERGENCE_KINDS` (see the module docstring and docs/objectives.md).
         beta: JSD interpolation weight; ``M = beta*p_T + (1-beta)*p_S``.
         skew: alpha of the skew KLs.
@@ -428,10 +555,18 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor | SparseLogits, ki
 
     Returns:
         A float32 scalar. Gradients flow to both logits (to the teacher's only if it requires grad).
+
+    Raises:
+        KDUserError: a top-k teacher the kind cannot use (see :func:`check_sparse_teacher`).
     """
     check_divergence_args(kind, beta, skew, temperature)
     if isinstance(teacher_logits, SparseLogits):
-        teacher_logits = sparse_teacher_logits(teacher_logits, kind).to(student_logits.device)
+        if student_logits.shape[:-1] != teacher_logits.values.shape[:-1]:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and sparse teacher "
+                             f"{tuple(teacher_logits.values.shape)} must have the same positions")
+        check_sparse_teacher(teacher_logits, kind, temperature, student_logits.shape[-1])
+        return _DenseDivergence.apply(student_logits, sparse_on(teacher_logits, student_logits.device), labels, kind,
+                                      beta, skew, temperature, chunk_size)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (same vocabulary)")

@@ -14,7 +14,8 @@ Contract with models:
   not false they also request ``Signal.FINAL_HIDDEN`` and, when both models return
   ``final_hidden`` + ``output_weight`` (+ ``output_bias``), choose the path themselves:
   :func:`~kdcore.fused.fused_linear_divergence` (``fused: auto`` from
-  :data:`FUSED_AUTO_MIN_VOCAB` vocabulary entries), otherwise the dense logits.
+  :data:`FUSED_AUTO_MIN_VOCAB` vocabulary entries), otherwise the dense logits. A top-k
+  teacher needs only the student's: :func:`~kdcore.fused.fused_linear_sparse_divergence`.
   A method may answer FINAL_HIDDEN and leave ``logits`` empty (the text methods do, so
   that the fused path never has the ``(B, T, V)`` logits built); the dense path then
   computes them from the final hidden state and the projection (``logits_of``).
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from kdcore.errors import KDUserError
-from kdcore.fused import fused_linear_divergence
+from kdcore.fused import fused_linear_divergence, fused_linear_sparse_divergence
 from kdcore.interfaces import Batch, Objective, ObjectiveOutput
 from kdcore.objectives.cross_tokenizer import DISTANCES, batch_groups, cross_tokenizer_loss
 from kdcore.objectives.divergence import divergence
@@ -225,10 +226,11 @@ class _DivergenceObjective(Objective):
         mode = self.config.fused
         if mode is False:
             return False
-        ready = _fused_ready(student) and _fused_ready(teacher) and not isinstance(teacher.logits, SparseLogits)
+        # a top-k teacher (a teacher store, ImitKD's hard variant) needs no projection: its rows are read as they are
+        sparse_teacher = isinstance(teacher.logits, SparseLogits)
+        ready = _fused_ready(student) and (sparse_teacher or _fused_ready(teacher))
         if mode is True and not ready:
-            why = ("the teacher's logits are top-k (a logit cache, or ImitKD's hard variant), which has no hidden "
-                   "state to project" if isinstance(teacher.logits, SparseLogits) else
+            why = ("the student did not hand over its final hidden state and output projection" if sparse_teacher else
                    "the models did not hand over their final hidden states and output projections")
             raise KDUserError(
                 f"The objective {self.name!r} has fused: true, but {why}. Use fused: auto (fused whenever the "
@@ -242,13 +244,19 @@ class _DivergenceObjective(Objective):
         _check_same_vocabulary(student, teacher, self.name)
         if self.use_fused(student, teacher):
             assert student.final_hidden is not None and student.output_weight is not None
-            assert teacher.final_hidden is not None and teacher.output_weight is not None
             labels = labels_of(batch, (*student.final_hidden.shape[:-1], 0), self.name)
-            loss = fused_linear_divergence(
-                student.final_hidden, student.output_weight, teacher.final_hidden.to(student.final_hidden.device),
-                teacher.output_weight.to(student.final_hidden.device), self.name,
-                student_bias=student.output_bias, teacher_bias=teacher.output_bias, labels=labels,
-                temperature=config.temperature, chunk_size=config.chunk_size, **self._parameters())
+            if isinstance(teacher.logits, SparseLogits):
+                loss = fused_linear_sparse_divergence(
+                    student.final_hidden, student.output_weight, teacher.logits, self.name,
+                    student_bias=student.output_bias, labels=labels, temperature=config.temperature,
+                    chunk_size=config.chunk_size, **self._parameters())
+            else:
+                assert teacher.final_hidden is not None and teacher.output_weight is not None
+                loss = fused_linear_divergence(
+                    student.final_hidden, student.output_weight, teacher.final_hidden.to(student.final_hidden.device),
+                    teacher.output_weight.to(student.final_hidden.device), self.name,
+                    student_bias=student.output_bias, teacher_bias=teacher.output_bias, labels=labels,
+                    temperature=config.temperature, chunk_size=config.chunk_size, **self._parameters())
             positions = student.final_hidden[..., 0].numel()
             return ObjectiveOutput(loss, {"fused": 1.0, "positions": counted_positions(labels, positions)})
         student_logits = logits_of(student, "student", self.name)

@@ -141,9 +141,12 @@ def test_fused_true_is_refused_when_the_models_cannot_take_the_fused_path() -> N
     with pytest.raises(KDUserError, match="fused: true"):
         objective(logits, Signals(logits=randn(4, 9, seed=24)), {})
     top = randn(4, 9, seed=25).topk(3, dim=-1)
+    sparse = Signals(logits=SparseLogits(top.values, top.indices, 9))
+    with pytest.raises(KDUserError, match="student did not hand over"):
+        objective(logits, sparse, {})
+    # a top-k teacher has no head to project: the student's final hidden state and head are enough
     head = _head_signals(randn(4, 5, seed=26), randn(9, 5, seed=27), torch.zeros(9), with_logits=False)
-    with pytest.raises(KDUserError, match="top-k"):
-        objective(head, Signals(logits=SparseLogits(top.values, top.indices, 9)), {})
+    assert objective(head, sparse, {}).parts["fused"] == 1.0
 
 
 def _head_signals(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, with_logits: bool) -> Signals:
