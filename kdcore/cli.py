@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="leave out run directories without metrics.json (still running or interrupted)")
     summary.add_argument("--decimals", type=int, default=3, help="decimals in the table (default 3)")
     summary.add_argument("--out", help="also write the Markdown table here, and the raw values to OUT.json")
+    summary.add_argument("--baseline", metavar="LABEL",
+                         help="also test every other group against this one (Welch's t-test per metric)")
 
     export = commands.add_parser("export", help="write a finished run's student as transformers/ONNX/... files "
                                                 "with a model card (docs/export.md)")
@@ -235,11 +237,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from kdcore.summary import markdown_table, parse_group, summarize
+    from kdcore.summary import markdown_table, markdown_welch, parse_group, summarize, welch_tests
 
     groups = [parse_group(spec, args.skip_unfinished) for spec in args.groups]
     rows, metrics, task = summarize(groups, args.metrics, include_teacher=not args.no_teacher)
     table = markdown_table(rows, metrics, args.decimals)
+    if args.baseline:
+        table += "\n" + markdown_welch(welch_tests(rows, metrics, args.baseline), args.baseline, args.decimals)
     print(table, end="")
     if args.out:
         out = Path(args.out)

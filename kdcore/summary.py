@@ -162,6 +162,57 @@ def markdown_table(rows: list[SummaryRow], metrics: list[str], decimals: int = 3
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class WelchTest:
+    """Welch's t-test of one row against the baseline row on one metric (two-sided; unequal variances)."""
+
+    label: str
+    metric: str
+    difference: float  # mean of the row minus mean of the baseline
+    t: float
+    degrees_of_freedom: float
+    p: float
+
+
+def welch_tests(rows: list[SummaryRow], metrics: list[str], baseline: str) -> list[WelchTest]:
+    """Every non-teacher row against the row labelled ``baseline``, per metric.
+
+    Welch's test (scipy.stats.ttest_ind with equal_var=False) compares seeds of two methods without assuming equal
+    variances; it needs at least two runs per row. A metric constant within both rows has no test (NaN).
+    """
+    from scipy import stats
+
+    by_label = {row.label: row for row in rows if row.label != "teacher"}
+    if baseline not in by_label:
+        raise KDUserError(f"kd summarize --baseline {baseline!r}: no group has that label; the groups are "
+                          f"{sorted(by_label)} (label a group with LABEL=GLOB).")
+    reference = by_label[baseline]
+    tests = []
+    for row in by_label.values():
+        if row is reference:
+            continue
+        for metric in metrics:
+            ours, theirs = row.values.get(metric, []), reference.values.get(metric, [])
+            if len(ours) < 2 or len(theirs) < 2:
+                raise KDUserError(f"kd summarize --baseline: Welch's test needs at least two runs per group; "
+                                  f"'{row.label}' has {len(ours)} and '{baseline}' {len(theirs)} for {metric}.")
+            result = stats.ttest_ind(ours, theirs, equal_var=False)
+            degrees = getattr(result, "df", math.nan)
+            tests.append(WelchTest(row.label, metric, statistics.fmean(ours) - statistics.fmean(theirs),
+                                   float(result.statistic), float(degrees), float(result.pvalue)))
+    return tests
+
+
+def markdown_welch(tests: list[WelchTest], baseline: str, decimals: int = 3) -> str:
+    """The tests as a Markdown table: difference of means, t, degrees of freedom, p."""
+    lines = [f"Welch's t-test against `{baseline}` (two-sided; p < 0.05 is a difference beyond seed noise):", "",
+             "| | metric | difference | t | df | p |", "|---|---|---|---|---|---|"]
+    for test in tests:
+        lines.append(f"| {test.label} | {test.metric} | {test.difference:+.{decimals}f} | {test.t:.2f} | "
+                     f"{test.degrees_of_freedom:.1f} | {test.p:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_json(rows: list[SummaryRow], metrics: list[str], task: str) -> dict[str, Any]:
     """The raw values behind the table (every seed), with means and standard deviations."""
     out: dict[str, Any] = {"task": task, "metrics": metrics, "rows": []}
@@ -174,4 +225,5 @@ def summary_json(rows: list[SummaryRow], metrics: list[str], task: str) -> dict[
     return out
 
 
-__all__ = ["RunResult", "SummaryRow", "markdown_table", "parse_group", "read_run", "summarize", "summary_json"]
+__all__ = ["RunResult", "SummaryRow", "WelchTest", "markdown_table", "markdown_welch", "parse_group", "read_run",
+           "summarize", "summary_json", "welch_tests"]

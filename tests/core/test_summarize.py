@@ -84,3 +84,32 @@ def test_errors_name_the_problem(toy_runs: Path, tmp_path: Path) -> None:
     (other / "metrics.json").write_text(json.dumps({"task": "wmt", "student": {"bleu": 1.0}}))
     with pytest.raises(KDUserError, match="mix tasks"):
         summarize([parse_group(f"{toy_runs}/vanilla-s0"), parse_group(str(other))])
+
+
+def test_welch_test_against_a_baseline_matches_the_formula(toy_runs: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import math
+
+    from scipy import stats
+
+    from kdcore.cli import main
+    from kdcore.summary import welch_tests
+
+    metric = sorted(_student(toy_runs / "vanilla-s0"))[0]
+    groups = [parse_group(f"long={toy_runs}/vanilla-s*"), parse_group(f"short={toy_runs}/short-s*")]
+    rows, metrics, _ = summarize(groups, [metric])
+    [test] = welch_tests(rows, metrics, "short")
+    long_values = [_student(toy_runs / f"vanilla-s{seed}")[metric] for seed in (0, 1, 2)]
+    short_values = [_student(toy_runs / f"short-s{seed}")[metric] for seed in (0, 1)]
+    variance = statistics.variance(long_values) / 3 + statistics.variance(short_values) / 2
+    expected_t = (statistics.fmean(long_values) - statistics.fmean(short_values)) / math.sqrt(variance)
+    degrees = variance ** 2 / ((statistics.variance(long_values) / 3) ** 2 / 2
+                               + (statistics.variance(short_values) / 2) ** 2 / 1)
+    assert test.label == "long" and test.t == pytest.approx(expected_t)
+    assert test.degrees_of_freedom == pytest.approx(degrees)
+    assert test.p == pytest.approx(2 * stats.t.sf(abs(expected_t), degrees))
+    assert main(["summarize", f"long={toy_runs}/vanilla-s*", f"short={toy_runs}/short-s*", "--metric", metric,
+                 "--baseline", "short"]) == 0
+    assert "Welch's t-test against `short`" in capsys.readouterr().out
+    with pytest.raises(KDUserError, match="no group has that label"):
+        welch_tests(rows, metrics, "missing")
