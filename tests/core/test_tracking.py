@@ -1,6 +1,7 @@
 """Experiment tracking (``trainer.report_to``): what the trackers record equals log.jsonl, read back with the
-trackers' own readers (TensorBoard's EventAccumulator, MLflow's client on the run's local store); refusals at
-planning; only rank 0 reports; a resume continues the same tracker runs.
+trackers' own readers (TensorBoard's EventAccumulator, MLflow's client on the run's local store, trackio's
+SQLiteStorage on its local directory); refusals at planning; only rank 0 reports; a resume continues the same tracker
+runs.
 
 W&B is replaced by a recorder module here (its offline files have no reader in the wandb package), which checks
 what kd hands it: offline mode, the run directory, the resolved config, the same scalars and the figures.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import shutil
+import socket
 import sys
 import types
 from pathlib import Path
@@ -26,7 +28,7 @@ from kdcore.registry import Registry
 from kdcore.resolve import resolve_run, resolve_saved_run
 from kdcore.tracking.registration import reporting
 
-TRACKED = ["trainer.report_to=[tensorboard,mlflow,wandb]", "trainer.progress=off"]
+TRACKED = ["trainer.report_to=[tensorboard,mlflow,wandb,trackio]", "trainer.progress=off"]
 TOY = ["run", "--task", "toy", "--plugin", "vanilla", "--preset", "tiny"]
 
 
@@ -104,16 +106,41 @@ def _mlflow_scalars(client: Any, run: Any) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, _RecordingWandb]:
-    """A tiny toy run reporting to TensorBoard, MLflow (real, local) and W&B (the recorder)."""
+def trackio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """trackio's local directory for this module. trackio reads TRACKIO_DIR once, at its first import, so the
+    variable is set before that import and the import is checked to have taken it (else nothing is run: the test
+    must not write into ~/.cache/huggingface)."""
+    directory = tmp_path_factory.mktemp("trackio")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRACKIO_DIR", str(directory))
+        for name in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
+            patch.delenv(name, raising=False)
+        import trackio.utils
+
+    if Path(trackio.utils.TRACKIO_DIR) != directory:
+        pytest.fail(f"trackio was imported before this module set TRACKIO_DIR; it writes to {trackio.utils.TRACKIO_DIR}")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory: pytest.TempPathFactory, trackio_dir: Path) -> tuple[Path, _RecordingWandb]:
+    """A tiny toy run reporting to TensorBoard, MLflow, trackio (real, local) and W&B (the recorder)."""
     out = tmp_path_factory.mktemp("tracked") / "run"
     recorder = _RecordingWandb()
+    connections: list[Any] = []
+
+    def refuse(_socket: socket.socket, address: Any) -> None:
+        connections.append(address)
+        raise OSError(f"the tracking test allows no network connection ({address})")
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "wandb", recorder)
+        patch.setattr(socket.socket, "connect", refuse)
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_PROJECT"):
             patch.delenv(name, raising=False)
         registry = Registry.discover(entry_points=False)
         runner.run(resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=TRACKED), registry, out)
+    assert connections == []  # no tracker tried to reach a server
     return out, recorder
 
 
@@ -143,7 +170,7 @@ def test_mlflow_holds_log_jsonl_s_scalars_the_config_and_the_figures(tracked_run
     assert _mlflow_scalars(client, run) == _expected_scalars(out)  # MLflow stores doubles: exactly equal
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert run.data.params["trainer.lr"] == str(config["trainer"]["lr"])
-    assert json.loads(run.data.params["trainer.report_to"]) == ["tensorboard", "mlflow", "wandb"]
+    assert json.loads(run.data.params["trainer.report_to"]) == ["tensorboard", "mlflow", "wandb", "trackio"]
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     figures = {item.path for item in client.list_artifacts(run.info.run_id, "figures")}
     assert "config.yaml" in artifacts and {"figures/loss.png", "figures/metric.png"} <= figures
@@ -167,6 +194,33 @@ def test_wandb_gets_the_same_scalars_offline_in_the_run_directory(tracked_run: t
     assert recorder.finished == 1
 
 
+def _trackio_logs(run_name: str) -> list[dict[str, Any]]:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert SQLiteStorage.get_runs("kd") == [run_name]  # one run: a resume continues it
+    return SQLiteStorage.get_logs("kd", run_name)
+
+
+def test_trackio_holds_log_jsonl_s_scalars_the_config_and_the_figures(tracked_run: tuple[Path, Any]) -> None:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    out, _ = tracked_run
+    scalars: dict[str, dict[int, float]] = {}
+    images: dict[str, Any] = {}
+    for entry in _trackio_logs(out.name):
+        for key, value in entry.items():
+            if key.startswith("figures/"):
+                images[key] = value
+            elif key not in ("step", "timestamp"):
+                assert key not in scalars or entry["step"] not in scalars[key], f"{key}: a step recorded twice"
+                scalars.setdefault(key, {})[entry["step"]] = value
+    assert scalars == _expected_scalars(out)  # trackio stores doubles: exactly equal
+    config = SQLiteStorage.get_run_config("kd", out.name)
+    assert {key: value for key, value in config.items() if not key.startswith("_")} == yaml.safe_load(
+        (out / "config.yaml").read_text())
+    assert set(images) == {"figures/loss", "figures/metric"}
+
+
 def test_a_resumed_run_continues_the_same_tracker_runs(tracked_run: tuple[Path, Any], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
@@ -181,6 +235,8 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tracked_run: tuple[Path, 
     steps = {point.step for point in _tensorboard(out).Scalars("train/loss")}
     assert steps == {record["step"] for record in read_jsonl(out / "log.jsonl") if record["type"] == "train"}
     assert sys.modules["wandb"].inits[0]["id"] == "recorded-run"  # the id the first run saved in its checkpoints
+    # trackio continues its run of the same name (the module's trackio test ran before this one, in file order).
+    assert max(entry["step"] for entry in _trackio_logs(out.name) if "train/loss" in entry) == 50
 
 
 def test_a_missing_extra_is_refused_at_planning_naming_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -198,7 +254,7 @@ def test_an_unknown_or_repeated_tracker_is_refused_with_the_known_names(tmp_path
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*TOY, "--out", str(tmp_path / "a"), "--dry-run", "--set", "trainer.report_to=[tensorbord]"]) == 2
     error = capsys.readouterr().err
-    assert "trainer.report_to: Unknown tracker 'tensorbord'" in error and "mlflow, tensorboard, wandb" in error
+    assert "trainer.report_to: Unknown tracker 'tensorbord'" in error and "mlflow, tensorboard, trackio, wandb" in error
     assert main([*TOY, "--out", str(tmp_path / "b"), "--dry-run", "--set",
                  "trainer.report_to=[mlflow,mlflow]"]) == 2
     assert "names mlflow more than once" in capsys.readouterr().err
