@@ -142,12 +142,21 @@ def test_onnx_export_decodes_greedily_in_onnxruntime(run_cache: Path, tmp_path: 
 
     out = tmp_path / "exp"
     assert main(["export", "--run", str(run_cache), "--out", str(out), "--format", "onnx"]) == 0
+    for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "tokenizer.json"):
+        assert (out / name).is_file(), name
     report = json.loads((out / "export.json").read_text(encoding="utf-8"))
     assert report["self_test"]["max_abs_difference"] <= 1e-4
+    assert set(report["self_test"]["max_abs_difference_by_output"]) == {"encoder", "decoder logits",
+                                                                        "decoder logits with past"}
     assert report["self_test"]["greedy_outputs_equal_kd"] == "16/16"
-    assert report["speed"]["onnxruntime greedy seconds, teacher"] > 0
-    assert parse_card_header((out / "README.md").read_text(encoding="utf-8"))["library_name"] == "onnx"
-    # Other shapes than the traced batch: three sentences, decoded by the numpy loop alone.
+    assert report["self_test"]["greedy_outputs_equal_kd_without_cache"] == "16/16"
+    for who in ("student", "teacher"):
+        assert report["speed"][f"onnxruntime greedy seconds, {who}"] > 0
+        assert report["speed"][f"onnxruntime greedy seconds without the key/value cache, {who}"] > 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert parse_card_header(card)["library_name"] == "onnx"
+    assert "key/value cache speed-up, student" in card and "decoder_with_past" in card
+    # Other shapes than the traced batch: three sentences, decoded by the numpy loop alone, with and without the cache.
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -155,14 +164,27 @@ def test_onnx_export_decodes_greedily_in_onnxruntime(run_cache: Path, tmp_path: 
     inputs = tokenizer(sources[:3], return_tensors="np", padding=True)
     encoder = onnxruntime.InferenceSession(str(out / "encoder_model.onnx"))
     decoder = onnxruntime.InferenceSession(str(out / "decoder_model.onnx"))
+    decoder_with_past = onnxruntime.InferenceSession(str(out / "decoder_with_past_model.onnx"))
     generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
-    tokens = onnx_greedy_decode(encoder, decoder, inputs["input_ids"], inputs["attention_mask"],
-                                decoder_start_token_id=generation["decoder_start_token_id"],
-                                eos_token_id=generation["eos_token_id"], pad_token_id=generation["pad_token_id"],
-                                max_new_tokens=generation["max_new_tokens"])
-    assert isinstance(tokens, np.ndarray)
-    texts = [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-    assert texts == kd_outputs[:3]
+    for cache in (decoder_with_past, None):
+        tokens = onnx_greedy_decode(encoder, decoder, inputs["input_ids"], inputs["attention_mask"],
+                                    decoder_with_past=cache, decoder_start_token_id=generation["decoder_start_token_id"],
+                                    eos_token_id=generation["eos_token_id"], pad_token_id=generation["pad_token_id"],
+                                    max_new_tokens=generation["max_new_tokens"])
+        assert isinstance(tokens, np.ndarray)
+        texts = [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        assert texts == kd_outputs[:3]
+    # The plain onnxruntime + numpy loop of docs/export.md, as written there, translates the same way.
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text(encoding="utf-8")
+    block = docs.split(DOCS_MARKER, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'directory = "exports/wmt-onnx"' in block
+    namespace: dict[str, object] = {}
+    exec(block.replace('"exports/wmt-onnx"', repr(str(out))), namespace)  # noqa: S102 - the documented code
+    assert [text.strip() for text in namespace["translate"](sources[:3])] == kd_outputs[:3]  # type: ignore[operator]
+
+
+#: The comment in docs/export.md right before the cached-decoding example this module runs.
+DOCS_MARKER = "<!-- tests/export/test_export_text.py runs the next block -->"
 
 
 def _leftovers(parent: Path) -> list[str]:
