@@ -93,8 +93,8 @@ class TrainerConfig(StrictModel):
         None, description="stop when the task's validation metric has not improved for `patience` evaluations")
     report_to: list[str] = Field(
         default_factory=list, description="experiment trackers that receive log.jsonl's scalars, the config and "
-                                          "report.md's figures (docs/tracking.md): tensorboard, mlflow, wandb or a "
-                                          "plugin's; kd list shows them")
+                                          "report.md's figures (docs/tracking.md): tensorboard, mlflow, wandb, "
+                                          "trackio or a plugin's; kd list shows them")
     time_budget_minutes: PositiveFloat | None = Field(
         None, description="wall-clock minutes for the training loop, validations included: when the rate measured "
                           "on the first steps projects more, max_steps is lowered to what fits (logged and "
