@@ -347,6 +347,8 @@ class ULDObjective(Objective):
     description: ClassVar[str] = ("Universal Logit Distillation: L1 of sorted probabilities, position i with "
                                   "position i (the fallback of cross_tokenizer, which aligns the text)")
     Config: ClassVar[type[BaseModel]] = ULDConfig
+    #: Compares teacher and student across tokenizers (a text method lets it meet two tokenizations).
+    aligns_tokenizers: ClassVar[bool] = True
 
     def student_request(self) -> SignalRequest:
         return SignalRequest(frozenset({Signal.LOGITS}))
@@ -403,6 +405,8 @@ class CrossTokenizerObjective(Objective):
     description: ClassVar[str] = ("Different tokenizers: likelihoods of the text pieces both tokenizations cover "
                                   "(ALM / GOLD token merging)")
     Config: ClassVar[type[BaseModel]] = CrossTokenizerConfig
+    #: Compares teacher and student across tokenizers (a text method lets it meet two tokenizations).
+    aligns_tokenizers: ClassVar[bool] = True
 
     def student_request(self) -> SignalRequest:
         return SignalRequest(frozenset({Signal.LOGITS}))

@@ -5,6 +5,11 @@ A text method (ImitKD, word-level KD, sequence-level KD, scratch) only decides *
 :meth:`TextMethod.meet` then runs the models and returns the :class:`~kdcore.interfaces.Comparison` on which the
 configured objectives compute the loss.
 
+Across tokenizers: where the task tokenises for the teacher with a tokenizer of its own (a text task's
+``data.teacher_vocab_size``), its batches carry the teacher's reading (``teacher_input_ids``, ``teacher_labels``, ...)
+and both sides' character offsets; the teacher then reads its own token ids, and only objectives that align the
+two tokenizations (``aligns_tokenizers``: ``cross_tokenizer``, ``uld``) may compare the two models.
+
 Signals: text models hand over logits and the final hidden state with the output projection (what a fused objective
 reads). They do not offer hidden states: a teacher and a student of different depths and widths have no
 layer-by-layer correspondence that a text method could state.
@@ -19,9 +24,10 @@ from pydantic import BaseModel
 
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Comparison, Method, Student, Task, Teacher, WeightedObjective
+from kdcore.objectives.library import CrossTokenizerObjective
 from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals
 from kdcore.teacher_store import StoredTeacher
-from kd_plugins.text.models import HFTextModel, check_vocab_compatible
+from kd_plugins.text.models import HFTextModel, check_vocab_compatible, teacher_reading
 
 #: What a text method hands the objectives from each model.
 TEXT_SIGNALS: frozenset[Signal] = frozenset({Signal.LOGITS, Signal.FINAL_HIDDEN})
@@ -76,8 +82,54 @@ class TextMethod(Method):
                               f"{type(student).__name__}.")
         self.text_teacher: HFTextModel = teacher  # type: ignore[assignment] # a StoredTeacher answers the same calls
         self.text_student: HFTextModel = student
-        if self.exchanges_tokens or self.teacher_request().signals:
-            check_vocab_compatible(teacher, student, where=f"plugin '{self.name}'")
+        self.check_tokenizers(task)
+
+    def check_tokenizers(self, task: Task) -> None:
+        """Refuse, before training, what the two tokenizations cannot do (exit 2 with what to use instead).
+
+        With one tokenizer, token-level objectives and methods that exchange tokens need the same vocabulary. Where
+        the task tokenises for the teacher with a tokenizer of its own, the teacher must be a model of that
+        tokenizer, tokens cannot pass between the models, and every objective that reads the teacher must align
+        the two tokenizations.
+        """
+        reading = [item for item in self.objectives if item.objective.teacher_request().signals]
+        where = f"plugin '{self.name}'"
+        data_config = getattr(task, "data_config", None)
+        if not getattr(data_config, "separate_teacher_tokenizer", False):
+            if self.exchanges_tokens or reading:
+                check_vocab_compatible(self.teacher, self.student, where=where)
+            offsets = [item.label for item in self.objectives if isinstance(item.objective, CrossTokenizerObjective)]
+            if offsets:
+                raise KDUserError(
+                    f"The objective(s) {', '.join(repr(label) for label in offsets)} (cross_tokenizer) align two "
+                    f"tokenizations of the text, but teacher and student share the task's tokenizer here, so the "
+                    f"batches carry no teacher tokens or offsets. Give the teacher a tokenizer of its own with --set "
+                    f"data.teacher_vocab_size=N (a text task), or compare token by token (objective forward_kl).")
+            return
+        sizes = f"data.vocab_size={data_config.vocab_size}, data.teacher_vocab_size={data_config.teacher_vocab_size}"
+        if isinstance(self.teacher, StoredTeacher):
+            raise KDUserError(f"A teacher store holds the teacher's logits on the task's own tokens, but this run "
+                              f"gives the teacher a tokenizer of its own ({sizes}): use the teacher model (the "
+                              f"default teacher), or drop data.teacher_vocab_size.")
+        if self.exchanges_tokens:
+            raise KDUserError(f"{where} passes tokens between teacher and student (the teacher reads the student's "
+                              f"outputs or the student learns the teacher's), which needs one tokenizer, but this run "
+                              f"gives them two ({sizes}). Drop data.teacher_vocab_size, or distil across the two "
+                              f"tokenizers with --plugin word-kd --set objectives.kd.name=cross_tokenizer.")
+        if not task.reads_teacher_view(self.teacher):  # type: ignore[attr-defined]
+            raise KDUserError(f"This run gives the teacher a tokenizer of its own ({sizes}), but the teacher model "
+                              f"has another one, so it would read token ids of another vocabulary. Use the "
+                              f"task-trained teacher (teacher.name=task-trained-seq2seq) or a teacher built from "
+                              f"teacher.args.config, which take the task's teacher tokenizer; or drop "
+                              f"data.teacher_vocab_size.")
+        token_level = [f"'{item.label}' ({item.objective.name})" for item in reading
+                       if not getattr(item.objective, "aligns_tokenizers", False)]
+        if token_level:
+            raise KDUserError(f"The objective(s) {', '.join(token_level)} compare teacher and student token by token, "
+                              f"but the two read the text through different tokenizers ({sizes}). Compare them "
+                              f"across tokenizers: --set objectives.kd.name=cross_tokenizer (likelihoods of the text "
+                              f"pieces both tokenizations cover; docs/objectives.md, 'Across tokenizers'), or drop "
+                              f"data.teacher_vocab_size.")
 
     def compare(self, batch: Batch, step: int) -> Comparison:
         """Teacher and student on the batch's data prefixes."""
@@ -106,12 +158,20 @@ class TextMethod(Method):
         for something, unless the method hands over ``teacher_signals`` of its own.
         """
         student_request, teacher_request = self.student_request(), self.teacher_request()
+        teacher_batch = teacher_reading(model_batch)
         if teacher_signals is None:
-            teacher_signals = (self.text_teacher.signals(model_batch, teacher_request)  # type: ignore[attr-defined]
+            teacher_signals = (self.text_teacher.signals(teacher_batch, teacher_request)  # type: ignore[attr-defined]
                                if teacher_request.signals else Signals())
         student_signals = self.text_student.forward_signals(model_batch, student_request)
         aligned = self.text_student.target_labels(model_batch) if labels is None else labels
-        return Comparison(student_signals, teacher_signals, self.comparison_batch(model_batch, aligned), parts)
+        comparison_batch = self.comparison_batch(model_batch, aligned)
+        if teacher_batch is not model_batch:
+            # Each side's targets and offsets at the logit positions that predict them.
+            comparison_batch.update(
+                teacher_labels=self.text_teacher.target_labels(teacher_batch),
+                teacher_offsets=self.text_teacher.align_with_logits(model_batch["teacher_offsets"], 0),
+                student_offsets=self.text_student.align_with_logits(model_batch["student_offsets"], 0))
+        return Comparison(student_signals, teacher_signals, comparison_batch, parts)
 
     def comparison_batch(self, model_batch: Batch, labels: torch.Tensor) -> dict[str, Any]:
         """What the objectives read besides the signals: ``labels`` aligned with the logits, ``attention_mask``

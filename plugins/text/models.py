@@ -21,6 +21,8 @@ the model's own right shift, as Hugging Face does) and ``decoder_attention_mask`
 Batch keys (causal LM): ``input_ids``, ``attention_mask``, ``labels`` aligned with
 ``input_ids`` (Hugging Face convention, -100 on the prompt and padding); the
 model's :meth:`HFTextModel.target_labels` shifts them to align with the logits.
+A teacher with a tokenizer of its own reads ``teacher_input_ids``,
+``teacher_attention_mask`` and ``teacher_labels`` instead (:func:`teacher_reading`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, Model, ModelFactory, Student, Teacher
+from kdcore.objectives.library import TOKENIZER_VOCAB_SIZE
 from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals
 
 log = logging.getLogger(__name__)
@@ -93,11 +96,18 @@ class HFTextModel:
 
     def target_labels(self, batch: Batch) -> torch.Tensor:
         """Labels aligned with the logits this model returns (``-100`` = no target)."""
-        labels = batch["labels"]
+        return self.align_with_logits(batch["labels"], IGNORE_INDEX)
+
+    def align_with_logits(self, per_label: torch.Tensor, fill: int) -> torch.Tensor:
+        """``per_label`` ``(B, T, ...)``, given per position of ``batch["labels"]``, moved to the logit position that
+        predicts that label; ``fill`` where no label is predicted.
+
+        Causal LM: logits at position t predict token t+1 (the shift Hugging Face does inside its loss).
+        """
         if self.is_encoder_decoder:
-            return labels
-        # Causal LM: logits at position t predict token t+1 (the shift Hugging Face does inside its loss).
-        return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+            return per_label
+        return torch.cat([per_label[:, 1:], per_label.new_full((per_label.shape[0], 1, *per_label.shape[2:]), fill)],
+                         dim=1)
 
     # ------------------------------------------------------------------ output projection
     def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,7 +177,16 @@ class HFTextModel:
         if request.wants(Signal.FINAL_HIDDEN):
             signals.final_hidden = final_hidden
             signals.output_weight, signals.output_bias = self.output_projection()
+        tokens = self.tokenizer_size
+        if tokens is not None and tokens < self.vocab_size:
+            # The head's rows beyond the tokenizer are padding (Qwen-style heads): the objectives leave them out.
+            signals.extra[TOKENIZER_VOCAB_SIZE] = tokens
         return signals
+
+    @property
+    def tokenizer_size(self) -> int | None:
+        """How many tokens the model's tokenizer has (None without one)."""
+        return None if self.tokenizer is None else len(self.tokenizer)
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
@@ -186,12 +205,28 @@ class HFTextModel:
             self.tokenizer.save_pretrained(str(directory))
 
 
+def teacher_reading(batch: Batch) -> Batch:
+    """The batch as the teacher reads it: its own token ids where the task tokenised for it with a tokenizer of its
+    own (``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_labels``), else the batch itself."""
+    if batch.get("teacher_input_ids") is None:
+        return batch
+    return {"input_ids": batch["teacher_input_ids"], "attention_mask": batch.get("teacher_attention_mask"),
+            "labels": batch["teacher_labels"], "ids": batch.get("ids")}
+
+
 class TextTeacher(HFTextModel, Teacher):
-    """A frozen transformers seq2seq or causal LM."""
+    """A frozen transformers seq2seq or causal LM.
+
+    Given a batch that carries the teacher's own reading of the text (:func:`teacher_reading`), it reads that one:
+    the student's token ids mean other tokens to it.
+    """
 
     def __init__(self, hf_model: Any, tokenizer: Any = None) -> None:
         super().__init__()
         self._init_text_model(hf_model, tokenizer)
+
+    def forward_signals(self, batch: Batch, request: SignalRequest) -> Signals:
+        return super().forward_signals(teacher_reading(batch), request)
 
 
 class TextStudent(HFTextModel, Student):
@@ -212,30 +247,42 @@ def _vocab_of(model: Any) -> dict[str, int] | None:
     return dict(tokenizer.get_vocab())
 
 
+#: What to do when token-level distillation meets two tokenizers (the end of the refusals below).
+CROSS_TOKENIZER_HINT = ("Build the student with the teacher's tokenizer (student.args.tokenizer = the teacher's "
+                        "directory), or, on a text task, give the teacher a tokenizer of its own with "
+                        "data.teacher_vocab_size and compare across tokenizers with plugin word-kd and --set "
+                        "objectives.kd.name=cross_tokenizer (docs/objectives.md, 'Across tokenizers').")
+
+
 def check_vocab_compatible(teacher: Model, student: Model, *, cross_tokenizer: bool = False, where: str = "") -> None:
     """Raise :class:`KDUserError` when teacher and student do not share a vocabulary.
 
-    Token-level objectives compare distributions id by id, so both models need the
-    same output size and, when both carry a tokenizer, the same token -> id map.
-    ``cross_tokenizer=True`` (an objective that aligns different vocabularies) skips
-    the check. ``where`` names the config key for the message.
+    Token-level objectives compare distributions id by id, so both models need the same token -> id map (when both
+    carry a tokenizer) and the same output size, except for padding rows: heads larger than one shared tokenizer
+    are accepted (the models report the tokenizer's size and the objectives leave those rows out).
+    ``cross_tokenizer=True`` (every objective that reads the teacher aligns different vocabularies, and each model
+    reads the text through its own tokenizer) skips the check. ``where`` names the config key for the message.
     """
     if cross_tokenizer or not all(hasattr(model, "vocab_size") for model in (teacher, student)):
         return
     context = f" ({where})" if where else ""
-    if teacher.vocab_size != student.vocab_size:
-        raise KDUserError(
-            f"Teacher and student vocabularies differ{context}: the teacher predicts {teacher.vocab_size} tokens, the "
-            f"student {student.vocab_size}. Token-level distillation compares the two distributions id by id, so build "
-            f"the student with the teacher's tokenizer (student.args.tokenizer = the teacher's directory) or use a "
-            f"cross-tokenizer objective.")
     teacher_vocab, student_vocab = _vocab_of(teacher), _vocab_of(student)
     if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
         differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:3]
         raise KDUserError(
-            f"Teacher and student tokenizers differ{context}: same size ({teacher.vocab_size}) but different token ids, "
-            f"e.g. {differing}. Build the student with the teacher's tokenizer (student.args.tokenizer) or use a "
-            f"cross-tokenizer objective.")
+            f"Teacher and student tokenizers differ{context}: the teacher's has {len(teacher_vocab)} tokens, the "
+            f"student's {len(student_vocab)}, with different token ids, e.g. {differing}. Token-level distillation "
+            f"compares the two distributions id by id. {CROSS_TOKENIZER_HINT}")
+    if teacher.vocab_size == student.vocab_size:
+        return
+    shared = getattr(teacher, "tokenizer_size", None)
+    if teacher_vocab is not None and student_vocab is not None and shared is not None and \
+            shared <= min(teacher.vocab_size, student.vocab_size):
+        return  # one tokenizer, heads that differ only by padding rows
+    raise KDUserError(
+        f"Teacher and student vocabularies differ{context}: the teacher predicts {teacher.vocab_size} tokens, the "
+        f"student {student.vocab_size}. Token-level distillation compares the two distributions id by id. "
+        f"{CROSS_TOKENIZER_HINT}")
 
 
 # ---------------------------------------------------------------------- factories
@@ -301,6 +348,10 @@ def _build_hf_model(config: TextModelConfig, context: BuildContext, causal: bool
 
     auto = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
     role = key.split(".")[0]
+    # A text task with data.teacher_vocab_size tokenises for the teacher with a tokenizer of its own.
+    def task_tokenizer() -> Any:
+        return getattr(context.task, "teacher_tokenizer" if role == "teacher" else "tokenizer", None)
+
     other = (f" If it is an encoder-decoder model, use the 'seq2seq' {role} instead." if causal
              else f" If it is a decoder-only model, use the 'causal-lm' {role} instead.")
     tokenizer = None
@@ -323,9 +374,9 @@ def _build_hf_model(config: TextModelConfig, context: BuildContext, causal: bool
                                            trust_remote_code=config.trust_remote_code, revision=config.revision)
             except KDUserError:
                 log.info("No tokenizer found with %s; the task's tokenizer is used.", config.source)
-        return model, tokenizer or getattr(context.task, "tokenizer", None)
+        return model, tokenizer or task_tokenizer()
 
-    tokenizer = tokenizer or getattr(context.task, "tokenizer", None)
+    tokenizer = tokenizer or task_tokenizer()
     values = dict(config.config or {})
     model_type = values.pop("model_type")
     if tokenizer is not None:
@@ -480,6 +531,6 @@ def marian_config(vocab_size: int | None = None, *, layers: tuple[int, int] = (2
 __all__ = [
     "CausalLMFactory", "CausalLMStudentFactory", "CausalLMTeacherFactory", "HFTextModel", "IGNORE_INDEX",
     "Seq2SeqFactory", "Seq2SeqStudentFactory", "Seq2SeqTeacherFactory", "TextModelConfig", "TextStudent",
-    "TextTeacher", "check_vocab_compatible", "load_tokenizer", "marian_config", "encoder_spread",
-    "COLLAPSED_ENCODER_SPREAD",
+    "TextTeacher", "CROSS_TOKENIZER_HINT", "check_vocab_compatible", "teacher_reading", "load_tokenizer",
+    "marian_config", "encoder_spread", "COLLAPSED_ENCODER_SPREAD",
 ]

@@ -6,6 +6,12 @@ tokenises it once with the task's tokenizer (:mod:`.tokenizer`) within the lengt
 
 ``{"id", "source", "target", "split", "source_ids", "target_ids"}``.
 
+With ``data.teacher_vocab_size`` the teacher reads the text through a tokenizer of its own
+(:attr:`TextTask.teacher_tokenizer`, trained like the task's): items and batches then carry the
+teacher's token ids and both sides' character offsets as well (:mod:`.encoding`, :mod:`.collate`),
+the task-trained teacher learns from the teacher's reading (:meth:`TextTask.teacher_items`), and a
+model with the teacher's tokenizer is evaluated on it. The task's tokenizer stays the student's.
+
 Training batches are length-bucketed (:func:`kd_tasks.sampling.length_bucketed_batches`) and
 collated as seq2seq batches (:mod:`.collate`). Evaluation decodes every item (greedy, and beam
 search with each of ``data.eval_beams``: :mod:`.decoding`) and hands hypotheses and references to
@@ -32,11 +38,11 @@ from .corpus import Corpus
 from .data_config import TextDataConfig
 from .decoding import decode_items
 from .diagnostics import distinct_fraction, first_batch_encoder_spread, warn_if_input_ignored
-from .encoding import encode_records
+from .encoding import encode_records, teacher_view
 from .files import Layout, TextRecord, configured_layouts, read_parallel_lines
 from .presets import text_task_defaults
 from .splits import capped_splits, file_splits
-from .tokenizer import task_tokenizer, tokenizer_fingerprint
+from .tokenizer import task_teacher_tokenizer, task_tokenizer, tokenizer_fingerprint
 
 #: Training batches are sorted by length within pools of this many batches.
 BUCKET_POOL_BATCHES = 50
@@ -57,6 +63,7 @@ class TextTask(Task):
         self.data_config: TextDataConfig = data_config
         self._records: dict[str, list[TextRecord]] | None = None
         self._tokenizer: Any = None
+        self._teacher_tokenizer: Any = None
         self._splits: DataSplits | None = None
         self.tokenizer_dir: Path | None = None
         self.corpus_info: dict[str, Any] = {}
@@ -97,9 +104,33 @@ class TextTask(Task):
                                                                  self.records()["train"])
         return self._tokenizer
 
+    @property
+    def teacher_tokenizer(self) -> Any:
+        """The teacher's tokenizer: its own with ``data.teacher_vocab_size`` (trained on the same text, cached like
+        the task's), else the task's."""
+        if not self.data_config.separate_teacher_tokenizer:
+            return self.tokenizer
+        if self._teacher_tokenizer is None:
+            self._teacher_tokenizer, _ = task_teacher_tokenizer(self.data_config, self.cache_dir,
+                                                                self.records()["train"])
+        return self._teacher_tokenizer
+
+    def teacher_items(self, items: Sequence[Any]) -> list[Any]:
+        """``items`` as the teacher reads them (its own token ids as ``source_ids``/``target_ids``): what the
+        task-trained teacher learns from and is evaluated on. The items themselves when teacher and student share
+        the task's tokenizer."""
+        return [teacher_view(item) for item in items]
+
+    def reads_teacher_view(self, model: Any) -> bool:
+        """Whether ``model`` reads the text through the teacher's own tokenizer (not the task's)."""
+        tokenizer = getattr(model, "tokenizer", None)
+        return (self.data_config.separate_teacher_tokenizer and tokenizer is not None
+                and tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(self.teacher_tokenizer))
+
     def _encode(self, records: Sequence[TextRecord], split: str, *, training: bool) -> list[dict[str, Any]]:
+        teacher_tokenizer = self.teacher_tokenizer if self.data_config.separate_teacher_tokenizer else None
         items, self.corpus_info[split] = encode_records(records, split, self.tokenizer, self.data_config,
-                                                        training=training)
+                                                        training=training, teacher_tokenizer=teacher_tokenizer)
         return items
 
     def build_data(self, seed: int) -> DataSplits:  # noqa: ARG002 - data depend on the data config only
@@ -114,20 +145,27 @@ class TextTask(Task):
         return self._splits
 
     def data_fingerprint(self) -> str:
-        """sha256 of the tokenised training split and the tokenizer: what a task-trained teacher learnt from."""
-        digest = hashlib.sha256(tokenizer_fingerprint(self.tokenizer).encode())
-        for item in self.build_data(0).train:
-            digest.update(json.dumps([item["source_ids"], item["target_ids"]]).encode())
-        return digest.hexdigest()
+        """sha256 of the tokenised training split and the tokenizer: what the student learns from (and, with one
+        tokenizer for both, a task-trained teacher)."""
+        return _training_data_fingerprint(self.tokenizer, self.build_data(0).train)
+
+    def teacher_data_fingerprint(self) -> str:
+        """sha256 of the training split as the teacher reads it and of its tokenizer: what a task-trained teacher
+        learns from. Equal to :meth:`data_fingerprint` of a task whose own tokenizer is this one."""
+        return _training_data_fingerprint(self.teacher_tokenizer, self.teacher_items(self.build_data(0).train))
 
     def fingerprints(self) -> dict[str, str]:
-        """``data`` (what a task-trained teacher learnt from), ``test`` (the scored inputs and references) and
-        ``tokenizer`` (its token -> id map)."""
+        """``data`` (what the student learns from), ``test`` (the scored inputs and references) and ``tokenizer``
+        (its token -> id map); with a teacher tokenizer of its own also ``teacher_data`` and ``teacher_tokenizer``."""
         digest = hashlib.sha256()
         for item in self.build_data(0).test:
             digest.update(json.dumps([item["source_ids"], item["target"]], ensure_ascii=False).encode())
-        return {"data": self.data_fingerprint(), "test": digest.hexdigest(),
-                "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        fingerprints = {"data": self.data_fingerprint(), "test": digest.hexdigest(),
+                        "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        if self.data_config.separate_teacher_tokenizer:
+            fingerprints.update(teacher_data=self.teacher_data_fingerprint(),
+                                teacher_tokenizer=tokenizer_fingerprint(self.teacher_tokenizer))
+        return fingerprints
 
     def save_run_files(self, out_dir: Path) -> dict[str, Any]:
         """The tokenizer in ``<out>/tokenizer/`` (Hugging Face layout): the student's token ids mean nothing without
@@ -177,7 +215,8 @@ class TextTask(Task):
 
     # ------------------------------------------------------------------ batches
     def collate(self, items: Sequence[Any]) -> Batch:
-        return collate_seq2seq(items, int(self.tokenizer.pad_token_id))
+        teacher_pad = int(self.teacher_tokenizer.pad_token_id) if self.data_config.separate_teacher_tokenizer else None
+        return collate_seq2seq(items, int(self.tokenizer.pad_token_id), teacher_pad)
 
     def epoch_batches(self, dataset: Sequence[Any], batch_size: int,
                       generator: torch.Generator) -> list[list[int]] | None:
@@ -203,6 +242,10 @@ class TextTask(Task):
             raise KDUserError(f"Task '{self.name}' evaluates text models (teacher/student 'seq2seq'); got "
                               f"{type(model).__name__}.")
         in_training = dataset[0].get("split") == "valid"
+        tokenizer = self.tokenizer
+        if self.reads_teacher_view(model):
+            # Padded with the task's padding id: a padded position is masked, whatever id it holds.
+            dataset, tokenizer = self.teacher_items(dataset), self.teacher_tokenizer
         beams = self.data_config.valid_beams if in_training else self.data_config.eval_beams
         references = [item["target"] for item in dataset]
         metrics: dict[str, float] = {}
@@ -212,7 +255,7 @@ class TextTask(Task):
             metrics["encoder_spread"] = spread
         for num_beams in beams:
             suffix = "" if num_beams == 1 else f"_beam{num_beams}"
-            hypotheses, speed = decode_items(model, dataset, self.collate, self.tokenizer, self.data_config, device,
+            hypotheses, speed = decode_items(model, dataset, self.collate, tokenizer, self.data_config, device,
                                              batch_size, num_beams)
             metrics.update(self.score(hypotheses, references, suffix))
             prefix = "greedy" if num_beams == 1 else f"beam{num_beams}"
@@ -221,6 +264,14 @@ class TextTask(Task):
             warn_if_input_ignored(hypotheses, f"{self.name} {dataset[0].get('split', '?')} ({prefix})", spread)
         metrics["examples"] = float(len(dataset))
         return metrics
+
+
+def _training_data_fingerprint(tokenizer: Any, items: Sequence[Any]) -> str:
+    """sha256 of a tokenizer's token -> id map and of the ``source_ids``/``target_ids`` of ``items``."""
+    digest = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
+    for item in items:
+        digest.update(json.dumps([item["source_ids"], item["target_ids"]]).encode())
+    return digest.hexdigest()
 
 
 __all__ = ["BUCKET_POOL_BATCHES", "RUN_TOKENIZER", "TextTask"]

@@ -51,6 +51,10 @@ class TextDataConfig(StrictModel):
     tokenizer: str = Field("train", description="'train': a BPE tokenizer trained on the training text (cached); "
                                                 "else a tokenizer directory, tokenizer.json or hub id")
     vocab_size: PositiveInt = Field(8000, description="size of the trained tokenizer's vocabulary")
+    teacher_vocab_size: PositiveInt | None = Field(
+        None, description="the teacher's own tokenizer, trained like the task's on the same text with this "
+                          "vocabulary size (distillation across tokenizers: objective cross_tokenizer); the task's "
+                          "tokenizer stays the student's. null: teacher and student share the task's tokenizer")
     local_files_only: bool = Field(True, description="tokenizer hub id: never download")
     eval_beams: list[PositiveInt] = Field(default_factory=lambda: [1, 5],
                                           description="beam sizes of the final evaluation (1 = greedy)")
@@ -72,7 +76,16 @@ class TextDataConfig(StrictModel):
         if self.corpus == "files" and self.train is None:
             raise ValueError("corpus 'files' needs data.train (e.g. data.train.path=train.tsv, or "
                              "data.train.source=train.en and data.train.reference=train.de)")
+        if self.teacher_vocab_size is not None and self.tokenizer != "train":
+            raise ValueError(f"teacher_vocab_size trains the teacher's own tokenizer on the task's text, but "
+                             f"data.tokenizer is '{self.tokenizer}' (not 'train'): a given tokenizer has its own "
+                             f"vocabulary; remove data.teacher_vocab_size or use data.tokenizer=train")
         return self
+
+    @property
+    def separate_teacher_tokenizer(self) -> bool:
+        """Whether the teacher reads the text through a tokenizer of its own (a different vocabulary size)."""
+        return self.teacher_vocab_size is not None and self.teacher_vocab_size != self.vocab_size
 
 
 __all__ = ["SplitFiles", "TextDataConfig"]

@@ -1,7 +1,8 @@
 """The teacher stage of the text tasks: train a Marian-style teacher on the task's data once, then reuse it.
 
 When no pretrained teacher is named (the offline default), ``task-trained-seq2seq``
-trains an encoder-decoder on the task's training split with the task's tokenizer
+trains an encoder-decoder on the task's training split with the teacher's tokenizer
+(the task's, or the teacher's own with ``data.teacher_vocab_size``: ``TextTask.teacher_tokenizer``)
 and caches it under
 
 ``<cache>/text/teachers/<task>-<sha256[:16]>/``: ``config.json``,
@@ -10,10 +11,12 @@ the tokenizer files, and the entry's content manifest ``kd-cache.json`` (:mod:`k
 recipe, settings and data fingerprint it was built from, the stage's steps, seconds and final loss, and the size and
 sha256 of every file, checked before the teacher is used: a damaged teacher is moved aside and trained again).
 
-The key hashes the task name, the tokenised training data and tokenizer
-(``TextTask.data_fingerprint``) and the effective teacher settings, so a change
+The key hashes the task name, the training data as the teacher reads them and its tokenizer
+(``TextTask.teacher_data_fingerprint``) and the effective teacher settings, so a change
 to any of them trains a new teacher and distillation runs on the same data reuse
-the cached one. Training is seeded by ``seed`` (not the run seed), so the teacher
+the cached one, also runs whose student has another tokenizer (the teacher of
+``data.teacher_vocab_size=8000`` is the one the default 8,000-token task trains).
+Training is seeded by ``seed`` (not the run seed), so the teacher
 does not change between the seeds of a comparison.
 
 The stage trains on the one engine (:mod:`kdcore.teacher_stage`): its log.jsonl and
@@ -116,7 +119,7 @@ def untrained_teacher(task: Any, settings: dict[str, Any]) -> Any:
     """The task-trained teacher's Marian model before training (initialised from the current torch RNG)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    tokenizer = task.tokenizer
+    tokenizer = task.teacher_tokenizer
     values = teacher_marian_config(settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
                                    forced_eos_token_id=tokenizer.eos_token_id)
@@ -126,7 +129,7 @@ def untrained_teacher(task: Any, settings: dict[str, Any]) -> Any:
 
 def cache_directory(task: Any, settings: dict[str, Any], cache_dir: Path) -> Path:
     """The cache entry of the teacher with these effective settings: its key hashes recipe, task, data and settings."""
-    key_material = json.dumps({"recipe": TEACHER_RECIPE, "task": task.name, "data": task.data_fingerprint(),
+    key_material = json.dumps({"recipe": TEACHER_RECIPE, "task": task.name, "data": task.teacher_data_fingerprint(),
                                "settings": settings}, sort_keys=True)
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     return Path(cache_dir) / "text" / "teachers" / f"{task.name}-{key}"
@@ -168,7 +171,7 @@ class TaskTrainedTeacherFactory(ModelFactory):
         from kd_plugins.text.models import TextTeacher
 
         task = context.task
-        if not hasattr(task, "data_fingerprint") or not hasattr(task, "tokenizer"):
+        if not hasattr(task, "teacher_data_fingerprint") or not hasattr(task, "teacher_tokenizer"):
             raise KDUserError(f"teacher 'task-trained-seq2seq' trains on a text task's data (wmt, summarization); "
                               f"task '{task.name}' is not one. Name a teacher with teacher.name.")
         settings = effective_settings(config, task, context.device)
@@ -179,9 +182,9 @@ class TaskTrainedTeacherFactory(ModelFactory):
             log.info("The teacher is not cached (%s); a kd run would train it first (%d steps of %d). Built "
                      "untrained with the same shape for this plan or evaluation.", directory,
                      settings["train_steps"], settings["batch_size"])
-            return TextTeacher(untrained_teacher(task, settings).eval(), task.tokenizer)
+            return TextTeacher(untrained_teacher(task, settings).eval(), task.teacher_tokenizer)
         built_from = {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
-                      "data_fingerprint": task.data_fingerprint()}
+                      "data_fingerprint": task.teacher_data_fingerprint()}
         hf_model = ensure_teacher_cached(
             directory, TEACHER_KIND, built_from,
             lambda: train_teacher(task, settings, directory, context.device, config, registry=context.registry),
@@ -189,13 +192,13 @@ class TaskTrainedTeacherFactory(ModelFactory):
             lambda: AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True),
             what=f"the {task.name} teacher")
         log.info("Using the task-trained teacher cached in %s.", directory)
-        return TextTeacher(hf_model.eval(), task.tokenizer)
+        return TextTeacher(hf_model.eval(), task.teacher_tokenizer)
 
 
 def _write_teacher(task: Any, staging: Path, hf_model: Any, stats: dict) -> dict:
     """Write the trained teacher's files into its entry's staging directory; return its stats for the manifest."""
     hf_model.save_pretrained(str(staging), safe_serialization=True)
-    task.tokenizer.save_pretrained(str(staging))
+    task.teacher_tokenizer.save_pretrained(str(staging))
     log.info("Teacher stage done in %.0f s of training (final training loss %.3f); caching it.",
              stats["seconds"], stats["final_loss"])
     return stats
@@ -212,12 +215,12 @@ def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device
     from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, TextStudent, encoder_spread
 
     config = config if config is not None else TaskTeacherConfig()
-    train = task.build_data(0).train
+    train = task.teacher_items(task.build_data(0).train)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(settings["seed"])  # the initial weights depend on the teacher seed only
         hf_model = untrained_teacher(task, settings)
-    model = TextStudent(hf_model, task.tokenizer).to(device)  # the trainable wrapper of every text model
+    model = TextStudent(hf_model, task.teacher_tokenizer).to(device)  # the trainable wrapper of every text model
     trainer = stage_trainer_config(settings, config, stage_time_budget(config, task))
     log.info("Teacher stage: training a %d+%d-layer d=%d Marian (%s parameters) for %d steps of %d examples on %d "
              "training pairs in %s; log.jsonl and checkpoints in %s (cached afterwards).", settings["encoder_layers"],

@@ -95,6 +95,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def training_texts(train: Sequence[TextRecord]) -> list[str]:
+    """What a task's tokenizer is trained on: every training source, then every training target."""
+    return [r["source"] for r in train] + [r["target"] for r in train]
+
+
 def task_tokenizer(config: TextDataConfig, cache_dir: Path, train: Sequence[TextRecord]) -> tuple[Any, Path | None]:
     """The tokenizer ``data.tokenizer`` names and its directory (None for a hub id).
 
@@ -102,8 +107,7 @@ def task_tokenizer(config: TextDataConfig, cache_dir: Path, train: Sequence[Text
     tokenizer directory, ``tokenizer.json`` or hub id. A tokenizer without a padding token is refused.
     """
     if config.tokenizer == "train":
-        texts = [r["source"] for r in train] + [r["target"] for r in train]
-        tokenizer, directory = cached_trained_tokenizer(cache_dir, texts, config.vocab_size)
+        tokenizer, directory = cached_trained_tokenizer(cache_dir, training_texts(train), config.vocab_size)
     else:
         from kd_plugins.text.models import load_tokenizer
 
@@ -115,5 +119,16 @@ def task_tokenizer(config: TextDataConfig, cache_dir: Path, train: Sequence[Text
     return tokenizer, directory
 
 
-__all__ = ["EOS", "PAD", "TOKENIZER_KIND", "TOKENIZER_RECIPE", "UNK", "cached_trained_tokenizer", "task_tokenizer",
-           "tokenizer_fingerprint", "train_bpe_tokenizer", "training_text_hash"]
+def task_teacher_tokenizer(config: TextDataConfig, cache_dir: Path, train: Sequence[TextRecord]) -> tuple[Any, Path]:
+    """The teacher's own tokenizer (``data.teacher_vocab_size``) and its directory: trained by the recipe and on the
+    texts of the task's tokenizer, so at the task's default size it is the very tokenizer (the same cache entry) that
+    the task trains there, and a teacher trained with that one is reused."""
+    if not config.separate_teacher_tokenizer:
+        raise ValueError("data.teacher_vocab_size names no tokenizer of its own")
+    assert config.teacher_vocab_size is not None
+    return cached_trained_tokenizer(cache_dir, training_texts(train), config.teacher_vocab_size)
+
+
+__all__ = ["EOS", "PAD", "TOKENIZER_KIND", "TOKENIZER_RECIPE", "UNK", "cached_trained_tokenizer",
+           "task_teacher_tokenizer", "task_tokenizer", "tokenizer_fingerprint", "train_bpe_tokenizer",
+           "training_text_hash", "training_texts"]

@@ -1,8 +1,9 @@
 """Mismatched teacher and student: a clear error before training goes wrong, or a working cross-tokenizer run.
 
-Text (task ``wmt``, preset ``tiny``, in-process): a student whose vocabulary differs from the
-teacher's must give a :class:`~kdcore.errors.KDUserError` for token-level objectives and
-plugins, and train normally with the cross-tokenizer objective ``uld``; hidden-state
+Text (task ``wmt``, preset ``tiny``, in-process): a teacher whose tokenizer differs from the
+student's must give a :class:`~kdcore.errors.KDUserError` for token-level objectives and
+plugins, and train normally with the cross-tokenizer objective ``uld``; a head with padding rows
+beyond the one shared tokenizer trains with token-level objectives; hidden-state
 objectives between layers of different widths give a KDUserError; over-long sequences are
 truncated with a warning. Speech: a DistilHuBERT student whose prediction heads are sized for
 another teacher width gives a KDUserError.
@@ -25,7 +26,9 @@ REGISTRY = Registry.discover(entry_points=False)
 QUICK = ["trainer.progress=off", "trainer.max_steps=2", "trainer.eval_every=2", "trainer.checkpoint_every=2",
          "trainer.evaluate_teacher=false", "data.max_train=64", "data.max_test=8", "data.max_valid=8",
          "data.eval_beams=[1]"]
-OTHER_VOCAB = "student.args.config.vocab_size=700"  # the tiny wmt tokenizer has 600 tokens
+# The tiny wmt tokenizer has 600 tokens; the teacher gets one of its own (2 teacher steps: only its shape counts).
+OTHER_TOKENIZER = ("data.teacher_vocab_size=700", "teacher.args.train_steps=2")
+PADDED_HEAD = "student.args.config.vocab_size=700"  # 100 rows beyond the shared tokenizer
 
 
 def _run(tmp_path: Path, plugin: str, *sets: str) -> dict:
@@ -36,19 +39,25 @@ def _run(tmp_path: Path, plugin: str, *sets: str) -> dict:
 def test_token_level_objective_with_another_vocabulary_is_a_user_error(tmp_path: Path, figures) -> None:
     figures.update(hostile_models=1)
     with pytest.raises(KDUserError, match="vocabular"):
-        _run(tmp_path, "vanilla", OTHER_VOCAB)
+        _run(tmp_path, "vanilla", *OTHER_TOKENIZER)
 
 
 def test_imitation_with_another_vocabulary_is_a_user_error(tmp_path: Path, figures) -> None:
     figures.update(hostile_models=1)
-    with pytest.raises(KDUserError, match="vocabularies differ"):
-        _run(tmp_path, "imitation", OTHER_VOCAB)
+    with pytest.raises(KDUserError, match="passes tokens between teacher and student"):
+        _run(tmp_path, "imitation", *OTHER_TOKENIZER)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the first step
 
 
 def test_cross_tokenizer_objective_trains_with_another_vocabulary(tmp_path: Path, figures) -> None:
     figures.update(hostile_models=1)
-    metrics = _run(tmp_path, "vanilla", OTHER_VOCAB, "objectives.kd=null", "objectives.uld={name: uld}")
+    metrics = _run(tmp_path, "vanilla", *OTHER_TOKENIZER, "objectives.kd=null", "objectives.uld={name: uld}")
+    assert "bleu" in metrics["student"] and metrics["nonfinite_steps"] == 0
+
+
+def test_padding_rows_beyond_one_tokenizer_train_with_token_level_objectives(tmp_path: Path, figures) -> None:
+    figures.update(hostile_models=1)
+    metrics = _run(tmp_path, "vanilla", PADDED_HEAD)
     assert "bleu" in metrics["student"] and metrics["nonfinite_steps"] == 0
 
 
