@@ -73,12 +73,13 @@ class TeacherLayerMethod(Method):
 
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
                  objectives: Sequence[WeightedObjective]) -> None:
-        super().__init__(config, task, teacher, student, objectives)
         factory = self.student_factory
         if not isinstance(student, factory.student_class):
             raise KDUserError(f"--plugin {self.name} needs student '{factory.name}', got {type(student).__name__}; "
                               f"set student.name: {factory.name}.")
+        # Set before the base class asks the teacher what it can give (teacher_request reads the target layers).
         self.speech_student: SpeechStudent = student
+        super().__init__(config, task, teacher, student, objectives)
         for item in self.objectives:
             if getattr(item.objective.config, "teacher_layers", None) is not None:
                 raise KDUserError(

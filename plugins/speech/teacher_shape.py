@@ -1,7 +1,8 @@
 """What a speech student reads off its teacher: the teacher's width and depth, and the layers it predicts.
 
-Sizes come from the transformers config inside the teacher where there is one, else from running the teacher once
-on a second of silence.
+Sizes come from the teacher's own ``hidden_size`` / ``num_hidden_layers`` where it states them (a stored teacher,
+which has no model, reads them from its store), else from the transformers config inside the teacher, else from
+running the teacher once on a second of silence.
 """
 from __future__ import annotations
 
@@ -49,9 +50,15 @@ def _probe_hidden_states(teacher: Teacher) -> tuple[torch.Tensor, ...]:
     return tuple(teacher.signals(batch, request(Signal.HIDDEN_STATES)).hidden_states or ())
 
 
+def _stated(teacher: Teacher, attribute: str) -> int | None:
+    value = getattr(teacher, attribute, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def teacher_hidden_size(teacher: Teacher) -> int:
-    """Width of the teacher's hidden states: from its transformers config, else by running it once on silence."""
-    width = _teacher_config_value(teacher, ("hidden_size", "d_model"))
+    """Width of the teacher's hidden states: as the teacher states it, else from its transformers config, else by
+    running it once on silence."""
+    width = _stated(teacher, "hidden_size") or _teacher_config_value(teacher, ("hidden_size", "d_model"))
     if width is not None:
         return width
     hidden = _probe_hidden_states(teacher)
@@ -62,8 +69,11 @@ def teacher_hidden_size(teacher: Teacher) -> int:
 
 
 def teacher_num_layers(teacher: Teacher) -> int:
-    """Transformer layers of the teacher: from its transformers config, else by running it once on silence."""
-    layers = _teacher_config_value(teacher, ("num_hidden_layers", "encoder_layers"))
+    """Transformer layers of the teacher: as the teacher states them, else from its transformers config, else by
+    running it once on silence."""
+    layers = _stated(teacher, "num_hidden_layers")
+    if layers is None:
+        layers = _teacher_config_value(teacher, ("num_hidden_layers", "encoder_layers"))
     return layers if layers is not None else len(_probe_hidden_states(teacher)) - 1
 
 

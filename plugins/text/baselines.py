@@ -7,7 +7,8 @@ Each decides only where teacher and student meet; the configured objectives (def
   (default objective: forward KL; add ``nll`` as a second objective for the weighted NLL on the data).
 * ``seq-kd`` (Kim & Rush 2016): the teacher's beam-search outputs replace the data targets; they are generated
   once per training example and cached on disk, keyed by the example id, a hash of its source tokens and the
-  teacher's weights (default objective: NLL on them).
+  teacher's weights (default objective: NLL on them), or read from a teacher store captured with
+  ``kd teacher capture --plugin seq-kd`` (``teacher: store``, no teacher model in memory).
 """
 from __future__ import annotations
 
@@ -20,19 +21,23 @@ from typing import Any, ClassVar, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kdcore.cache import CacheEntryDamaged, ensure_entry, verify_shard, write_shard
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Comparison, EmptyConfig, Student, Task, Teacher, WeightedObjective
 from kdcore.padding import pad_rows
-from kdcore.signals import IGNORE_INDEX
+from kdcore.signals import IGNORE_INDEX, Signal
+from kdcore.teacher_shards import AppendableStore
+from kdcore.teacher_store import StoredTeacher
 from kd_plugins.text.generation import beam_search, generation_length_limit, longest_target
 from kd_plugins.text.method import TextMethod, take_rows
 
 log = logging.getLogger(__name__)
 
-#: The kind of seq-kd's cache entries (kdcore.cache), and the pattern of their chunks.
+#: The kind of seq-kd's cache entries (kdcore.cache).
 SEQ_KD_KIND = "seq-kd"
-CHUNK_PATTERN = "chunk-*.json"
+#: /2: the outputs are teacher-store signal shards (kdcore.teacher_shards); /1 wrote JSON chunks.
+SEQ_KD_FORMAT = "seq-kd/2"
+#: The options of SeqKDConfig that decide the teacher's outputs (recorded with them, compared with a store's).
+DECODING_OPTIONS = ("num_beams", "length_penalty", "max_new_tokens", "max_length_ratio", "max_length_offset")
 
 
 class ScratchMethod(TextMethod):
@@ -79,41 +84,37 @@ class SeqKDConfig(BaseModel):
 
 
 class SeqKDCache:
-    """Teacher outputs on disk: a verified, appendable cache entry (:mod:`kdcore.cache`) ``<root>/<key>/`` whose
-    ``chunk-<time>-<size>-<sha256>.json`` files are each written once, atomically, and verify themselves.
+    """Teacher outputs on disk: an appendable teacher store in the kd cache
+    (:class:`kdcore.teacher_shards.AppendableStore`), ``<root>/<key>/`` with one ``sequences`` signal shard per
+    batch of new outputs.
 
-    ``key`` combines the teacher's weight fingerprint and the decoding settings (recorded in the entry's manifest),
-    so a different teacher or beam never reuses stale targets. Each entry stores a hash of the example's source
-    tokens: an id whose source changed is regenerated. A damaged chunk is deleted, with a warning naming it, and
-    its targets are generated again.
+    ``key`` combines the teacher's weight fingerprint and the decoding settings (recorded in the entry's manifest,
+    ``built_from``), so a different teacher or beam never reuses stale targets. Each output is stored under its
+    example id with a hash of the example's source tokens as its digest: an id whose source changed is generated
+    again. A damaged shard is deleted, with a warning naming it, and its targets are generated again.
     """
 
     def __init__(self, root: Path, key: str, built_from: dict[str, Any]) -> None:
-        self.directory = Path(root) / key
-        ensure_entry(self.directory, SEQ_KD_KIND, built_from, lambda staging: None,
-                     what="the seq-kd teacher outputs", shards=CHUNK_PATTERN, load=lambda _: None)
-        self.entries: dict[str, dict[str, Any]] = {}
-        for chunk in sorted(self.directory.glob(CHUNK_PATTERN)):
-            try:
-                verify_shard(chunk)
-                self.entries.update(json.loads(chunk.read_text(encoding="utf-8")))
-            except (CacheEntryDamaged, ValueError) as error:
-                reason = error.reason if isinstance(error, CacheEntryDamaged) else f"unreadable JSON ({error})"
-                log.warning("The seq-kd cache file %s is damaged (%s): deleted; its targets will be generated "
-                            "again.", chunk, reason)
-                chunk.unlink(missing_ok=True)
+        self.outputs = AppendableStore(Path(root) / key, SEQ_KD_KIND, {"format": SEQ_KD_FORMAT, **built_from},
+                                       what="the seq-kd teacher outputs", label="seq-kd cache file",
+                                       examples_label="targets")
+        self.directory = self.outputs.directory
+
+    def lookup_many(self, example_ids: Sequence[str], source_hashes: Sequence[str]) -> list[list[int] | None]:
+        """The stored outputs of the examples (None where missing or generated from another source)."""
+        found = self.outputs.lookup(example_ids, source_hashes)
+        return [found[i]["sequences"].tolist() if i in found else None for i in example_ids]
 
     def lookup(self, example_id: str, source_hash: str) -> list[int] | None:
-        entry = self.entries.get(example_id)
-        if entry is None or entry["source"] != source_hash:
-            return None
-        return list(entry["tokens"])
+        return self.lookup_many([example_id], [source_hash])[0]
 
     def store(self, new_entries: dict[str, dict[str, Any]]) -> None:
+        """Store ``{example id: {"source": source hash, "tokens": [...]}}`` as one new shard."""
         if not new_entries:
             return
-        write_shard(self.directory, "chunk", ".json", json.dumps(new_entries).encode("utf-8"))
-        self.entries.update(new_entries)
+        self.outputs.append(list(new_entries), [entry["source"] for entry in new_entries.values()],
+                            [{"sequences": torch.tensor(entry["tokens"], dtype=torch.int32)}
+                             for entry in new_entries.values()])
 
 
 def source_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
@@ -123,11 +124,14 @@ def source_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
 
 
 class SeqKDMethod(TextMethod):
-    """Sequence-level KD: teacher and student meet on the teacher's (cached) beam-search outputs."""
+    """Sequence-level KD: teacher and student meet on the teacher's (cached or stored) beam-search outputs."""
 
     name: ClassVar[str] = "seq-kd"
     description: ClassVar[str] = "Sequence-level KD (Kim & Rush 2016): teacher beam outputs as targets, cached on disk"
     Config: ClassVar[type[BaseModel]] = SeqKDConfig
+    # Its targets can come from a teacher store captured with them (checked in __init__, where a store without
+    # them, or objectives asking a store for more, are refused).
+    needs_teacher_model: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
                  objectives: Sequence[WeightedObjective]) -> None:
@@ -136,20 +140,63 @@ class SeqKDMethod(TextMethod):
         self.config: SeqKDConfig = config
         if not self.text_teacher.is_encoder_decoder:
             raise KDUserError("plugin 'seq-kd' decodes with encoder-decoder teachers only (teacher 'seq2seq').")
+        if isinstance(teacher, StoredTeacher):
+            self._check_store(teacher)
         self._cache: SeqKDCache | None = None
-        self.teacher_calls = 0  # beam-search batches run (0 when every target came from the cache)
+        self.teacher_calls = 0  # beam-search batches run (0 when every target came from the cache or a store)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return {"objectives": {"kd": {"name": "nll"}}}
 
+    @staticmethod
+    def decoding_settings(config: SeqKDConfig) -> dict[str, Any]:
+        """The options that decide the teacher's outputs."""
+        return {option: getattr(config, option) for option in DECODING_OPTIONS}
+
+    @classmethod
+    def decode_teacher_sequences(cls, teacher: Teacher, config: SeqKDConfig, batch: Batch) -> list[list[int]]:
+        """The teacher's beam-search outputs for every row of ``batch`` (also ``kd teacher capture``'s sequences)."""
+        data_labels = batch.get("labels")
+        # Without data targets to measure, only the hard cap applies.
+        limit = generation_length_limit(0 if data_labels is None else longest_target(data_labels),
+                                        config.max_new_tokens, None if data_labels is None else config.max_length_ratio,
+                                        config.max_length_offset)
+        generated = beam_search(teacher, batch["input_ids"], batch.get("attention_mask"),  # type: ignore[arg-type]
+                                num_beams=config.num_beams, max_new_tokens=limit,
+                                length_penalty=config.length_penalty)
+        return generated.to_lists()
+
+    def _check_store(self, teacher: StoredTeacher) -> None:
+        """Planning: the store holds the teacher's outputs under these decoding settings, and nothing else is asked
+        of it (a store answers on the data, not on the teacher's outputs)."""
+        store, where = teacher.store, f"teacher store '{teacher.store.directory}'"
+        if Signal.SEQUENCES.value not in store.signals:
+            raise KDUserError(f"plugin 'seq-kd' learns from the teacher's output sequences, but the {where} "
+                              f"(teacher.args.path) holds {', '.join(store.signals)}. Capture one with "
+                              f"'kd teacher capture --plugin seq-kd' (--signals sequences).")
+        captured, wanted = dict(store.settings.sequences or {}), self.decoding_settings(self.config)
+        differing = [f"method.{option}={wanted[option]} (captured: {captured.get(option)})"
+                     for option in DECODING_OPTIONS if captured.get(option) != wanted[option]]
+        if differing:
+            raise KDUserError(f"The {where} holds the teacher's outputs decoded with other settings: "
+                              f"{', '.join(differing)}. Use the captured settings, or capture again with these "
+                              f"method.* options (kd teacher capture --plugin seq-kd --set method....).")
+        if self.config.cache_dir is not None:
+            raise KDUserError(f"method.cache_dir is set, but with a teacher store ({where}) seq-kd reads the "
+                              f"teacher's outputs from the store and caches nothing; remove method.cache_dir.")
+        if self.teacher_request().signals:
+            asked = ", ".join(sorted(signal.value for signal in self.teacher_request().signals))
+            raise KDUserError(f"The objectives ask the teacher for {asked} on its own outputs, where plugin 'seq-kd' "
+                              f"compares the models; a teacher store ({where}) holds the teacher's signals on the "
+                              f"data only. Use the teacher model (teacher.name), or objectives that ask nothing of "
+                              f"the teacher (nll).")
+
     @property
     def cache(self) -> SeqKDCache:
         if self._cache is None:
             config = self.config
-            settings = {"num_beams": config.num_beams, "length_penalty": config.length_penalty,
-                        "max_new_tokens": config.max_new_tokens, "max_length_ratio": config.max_length_ratio,
-                        "max_length_offset": config.max_length_offset}
+            settings = self.decoding_settings(config)
             teacher_fingerprint = self.text_teacher.fingerprint()
             settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
             key = f"{teacher_fingerprint[:16]}-{settings_hash[:8]}"
@@ -166,26 +213,21 @@ class SeqKDMethod(TextMethod):
                               f"{sorted(batch)}.")
         ids = [str(item) for item in batch[self.config.ids_key]]
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        if isinstance(self.teacher, StoredTeacher):
+            return pad_rows(self.teacher.store.sequences(ids), IGNORE_INDEX, device=input_ids.device), len(ids)
         hashes = [source_hash(input_ids[i], None if attention_mask is None else attention_mask[i])
                   for i in range(len(ids))]
         cache = self.cache
-        targets: list[list[int] | None] = [cache.lookup(i, h) for i, h in zip(ids, hashes)]
+        targets: list[list[int] | None] = cache.lookup_many(ids, hashes)
         missing = [index for index, target in enumerate(targets) if target is None]
         if missing:
-            config = self.config
-            sources = take_rows(batch, torch.tensor(missing, device=input_ids.device), ("input_ids", "attention_mask"))
-            data_labels = batch.get("labels")
-            # Without data targets to measure, only the hard cap applies.
-            limit = generation_length_limit(0 if data_labels is None else longest_target(data_labels),
-                                            config.max_new_tokens,
-                                            None if data_labels is None else config.max_length_ratio,
-                                            config.max_length_offset)
-            generated = beam_search(self.text_teacher, sources["input_ids"], sources["attention_mask"],
-                                    num_beams=config.num_beams, max_new_tokens=limit,
-                                    length_penalty=config.length_penalty)
+            rows = take_rows(batch, torch.tensor(missing, device=input_ids.device), ("input_ids", "attention_mask"))
+            # The length cap follows the longest data target of the whole batch, as when every row is decoded.
+            rows["labels"] = batch.get("labels")
+            generated = self.decode_teacher_sequences(self.text_teacher, self.config, rows)
             self.teacher_calls += 1
             new_entries: dict[str, dict[str, Any]] = {}
-            for index, tokens in zip(missing, generated.to_lists()):
+            for index, tokens in zip(missing, generated):
                 targets[index] = tokens
                 new_entries[ids[index]] = {"source": hashes[index], "tokens": tokens}
             cache.store(new_entries)

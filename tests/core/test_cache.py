@@ -427,7 +427,7 @@ def test_seq_kd_outputs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     cache = SeqKDCache(tmp_path / "seq-kd", "key", built_from)
     cache.store({"a": {"source": "h1", "tokens": [1, 2, 3]}})
     cache.store({"b": {"source": "h2", "tokens": [4, 5]}})
-    chunks = sorted(cache.directory.glob("chunk-*.json"))
+    chunks = sorted(cache.directory.glob("shard-*.safetensors"))
     assert SeqKDCache(tmp_path / "seq-kd", "key", built_from).lookup("a", "h1") == [1, 2, 3]
     damage(cache.directory, "flipped bytes", chunks[0].name)
     with caplog.at_level(logging.WARNING):

@@ -13,7 +13,7 @@ import torch
 from kdcore.checkpoint import save_state_dict
 from kdcore.cli import main
 from kdcore.io import atomic_write_bytes, atomic_write_json, current_umask, follow_umask
-from kdcore.objectives.logit_cache import _atomic_write
+from kdcore.teacher_shards import AppendableStore
 
 
 @pytest.fixture
@@ -38,13 +38,15 @@ def test_atomic_writers_give_the_modes_of_a_plain_open(tmp_path: Path, umask, ma
     atomic_write_bytes(tmp_path / "a.bin", b"x")
     atomic_write_json(tmp_path / "nested" / "b.json", {"a": 1})
     save_state_dict({"w": torch.zeros(2)}, tmp_path / "c.safetensors")
-    _atomic_write(tmp_path / "d.safetensors", lambda name: Path(name).write_bytes(b"y"))
+    store = AppendableStore(tmp_path / "store", "test-store", {"teacher": "t"}, what="the test store",
+                            label="test shard", examples_label="examples")
+    shard = store.append(["a"], ["a"], [{"sequences": torch.tensor([1, 2], dtype=torch.int32)}])
     with open(tmp_path / "plain", "w", encoding="utf-8"):
         pass
     assert _mode(tmp_path / "plain") == file_mode
-    for name in ("a.bin", "nested/b.json", "c.safetensors", "d.safetensors"):
+    for name in ("a.bin", "nested/b.json", "c.safetensors", shard.relative_to(tmp_path).as_posix()):
         assert _mode(tmp_path / name) == file_mode, name
-    assert _mode(tmp_path / "nested") == dir_mode
+    assert _mode(tmp_path / "nested") == dir_mode and _mode(tmp_path / "store") == dir_mode
     staged = tmp_path / "staged"
     staged.mkdir(mode=0o700)
     follow_umask(staged)  # what a mkdtemp staging directory gets before it is renamed into place

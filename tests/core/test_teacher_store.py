@@ -51,7 +51,7 @@ def in_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_capture_writes_a_complete_store_with_top_k_and_tail(store: Path) -> None:
     manifest = json.loads((store / "kd-store.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["top_k"] == 8 and manifest["shards"] == 4  # 360 training examples, 100 per shard
-    assert sum(len(shard["ids"]) for shard in manifest["shard_files"]) == manifest["examples"] == 360
+    assert sum(shard["examples"] for shard in manifest["shard_files"]) == manifest["examples"] == 360
     metrics = json.loads((store / "teacher-metrics.json").read_text(encoding="utf-8"))
     assert "bleu" in metrics["metrics"] and metrics["test_sha256"] == manifest["test_sha256"]
 
@@ -189,3 +189,126 @@ def test_bad_stores_are_refused_with_exit_2(store: Path, in_cache: Path, tmp_pat
     assert _run_from(copy, tmp_path) == 2
     assert "trainer.evaluate_teacher" in capsys.readouterr().err
     assert _run_from(copy, tmp_path, "--set", "trainer.evaluate_teacher=false") == 0
+
+
+# ----------------------------------------------------------------------------------------------- sequences (seq-kd)
+
+#: seq-kd's decoding settings for the tests (a narrow, short beam: the tiny teacher decodes 360 examples quickly).
+SEQ_KD = ["--plugin", "seq-kd", "--set", "method.num_beams=2", "--set", "method.max_new_tokens=12"]
+
+
+@pytest.fixture(scope="module")
+def sequence_store(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, store: Path) -> Path:
+    """The teacher's beam outputs, captured as --plugin seq-kd decodes them (the default signal of seq-kd)."""
+    out = tmp_path_factory.mktemp("stores") / "wmt-seq"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KD_CACHE_DIR", str(cache_dir))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        assert main([*CAPTURE[:-6], "--shard-examples", "100", "--batch-size", "16", *SEQ_KD, "--no-evaluate",
+                     "--out", str(out)]) == 0
+    return out
+
+
+def _seq_kd(*extra: str, teacher: list[str] | None = None):  # noqa: ANN202
+    from kdcore.registry import Registry
+    from kdcore.resolve import build_components, resolve_run
+
+    sets = [*DATA[1::2], *SEQ_KD[3::2], *(teacher or []), *extra]
+    resolved = resolve_run(Registry.discover(), task="wmt", plugin="seq-kd", preset="tiny", sets=sets)
+    return build_components(resolved, torch.device("cpu"))
+
+
+def test_stored_sequences_are_the_teachers_beam_outputs(sequence_store: Path, in_cache: Path) -> None:
+    from kdcore.teacher_store import TeacherStore
+
+    manifest = json.loads((sequence_store / "kd-store.json").read_text(encoding="utf-8"))
+    assert manifest["settings"]["signals"] == ["sequences"]
+    assert manifest["settings"]["sequences"] == {"num_beams": 2, "length_penalty": 1.0, "max_new_tokens": 12,
+                                                 "max_length_ratio": 2.0, "max_length_offset": 5}
+    live = _seq_kd()
+    batch = live.task.collate(live.task.build_data(0).train[:16])  # the capture's first batch
+    expected = live.method.decode_teacher_sequences(live.teacher, live.method.config, batch)
+    assert TeacherStore(sequence_store).sequences(batch["ids"]) == expected
+    assert all(0 < len(tokens) <= 12 for tokens in expected)
+
+
+def test_seq_kd_learns_from_stored_sequences_without_a_teacher_model(sequence_store: Path, in_cache: Path) -> None:
+    from kd_plugins.text.baselines import SeqKDMethod
+
+    built = _seq_kd("trainer.evaluate_teacher=false",
+                    teacher=["teacher.name=store", f"teacher.args.path={sequence_store}"])
+    assert isinstance(built.method, SeqKDMethod) and not list(built.teacher.parameters())
+    batch = built.task.collate(built.task.build_data(0).train[40:44])
+    targets, hits = built.method.teacher_targets(batch)
+    stored = built.teacher.store.sequences(batch["ids"])
+    assert hits == 4 and [row[row != -100].tolist() for row in targets] == stored
+    output = built.method.training_step(batch, 0)
+    assert torch.isfinite(output.loss) and output.parts["cache_hit_fraction"] == 1.0
+    assert built.method.teacher_calls == 0 and built.method._cache is None  # no run-time cache either
+
+
+def test_stores_lacking_what_the_method_reads_are_refused(store: Path, sequence_store: Path, in_cache: Path,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    seq_kd = ["--set", "method.num_beams=2", "--set", "method.max_new_tokens=12"]
+    # seq-kd from a store of logits, word-kd from a store of sequences
+    assert _run_from(store, tmp_path, *seq_kd, plugin="seq-kd") == 2
+    assert "holds logits" in capsys.readouterr().err
+    assert _run_from(sequence_store, tmp_path, "--set", "trainer.evaluate_teacher=false") == 2
+    assert "holds sequences. Capture a store with --signals logits,sequences" in capsys.readouterr().err
+    # other decoding settings, and objectives that ask the stored teacher for logits on its own outputs
+    assert _run_from(sequence_store, tmp_path, "--set", "method.num_beams=3", "--set", "method.max_new_tokens=12",
+                     "--set", "trainer.evaluate_teacher=false", plugin="seq-kd") == 2
+    assert "method.num_beams=3 (captured: 2)" in capsys.readouterr().err
+    assert _run_from(sequence_store, tmp_path, *seq_kd, "--set", "objectives.kd.name=reverse_kl", "--set",
+                     "trainer.evaluate_teacher=false", plugin="seq-kd") == 2
+    assert "ask the teacher for logits" in capsys.readouterr().err
+    assert _run_from(sequence_store, tmp_path, *seq_kd, "--set", "trainer.evaluate_teacher=false",
+                     plugin="seq-kd") == 0
+    # capture options of signals that are not captured, and sequences from a method that makes none
+    assert main([*CAPTURE[:-6], *SEQ_KD, "--top-k", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "--top-k set(s) the logits signal" in capsys.readouterr().err
+    assert main([*CAPTURE, "--signals", "sequences", "--out", str(tmp_path / "y")]) == 2
+    assert "--top-k set(s) the logits signal" in capsys.readouterr().err
+    assert main([*CAPTURE[:-6], "--signals", "sequences", "--out", str(tmp_path / "z")]) == 2
+    assert "pass --plugin seq-kd" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_kd_run_seq_kd_from_a_store(sequence_store: Path, in_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--task", "wmt", "--plugin", "seq-kd", "--preset", "tiny", *DATA, *SEQ_KD[2:], "--set",
+                 "teacher.name=store", "--set", f"teacher.args.path={sequence_store}", "--set",
+                 "trainer.evaluate_teacher=false", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(record["cache_hit_fraction"] == 1.0 for record in records if record["type"] == "train")
+
+
+# ----------------------------------------------------------------------------------------------- format
+
+
+def test_stores_of_the_first_format_are_still_read(tmp_path: Path) -> None:
+    """A kd-teacher-store/1 store (one shared ``offsets``, example ids in the manifest) reads as it did."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from kdcore.teacher_store import TeacherStore
+
+    dense = torch.randn(5, 20, generator=torch.Generator().manual_seed(0))
+    sparse = SparseLogits.from_dense(dense, 4)
+    data = save({"values": sparse.values.half(), "indices": sparse.indices.int(),
+                 "tail_log_mass": sparse.tail_log_mass, "offsets": torch.tensor([0, 3, 5])})
+    (tmp_path / "shard-00000-of-00001.safetensors").write_bytes(data)
+    settings = {"split": "train", "top_k": 4, "values_dtype": "float16", "full_logits": False, "temperature": 1.0,
+                "shard_examples": 512}
+    manifest = {"format": "kd-teacher-store/1", "task": "wmt", "settings": settings, "vocab_size": 20,
+                "data_sha256": "0" * 64, "teacher_sha256": "1" * 64, "shard_files": [
+                    {"file": "shard-00000-of-00001.safetensors", "size": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "ids": ["a", "b"], "digests": ["x", "y"]}]}
+    (tmp_path / "kd-store.json").write_text(json.dumps(manifest), encoding="utf-8")
+    store = TeacherStore(tmp_path)
+    assert store.signals == ("logits",) and store.digests == {"a": "x", "b": "y"}
+    read = store.sparse_logits(["b", "a"], width=3)
+    torch.testing.assert_close(read.values[0, :2], sparse.values[3:].half().float())
+    torch.testing.assert_close(read.tail_log_mass[1], sparse.tail_log_mass[:3])
+    assert torch.equal(read.indices[1], sparse.indices[:3])

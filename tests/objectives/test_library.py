@@ -1,4 +1,4 @@
-"""Hidden-state losses, ULD, token NLL, the registered objective classes and the teacher-logit cache."""
+"""Hidden-state losses, ULD, token NLL, the registered objective classes and stored top-k teacher logits."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,6 @@ from kdcore.errors import KDUserError
 from kdcore.interfaces import Objective
 from kdcore.objectives import divergence, hidden_state_loss, token_nll, uld_loss
 from kdcore.objectives import layers, library
-from kdcore.objectives.logit_cache import TeacherLogitCache
 from kdcore.signals import Signal, Signals, SparseLogits
 
 
@@ -240,40 +239,62 @@ def test_uld_objective_reads_teacher_labels_key() -> None:
                                                      teacher_labels=batch["teacher_labels"]))
 
 
-# --------------------------------------------------------------------------- teacher-logit cache
-def test_logit_cache_round_trip_is_compact_and_atomic(tmp_path) -> None:
-    cache = TeacherLogitCache(tmp_path / "cache", top_k=4, vocab_size=20, fingerprint="teacher-a")
+# --------------------------------------------------------------------------- stored top-k teacher logits
+def _logit_store(directory, teacher: str = "teacher-a"):  # noqa: ANN001, ANN202
+    from kdcore.teacher_shards import AppendableStore
+
+    return AppendableStore(directory, "test-logits", {"teacher": teacher, "top_k": 4}, what="the test logits",
+                           label="test logits shard", examples_label="examples")
+
+
+def _top_k(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    sparse = SparseLogits.from_dense(logits, k)
+    return {"values": sparse.values.half(), "indices": sparse.indices.int(), "tail_log_mass": sparse.tail_log_mass}
+
+
+def test_stored_top_k_logits_round_trip_compactly_and_atomically(tmp_path) -> None:
+    store = _logit_store(tmp_path / "cache")
     logits = randn(3, 20, seed=40)
-    cache.put("example/1", logits)
-    assert "example/1" in cache and "example/2" not in cache
-    entry = cache.get("example/1")
-    assert entry.values.dtype == torch.float16 and entry.indices.dtype == torch.int32
+    shard = store.append(["example/1"], ["digest-1"], [_top_k(logits, 4)])
+    assert "example/1" in store and "example/2" not in store
+    entry = store.lookup(["example/1"], ["digest-1"])["example/1"]
+    assert entry["values"].dtype == torch.float16 and entry["indices"].dtype == torch.int32
     top = logits.topk(4, dim=-1)
-    torch.testing.assert_close(entry.values.float(), top.values, rtol=1e-3, atol=1e-3)
-    assert torch.equal(entry.indices.long(), top.indices)
+    torch.testing.assert_close(entry["values"].float(), top.values, rtol=1e-3, atol=1e-3)
+    assert torch.equal(entry["indices"].long(), top.indices)
+    assert shard.stat().st_size < 3 * 4 * 6 + 1024  # 6 bytes per kept logit and a header
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")]
-    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["fingerprint"] == "teacher-a"
-    with pytest.raises(KDUserError, match="teacher-logit cache"):
-        TeacherLogitCache(tmp_path / "cache", top_k=4, vocab_size=20, fingerprint="teacher-b")
+    assert store.lookup(["example/1"], ["digest-2"]) == {}  # the example changed: not used
+    assert json.loads((tmp_path / "cache" / "kd-cache.json").read_text())["built_from"]["teacher"] == "teacher-a"
+    assert "example/1" not in _logit_store(tmp_path / "cache", teacher="teacher-b")  # another teacher: rebuilt
 
 
-def test_logit_cache_fetch_computes_only_missing_and_pads(tmp_path) -> None:
-    cache = TeacherLogitCache(tmp_path, top_k=3, vocab_size=10)
+def test_stored_logits_are_read_for_the_missing_only_and_padded(tmp_path) -> None:
+    from kdcore.teacher_shards import sparse_logits_batch
+
+    store = _logit_store(tmp_path)
     full = randn(2, 4, 10, seed=41)
-    calls: list[list[int]] = []
+    calls: list[list[str]] = []
 
-    def compute(rows: list[int]) -> torch.Tensor:
-        calls.append(rows)
-        return full[rows]
+    def fetch(keys: list[str], lengths: dict[str, int]):  # noqa: ANN202 - the run-time cache pattern
+        found = store.lookup(keys, keys)
+        missing = [key for key in keys if key not in found]
+        if missing:
+            calls.append(missing)
+            rows = [_top_k(full[keys.index(key), :lengths[key]], 3) for key in missing]
+            store.append(missing, missing, rows)
+            found.update(zip(missing, rows))
+        return sparse_logits_batch([found[key] for key in keys], 4, 10, 1.0)
 
-    first = cache.fetch(["a", "b"], lengths=[4, 2], length=4, compute=compute)
-    second = cache.fetch(["a", "b"], lengths=[4, 2], length=4, compute=compute)
-    assert calls == [[0, 1]]
+    first = fetch(["a", "b"], {"a": 4, "b": 2})
+    second = fetch(["a", "b"], {"a": 4, "b": 2})
+    assert calls == [["a", "b"]]
     assert torch.equal(first.values, second.values) and first.values.shape == (2, 4, 3)
-    # padding rows are valid distributions (no all -inf row) and the real rows are the top-k
+    # padding rows are valid distributions (no all -inf row) and the real rows are the top-k with their tail
     assert torch.isfinite(first.values[1, 2:]).any(-1).all()
     torch.testing.assert_close(first.values[0], full[0].topk(3, dim=-1).values, rtol=1e-3, atol=1e-3)
-    # a cached sparse teacher works with the divergence directly
+    torch.testing.assert_close(first.tail_log_mass[0], SparseLogits.from_dense(full[0], 3).tail_log_mass)
+    # a stored sparse teacher works with the divergence directly
     student = randn(2, 4, 10, seed=42)
     assert torch.isfinite(divergence(student, first, "jsd"))
 

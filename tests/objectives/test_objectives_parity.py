@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from kdcore.fused import fused_linear_divergence
 from kdcore.fused import linear_divergence as fused_module
 from kdcore.objectives import DIVERGENCE_KINDS, divergence, uld_loss
-from kdcore.objectives.logit_cache import TeacherLogitCache
 from kdcore.signals import SparseLogits
 
 _spec = importlib.util.spec_from_file_location("objectives_reference", Path(__file__).with_name("test_divergence.py"))
@@ -220,24 +219,34 @@ def test_sparse_teacher_values_and_gradients_match_the_renormalised_dense_teache
     assert_close_relative(student.grad, ref_student.grad, FP32_RTOL)
 
 
-def test_cached_teacher_signal_round_trip_gives_the_same_loss_as_its_dense_top_k(tmp_path) -> None:
+def test_a_stored_teacher_gives_the_loss_and_gradient_of_the_top_k_it_was_made_from(tmp_path) -> None:
+    from kdcore.teacher_shards import AppendableStore, sparse_logits_batch
+
     g = torch.Generator().manual_seed(12)
     teacher = torch.randn(2, 9, 40, generator=g) * 3
-    cache = TeacherLogitCache(tmp_path / "cache", top_k=5, vocab_size=40, fingerprint="teacher-a")
-    cached = cache.fetch(["a", "b"], [9, 6], 9, compute=lambda rows: teacher[rows])
+    lengths = {"a": 9, "b": 6}
+    store = AppendableStore(tmp_path / "cache", "test-logits", {"teacher": "teacher-a"}, what="the test logits",
+                            label="test logits shard", examples_label="examples")
+    made = {key: SparseLogits.from_dense(teacher[row, :lengths[key]], 5) for row, key in enumerate(lengths)}
+    store.append(list(made), list(made), [{"values": top.values.half(), "indices": top.indices.int(),
+                                           "tail_log_mass": top.tail_log_mass} for top in made.values()])
+    found = store.lookup(list(made), list(made))
+    stored = sparse_logits_batch([found[key] for key in made], 9, 40, 1.0)
     student = (torch.randn(2, 9, 40, generator=g) * 3).requires_grad_()
     labels = torch.zeros(2, 9, dtype=torch.long)
     labels[1, 6:] = -100  # positions past example b's length are padding
-    loss = divergence(student, cached, "forward_kl", labels=labels)
+    loss = divergence(student, stored, "forward_kl", labels=labels)
     loss.backward()
-    # the cache keeps float16 values: compare with the dense top-k of the float16-rounded teacher
-    top = teacher.topk(5, dim=-1)
-    dense = torch.full_like(teacher, float("-inf")).scatter(-1, top.indices, top.values.half().float())
-    ref_student = student.detach().double().requires_grad_()
-    expected = reference(ref_student, dense, "forward_kl", labels=labels)
+    # the store keeps float16 values: compare with the in-memory top-k of the float16-rounded teacher, same tail
+    top = SparseLogits.from_dense(teacher, 5)
+    tail = top.tail_log_mass.clone()
+    tail[1, 6:] = float("-inf")
+    in_memory = SparseLogits(top.values.half().float(), top.indices, 40, tail_log_mass=tail)
+    ref_student = student.detach().clone().requires_grad_()
+    expected = divergence(ref_student, in_memory, "forward_kl", labels=labels)
     expected.backward()
-    assert_close_relative(loss.detach(), expected.detach(), FP32_RTOL)
-    assert_close_relative(student.grad, ref_student.grad, FP32_RTOL)
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    torch.testing.assert_close(student.grad, ref_student.grad)
 
 
 # --------------------------------------------------------------------------- ULD

@@ -46,7 +46,7 @@ def test_seq_kd_cache_is_reused_without_calling_the_teacher(tiny: SimpleNamespac
     first_targets, hits = first.teacher_targets(batch)
     assert hits == 0 and first.teacher_calls == 1 and calls
     files = sorted(p.name for p in first.cache.directory.iterdir())
-    assert "kd-cache.json" in files and any(name.startswith("chunk-") for name in files)
+    assert "kd-cache.json" in files and any(name.startswith("shard-") for name in files)
     assert not any(name.endswith(".tmp") for name in files)
 
     # A new run (fresh method object, same cache directory and teacher): no teacher call at all.
