@@ -65,8 +65,8 @@ class Teacher(Model):
         return self.forward_signals(batch, request).detached()
 
     def unavailable(self, request: SignalRequest) -> frozenset[Signal]:
-        """The signals of ``request`` this teacher can never give (a stored teacher has logits only); a method
-        whose objectives ask for one is refused at planning."""
+        """The signals of ``request`` this teacher can never give (a stored teacher: those it was not captured
+        with); a method whose objectives ask for one is refused at planning."""
         return frozenset()
 
     def recorded_metrics(self) -> dict[str, Any] | None:
@@ -318,7 +318,7 @@ class Method(abc.ABC):
             raise KDUserError(
                 f"Plugin '{self.name}': the objectives ask the teacher for {', '.join(sorted(s.value for s in missing))}"
                 f", which this teacher ({type(teacher).__name__}) cannot give. Choose objectives on the signals it "
-                f"has (a stored teacher has logits only), or a teacher model (teacher.name).")
+                f"has, or a teacher model (teacher.name).")
 
     def on_train_start(self, total_steps: int) -> None:
         """Called by the engine before the first step (schedules such as ImitKD's beta need T), and again with the

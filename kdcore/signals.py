@@ -3,7 +3,7 @@
 Teachers and students both answer a :class:`SignalRequest` with a
 :class:`Signals` object; objectives read what they declared they need.
 Teacher logits may be dense tensors or :class:`SparseLogits` (top-k values and
-their vocabulary ids, e.g. from the on-disk teacher-logit cache).
+their vocabulary ids, with the tail mass, e.g. from a teacher store: kdcore.teacher_store).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The task and teacher are resolved exactly as ``kd run`` resolves them (defaults < preset < --config < --set), so
 the store holds the signals of the teacher a run with the same options would build; the run then reads them with
-``--set teacher=store --set teacher.args.path=STORE``.
+``--set teacher.name=store --set teacher.args.path=STORE``.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def run_teacher_command(args: argparse.Namespace) -> int:
     done = "complete" if result.complete else "waiting for the other shards' captures"
     print(f"Teacher store {result.directory}: {result.written_shards} shard(s) written, {result.skipped_shards} "
           f"already there, in {result.seconds:.1f} s ({', '.join(settings.signals)}); {done}. Train from it with "
-          f"--set teacher=store --set teacher.args.path={result.directory}")
+          f"--set teacher.name=store --set teacher.args.path={result.directory}")
     return 0
 
 

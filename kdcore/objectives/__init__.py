@@ -10,8 +10,8 @@ Functions (use these rather than re-deriving the math):
 * :func:`token_nll` -- cross-entropy on labels (-100 ignored).
 
 The registered :class:`~kdcore.interfaces.Objective` classes live in
-:mod:`kdcore.objectives.library`; the teacher-logit cache in
-:mod:`kdcore.objectives.logit_cache`; the memory-saving fused projection + divergence in
+:mod:`kdcore.objectives.library`; stored top-k teachers in :mod:`kdcore.teacher_store`; the memory-saving
+fused projection + divergence in
 :mod:`kdcore.fused`. Formulas and config keys: docs/objectives.md.
 """
 from kdcore.objectives.divergence import DIVERGENCE_KINDS, IGNORE_INDEX, divergence, divergence_chunk
