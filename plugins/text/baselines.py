@@ -117,6 +117,59 @@ class SeqKDCache:
                              for entry in new_entries.values()])
 
 
+class TeacherSequences:
+    """The teacher's beam-search outputs for training examples, generated once per example and kept in the seq-kd
+    cache (or read from a teacher store captured with them): seq-kd's targets, and ImitKD*'s data.
+
+    ``config`` carries the decoding options (:class:`SeqKDConfig`); ``where`` names the config owner in messages.
+    """
+
+    def __init__(self, teacher: Any, task: Task, config: SeqKDConfig, where: str) -> None:
+        self.teacher, self.task, self.config, self.where = teacher, task, config, where
+        self._cache: SeqKDCache | None = None
+        self.teacher_calls = 0
+
+    @property
+    def cache(self) -> SeqKDCache:
+        if self._cache is None:
+            config = self.config
+            settings = SeqKDMethod.decoding_settings(config)
+            teacher_fingerprint = self.teacher.fingerprint()
+            settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+            key = f"{teacher_fingerprint[:16]}-{settings_hash[:8]}"
+            root = Path(config.cache_dir).expanduser() if config.cache_dir else Path(self.task.cache_dir) / "seq-kd"
+            self._cache = SeqKDCache(root, key, {"teacher_sha256": teacher_fingerprint, "settings": settings,
+                                                 "teacher_class": type(self.teacher.hf_model).__name__})
+        return self._cache
+
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Teacher beam outputs for the batch as -100 padded labels, and how many rows were cache hits."""
+        if self.config.ids_key not in batch:
+            raise KDUserError(f"{self.where} caches teacher outputs per training example and needs the batch key "
+                              f"'{self.config.ids_key}' (ids_key); this task's batches have keys {sorted(batch)}.")
+        ids = [str(item) for item in batch[self.config.ids_key]]
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        if isinstance(self.teacher, StoredTeacher):
+            return pad_rows(self.teacher.store.sequences(ids), IGNORE_INDEX, device=input_ids.device), len(ids)
+        hashes = [source_hash(input_ids[i], None if attention_mask is None else attention_mask[i])
+                  for i in range(len(ids))]
+        cache = self.cache
+        targets: list[list[int] | None] = cache.lookup_many(ids, hashes)
+        missing = [index for index, target in enumerate(targets) if target is None]
+        if missing:
+            rows = take_rows(batch, torch.tensor(missing, device=input_ids.device), ("input_ids", "attention_mask"))
+            # The length cap follows the longest data target of the whole batch, as when every row is decoded.
+            rows["labels"] = batch.get("labels")
+            generated = SeqKDMethod.decode_teacher_sequences(self.teacher, self.config, rows)
+            self.teacher_calls += 1
+            new_entries: dict[str, dict[str, Any]] = {}
+            for index, tokens in zip(missing, generated):
+                targets[index] = tokens
+                new_entries[ids[index]] = {"source": hashes[index], "tokens": tokens}
+            cache.store(new_entries)
+        return pad_rows([t or [] for t in targets], IGNORE_INDEX, device=input_ids.device), len(ids) - len(missing)
+
+
 def source_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
     """Hash of one example's source tokens (padding excluded)."""
     tokens = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
@@ -142,8 +195,17 @@ class SeqKDMethod(TextMethod):
             raise KDUserError("plugin 'seq-kd' decodes with encoder-decoder teachers only (teacher 'seq2seq').")
         if isinstance(teacher, StoredTeacher):
             self._check_store(teacher)
-        self._cache: SeqKDCache | None = None
-        self.teacher_calls = 0  # beam-search batches run (0 when every target came from the cache or a store)
+        self.sequences = TeacherSequences(self.text_teacher, task, config, "plugin 'seq-kd'")
+
+    @property
+    def cache(self) -> SeqKDCache:
+        """The run-time cache of the teacher's outputs (not used with a teacher store)."""
+        return self.sequences.cache
+
+    @property
+    def teacher_calls(self) -> int:
+        """Beam-search batches run (0 when every target came from the cache or a store)."""
+        return self.sequences.teacher_calls
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -192,46 +254,9 @@ class SeqKDMethod(TextMethod):
                               f"data only. Use the teacher model (teacher.name), or objectives that ask nothing of "
                               f"the teacher (nll).")
 
-    @property
-    def cache(self) -> SeqKDCache:
-        if self._cache is None:
-            config = self.config
-            settings = self.decoding_settings(config)
-            teacher_fingerprint = self.text_teacher.fingerprint()
-            settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-            key = f"{teacher_fingerprint[:16]}-{settings_hash[:8]}"
-            root = Path(config.cache_dir).expanduser() if config.cache_dir else Path(self.task.cache_dir) / "seq-kd"
-            self._cache = SeqKDCache(root, key, {"teacher_sha256": teacher_fingerprint, "settings": settings,
-                                                 "teacher_class": type(self.text_teacher.hf_model).__name__})
-        return self._cache
-
     def teacher_targets(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """Teacher beam outputs for the batch as -100 padded labels, and how many rows were cache hits."""
-        if self.config.ids_key not in batch:
-            raise KDUserError(f"plugin 'seq-kd' caches teacher outputs per training example and needs the batch key "
-                              f"'{self.config.ids_key}' (method.ids_key); this task's batches have keys "
-                              f"{sorted(batch)}.")
-        ids = [str(item) for item in batch[self.config.ids_key]]
-        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
-        if isinstance(self.teacher, StoredTeacher):
-            return pad_rows(self.teacher.store.sequences(ids), IGNORE_INDEX, device=input_ids.device), len(ids)
-        hashes = [source_hash(input_ids[i], None if attention_mask is None else attention_mask[i])
-                  for i in range(len(ids))]
-        cache = self.cache
-        targets: list[list[int] | None] = cache.lookup_many(ids, hashes)
-        missing = [index for index, target in enumerate(targets) if target is None]
-        if missing:
-            rows = take_rows(batch, torch.tensor(missing, device=input_ids.device), ("input_ids", "attention_mask"))
-            # The length cap follows the longest data target of the whole batch, as when every row is decoded.
-            rows["labels"] = batch.get("labels")
-            generated = self.decode_teacher_sequences(self.text_teacher, self.config, rows)
-            self.teacher_calls += 1
-            new_entries: dict[str, dict[str, Any]] = {}
-            for index, tokens in zip(missing, generated):
-                targets[index] = tokens
-                new_entries[ids[index]] = {"source": hashes[index], "tokens": tokens}
-            cache.store(new_entries)
-        return pad_rows([t or [] for t in targets], IGNORE_INDEX, device=input_ids.device), len(ids) - len(missing)
+        return self.sequences.targets(batch)
 
     def compare(self, batch: Batch, step: int) -> Comparison:
         """Both models read the teacher's outputs as prefixes; those outputs are also the targets."""
@@ -240,4 +265,5 @@ class SeqKDMethod(TextMethod):
         return self.meet(model_batch, {"cache_hit_fraction": hits / max(1, targets.shape[0])})
 
 
-__all__ = ["ScratchMethod", "SeqKDCache", "SeqKDConfig", "SeqKDMethod", "WordKDMethod", "source_hash"]
+__all__ = ["ScratchMethod", "SeqKDCache", "SeqKDConfig", "SeqKDMethod", "TeacherSequences", "WordKDMethod",
+           "source_hash"]

@@ -27,6 +27,7 @@ from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Comparison, Student, Task, Teacher, WeightedObjective
 from kdcore.padding import pad_rows
 from kdcore.signals import IGNORE_INDEX, Signal, Signals, SparseLogits, request
+from kd_plugins.text.baselines import SeqKDConfig, TeacherSequences
 from kd_plugins.text.generation import Generated, Strategy, generate, generation_length_limit, longest_target
 from kd_plugins.text.method import TextMethod, merge_rows, take_rows
 from kd_plugins.text.models import HFTextModel
@@ -88,12 +89,22 @@ class ImitationConfig(BaseModel):
     hard_data_targets: Literal["data", "teacher"] = Field(
         "data", description="hard variant, sequences that keep their data target: train on the data tokens (as the "
                             "authors' code) or on the teacher's argmax")
+    targets_from: Literal["data", "teacher_outputs"] = Field(
+        "data", description="what the 'data' sequences are: the task's targets (ImitKD) or the teacher's beam-search "
+                            "outputs, generated once per example and cached as seq-kd's (ImitKD*)")
+    teacher_outputs: SeqKDConfig = Field(
+        default_factory=SeqKDConfig, description="targets_from: teacher_outputs: how the teacher decodes them (seq-kd's "
+                                                 "options)")
 
     @model_validator(mode="after")
     def _hard_options_need_the_hard_variant(self) -> "ImitationConfig":
         if self.variant == "full" and self.hard_data_targets != "data":
             raise ValueError("hard_data_targets chooses the hard variant's targets on kept sequences; with variant "
                              "'full' there are none. Set variant: hard, or leave hard_data_targets at 'data'.")
+        if self.targets_from == "data" and self.teacher_outputs != SeqKDConfig():
+            raise ValueError("teacher_outputs sets how the teacher decodes the sequences that replace the data, but "
+                             "targets_from is 'data' (the task's targets are used). Set targets_from: "
+                             "teacher_outputs (ImitKD*, --preset imitkd-star), or remove teacher_outputs.")
         return self
 
 
@@ -173,6 +184,19 @@ class ImitationKD(TextMethod):
         "full": {"method": {"variant": "full"}, "objectives": {"kd": {"name": "forward_kl"}}},
         "summarization": {"method": {"schedule": {"kind": "exponential", "base": 10.0}}},
         "on-policy": {"method": {"schedule": {"kind": "constant", "value": 0.0}}},
+        # ImitKD* as the authors' configs/wmt/imitkdstar*.yaml run it: the teacher's beam-5 outputs (at most 100
+        # tokens) are the data, β = 2^(-t/T), the student's greedy rollouts capped at a fixed 100 tokens.
+        "imitkd-star": {"method": {"variant": "hard", "targets_from": "teacher_outputs",
+                                   "schedule": {"kind": "exponential", "base": 2.0},
+                                   "teacher_outputs": {"num_beams": 5, "max_new_tokens": 100, "max_length_ratio": None},
+                                   "generation": {"max_new_tokens": 100, "max_length_ratio": None}},
+                        "objectives": {"kd": {"name": "nll"}}},
+        "imitkd-star-full": {"method": {"variant": "full", "targets_from": "teacher_outputs",
+                                        "schedule": {"kind": "exponential", "base": 2.0},
+                                        "teacher_outputs": {"num_beams": 5, "max_new_tokens": 100,
+                                                            "max_length_ratio": None},
+                                        "generation": {"max_new_tokens": 100, "max_length_ratio": None}},
+                             "objectives": {"kd": {"name": "forward_kl"}}},
     }
 
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,
@@ -200,6 +224,12 @@ class ImitationKD(TextMethod):
                      "the task's data.max_target_tokens" if task_cap else "default")
         # None: draw from torch's global RNG, which the engine seeds and checkpoints (resumable runs).
         self.generator: torch.Generator | None = None
+        self.teacher_sequences = (TeacherSequences(self.text_teacher, task, config.teacher_outputs,
+                                                   "plugin 'imitation' (method.targets_from: teacher_outputs)")
+                                  if config.targets_from == "teacher_outputs" else None)
+        if self.teacher_sequences is not None and not self.text_teacher.is_encoder_decoder:
+            raise KDUserError("method.targets_from: teacher_outputs decodes with encoder-decoder teachers only "
+                              "(teacher 'seq2seq'), as seq-kd does.")
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -219,6 +249,8 @@ class ImitationKD(TextMethod):
     def prepare(self, batch: Batch, step: int) -> MixedBatch:
         """Steps 1-2 of the box: β_t, the per-sequence coin flips, and the student's replacement targets."""
         config, student = self.config, self.text_student
+        if self.teacher_sequences is not None:  # ImitKD*: the teacher's outputs stand in for the data targets
+            batch = {**batch, "labels": self.teacher_sequences.targets(batch)[0]}
         input_ids, attention_mask, data_labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
         beta = self.beta(step)
         replaced = self.replacement_mask(data_labels.shape[0], beta).to(data_labels.device)

@@ -208,3 +208,27 @@ def test_generation_cap_defaults_to_the_tasks_longest_training_target(tiny: Simp
     long_targets = torch.full((2, 40), 5)
     assert method.config.generation.limit(long_targets) == 7  # not 2 x 40 + 5
     assert make_method(tiny, task, generation={"max_new_tokens": 30}).config.generation.max_new_tokens == 30
+
+
+def test_imitkd_star_mixes_the_teachers_beam_outputs_not_the_data(tiny: SimpleNamespace, fake_task: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from kd_plugins.text.baselines import SeqKDMethod
+    from kd_plugins.text.imitation import ImitationKD as Plugin
+
+    decoding = {"num_beams": 3, "max_new_tokens": 6, "max_length_ratio": None}
+    method = make_method(tiny, fake_task, targets_from="teacher_outputs", teacher_outputs=decoding,
+                         schedule={"kind": "constant", "value": 1.0})
+    batch = tiny.batch(6)
+    expected = SeqKDMethod.decode_teacher_sequences(method.text_teacher, method.config.teacher_outputs, batch)
+    mixed = method.prepare(batch, 0)
+    kept = [row[row != -100].tolist() for row in mixed.batch["labels"]]
+    assert kept == expected and kept != [row[row != -100].tolist() for row in batch["labels"]]
+    assert method.teacher_sequences is not None and method.teacher_sequences.teacher_calls == 1
+    method.prepare(batch, 1)  # the second epoch reads them from the seq-kd cache
+    assert method.teacher_sequences.teacher_calls == 1
+    # The preset is the authors' ImitKD*: hard variant, beta base 2, beam 5 with fixed 100-token caps.
+    preset = Plugin.presets["imitkd-star"]["method"]
+    assert preset["schedule"]["base"] == 2.0 and preset["teacher_outputs"]["num_beams"] == 5
+    assert preset["generation"] == {"max_new_tokens": 100, "max_length_ratio": None}
+    with pytest.raises(ValueError, match="targets_from is 'data'"):
+        ImitationConfig(teacher_outputs={"num_beams": 2})
