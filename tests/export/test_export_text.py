@@ -178,9 +178,15 @@ def test_onnx_export_decodes_greedily_in_onnxruntime(run_cache: Path, tmp_path: 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text(encoding="utf-8")
     block = docs.split(DOCS_MARKER, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert 'directory = "exports/wmt-onnx"' in block
-    namespace: dict[str, object] = {}
-    exec(block.replace('"exports/wmt-onnx"', repr(str(out))), namespace)  # noqa: S102 - the documented code
-    assert [text.strip() for text in namespace["translate"](sources[:3])] == kd_outputs[:3]  # type: ignore[operator]
+    # Run as its own script in a fresh interpreter (a user's copy-paste, and no exec() in kd's tree).
+    script = out.parent / "docs_example.py"
+    script.write_text(block.replace('"exports/wmt-onnx"', repr(str(out)))
+                      + "\nimport json, sys\nprint(json.dumps(translate(json.loads(sys.argv[1]))))\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script), json.dumps(sources[:3])], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    translated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [text.strip() for text in translated] == kd_outputs[:3]
 
 
 #: The comment in docs/export.md right before the cached-decoding example this module runs.
