@@ -244,7 +244,7 @@ def test_seq_kd_learns_from_stored_sequences_without_a_teacher_model(sequence_st
     assert hits == 4 and [row[row != -100].tolist() for row in targets] == stored
     output = built.method.training_step(batch, 0)
     assert torch.isfinite(output.loss) and output.parts["cache_hit_fraction"] == 1.0
-    assert built.method.teacher_calls == 0 and built.method._cache is None  # no run-time cache either
+    assert built.method.teacher_calls == 0 and built.method.sequences._cache is None  # no run-time cache either
 
 
 def test_stores_lacking_what_the_method_reads_are_refused(store: Path, sequence_store: Path, in_cache: Path,
