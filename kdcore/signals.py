@@ -105,6 +105,15 @@ class SparseLogits:
         return cls(top.values, top.indices, vocab, tail.reshape(logits.shape[:-1]), float(temperature))
 
 
+def next_token_aligned(per_label: torch.Tensor, fill: int, is_encoder_decoder: bool) -> torch.Tensor:
+    """``per_label`` ``(B, T, ...)``, given per label position, moved to the logit position that predicts that label;
+    ``fill`` where no label is predicted. Encoder-decoder: unchanged; causal LM: logits at t predict token t+1 (the
+    shift Hugging Face does inside its loss). The one copy: text models and stored teachers call it."""
+    if is_encoder_decoder:
+        return per_label
+    return torch.cat([per_label[:, 1:], per_label.new_full((per_label.shape[0], 1, *per_label.shape[2:]), fill)], dim=1)
+
+
 @dataclass(frozen=True)
 class SignalRequest:
     """What an objective (or a method) needs from a model's forward pass."""

@@ -50,7 +50,9 @@ from kdcore.interfaces import Batch, BuildContext, ModelFactory, Teacher
 from kdcore.io import atomic_write_bytes, atomic_write_json, sha256_file
 from kdcore.progress import Progress
 from kdcore.provenance import weights_sha256
-from kdcore.signals import IGNORE_INDEX, OPTIONAL_SIGNALS, Signal, SignalRequest, Signals, SparseLogits
+from kdcore.signals import (
+    IGNORE_INDEX, OPTIONAL_SIGNALS, Signal, SignalRequest, Signals, SparseLogits, next_token_aligned,
+)
 from kdcore.teacher_shards import (
     Shard, batch_keys, encode_shard, example_digest, hidden_state_signals, per_example_states, served_layers,
     sparse_logits_batch, split_examples,
@@ -614,9 +616,7 @@ class StoredTeacher(Teacher):
         if labels is None:
             raise KDUserError("A stored teacher gives logits at the data targets' positions and needs batches with "
                               "'labels'.")
-        target_labels = labels
-        if not self.is_encoder_decoder:  # logits at t predict token t+1 (as captured)
-            target_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        target_labels = next_token_aligned(labels, IGNORE_INDEX, self.is_encoder_decoder)  # as captured
         width, device = int(target_labels.shape[1]), target_labels.device
         if self.store.settings.full_logits:
             return self.store.dense_logits(keys, width, device)

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, Model, ModelFactory, Student, Teacher
 from kdcore.objectives.library import TOKENIZER_VOCAB_SIZE
-from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals
+from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals, next_token_aligned
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,7 @@ class HFTextModel:
 
         Causal LM: logits at position t predict token t+1 (the shift Hugging Face does inside its loss).
         """
-        if self.is_encoder_decoder:
-            return per_label
-        return torch.cat([per_label[:, 1:], per_label.new_full((per_label.shape[0], 1, *per_label.shape[2:]), fill)],
-                         dim=1)
+        return next_token_aligned(per_label, fill, self.is_encoder_decoder)
 
     # ------------------------------------------------------------------ output projection
     def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
