@@ -336,7 +336,20 @@ class TokenNLLObjective(Objective):
 
 
 # --------------------------------------------------------------------------- cross-tokenizer
-class ULDObjective(Objective):
+class _AcrossTokenizers(Objective):
+    """What the objectives that compare two tokenizations share: both sides' logits at their own positions."""
+
+    #: Compares teacher and student across tokenizers (a text method lets it meet two tokenizations).
+    aligns_tokenizers: ClassVar[bool] = True
+
+    def student_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.LOGITS}))
+
+    def teacher_request(self) -> SignalRequest:
+        return SignalRequest(frozenset({Signal.LOGITS}))
+
+
+class ULDObjective(_AcrossTokenizers):
     """ULD: L1 between sorted probability vectors; student and teacher may use different tokenizers.
 
     It pairs the i-th counted student position with the i-th counted teacher position, whatever text they cover:
@@ -347,15 +360,6 @@ class ULDObjective(Objective):
     description: ClassVar[str] = ("Universal Logit Distillation: L1 of sorted probabilities, position i with "
                                   "position i (the fallback of cross_tokenizer, which aligns the text)")
     Config: ClassVar[type[BaseModel]] = ULDConfig
-    #: Compares teacher and student across tokenizers (a text method lets it meet two tokenizations).
-    aligns_tokenizers: ClassVar[bool] = True
-
-    def student_request(self) -> SignalRequest:
-        return SignalRequest(frozenset({Signal.LOGITS}))
-
-    def teacher_request(self) -> SignalRequest:
-        return SignalRequest(frozenset({Signal.LOGITS}))
-
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
         _drop_padding_rows(student, "student", self.name)
         _drop_padding_rows(teacher, "teacher", self.name)
@@ -394,7 +398,7 @@ def _batch_entry(batch: Batch, key: str, shape: tuple[int, ...], what: str, name
     return value
 
 
-class CrossTokenizerObjective(Objective):
+class CrossTokenizerObjective(_AcrossTokenizers):
     """Likelihood matching of aligned text pieces (ALM; GOLD's token merging) between different tokenizers.
 
     Reads both models' logits at their own positions, their own target ids (``labels``, ``teacher_labels``) and
@@ -405,15 +409,6 @@ class CrossTokenizerObjective(Objective):
     description: ClassVar[str] = ("Different tokenizers: likelihoods of the text pieces both tokenizations cover "
                                   "(ALM / GOLD token merging)")
     Config: ClassVar[type[BaseModel]] = CrossTokenizerConfig
-    #: Compares teacher and student across tokenizers (a text method lets it meet two tokenizations).
-    aligns_tokenizers: ClassVar[bool] = True
-
-    def student_request(self) -> SignalRequest:
-        return SignalRequest(frozenset({Signal.LOGITS}))
-
-    def teacher_request(self) -> SignalRequest:
-        return SignalRequest(frozenset({Signal.LOGITS}))
-
     def __call__(self, student: Signals, teacher: Signals, batch: Batch) -> ObjectiveOutput:
         config = self.config
         _drop_padding_rows(student, "student", self.name)
