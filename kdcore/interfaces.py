@@ -235,6 +235,13 @@ class Task(abc.ABC):
         """Non-numeric facts about the last evaluation (e.g. sacrebleu signatures), saved with the metrics."""
         return {}
 
+    def compare_models(self, student: "Model", teacher: "Model", dataset: Sequence[Any], device: torch.device,
+                       batch_size: int) -> dict[str, float]:
+        """Metrics of the student *relative to* the teacher on ``dataset`` (e.g. how often the two choose the same
+        next token), reported with the student's test metrics when the teacher is scored; none by default. Called in
+        eval mode, under ``no_grad``, outside the training random streams."""
+        return {}
+
     def fingerprints(self) -> dict[str, str]:
         """Content hashes of what the task's data were made from (e.g. ``data``, ``test``, ``tokenizer``), recorded
         in ``<out>/provenance.json`` and compared again by ``kd eval --run`` (docs/runs.md). Call after

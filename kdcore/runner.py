@@ -16,7 +16,7 @@ from kdcore import distributed
 from kdcore.checkpoint import load_weights
 from kdcore.config import dump_yaml_atomic
 from kdcore.errors import KDUserError
-from kdcore.evaluation import evaluate_model
+from kdcore.evaluation import compare_with_teacher, evaluate_model
 from kdcore.hooks import RunState
 from kdcore.io import atomic_write_json
 from kdcore.provenance import compare_fingerprints, read_provenance, record_provenance
@@ -168,6 +168,7 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         recorded = built.teacher.recorded_metrics()
         teacher_metrics = recorded if recorded is not None else evaluate_model(built, built.teacher, splits.test,
                                                                                 batch_size)
+        student_metrics.update(compare_with_teacher(built, splits.test, batch_size))
     if not rank.is_main:
         return distributed.broadcast_object(None)
     registry.hook.kd_on_evaluation_end(context=trainer.context, step=-1, metrics=student_metrics)

@@ -113,8 +113,13 @@ class TeacherStageResult:
 
 def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory], factory_config: Any,
                         trainer: TrainerConfig, *, train: Sequence[Any], seed: int, cache_entry: Path,
-                        device: torch.device, registry: Registry | None = None) -> TeacherStageResult:
+                        device: torch.device, registry: Registry | None = None,
+                        method_class: type[Method] = Method) -> TeacherStageResult:
     """Train ``model`` (the teacher-to-be, already on ``device``) on ``train`` with the task's NLL, on the engine.
+
+    ``method_class`` arranges each batch for the NLL: the base :class:`Method` hands the batch's labels over as they
+    are (they must already be aligned with the model's outputs); a task whose models predict the next token passes
+    one that aligns them.
 
     ``trainer`` holds the stage's optimisation settings; ``seed`` seeds its data order and random streams (the
     teacher does not depend on the run seed). ``factory``/``factory_config`` name the teacher being trained (in
@@ -135,7 +140,8 @@ def train_teacher_stage(task: Task, model: Student, factory: type[ModelFactory],
     resolved = ResolvedRun(config, type(task), Method, task.data_config, EmptyConfig(), factory, factory_config,
                            factory, factory_config, [nll])
     # The stage has no teacher: its only objective (nll) asks the teacher for nothing, so compare never calls it.
-    method = Method(EmptyConfig(), task, None, model, [WeightedObjective("nll", TokenNLLObjective(), 1.0)])  # type: ignore[arg-type]
+    method = method_class(EmptyConfig(), task, None, model,  # type: ignore[arg-type]
+                          [WeightedObjective("nll", TokenNLLObjective(), 1.0)])
     built = BuiltRun(resolved, task, None, model, method, device)  # type: ignore[arg-type]
     if registry is None:
         registry = Registry.discover(entry_points=False)  # built-ins only: no third-party lifecycle hooks

@@ -232,6 +232,18 @@ def records_from_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], layouts: Se
             continue
         layout = layout or pick_layout(row, layouts, origin)
         source, target = _get(row, layout.source), _get(row, layout.target)
+        if isinstance(source, list) and layout.source == layout.target:
+            # Chat records (a 'messages' list): the last message is the completion, the ones before it the prompt,
+            # which the task renders with a chat template (kd_tasks.text.lm).
+            reason = chat_rejection(source)
+            if reason:
+                stats.skip(reason, origin)
+                continue
+            identifier = _get(row, layout.id) if layout.id else None
+            records.append({"id": f"{prefix}:{identifier if identifier is not None else number}", "source": "",
+                            "target": " ".join(source[-1]["content"].split()), "origin": origin,
+                            "messages": [{"role": m["role"], "content": m["content"]} for m in source[:-1]]})
+            continue
         if not isinstance(source, str) or not isinstance(target, str):
             stats.skip(f"missing '{layout.source}' or '{layout.target}'", origin)
             continue
@@ -242,6 +254,22 @@ def records_from_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], layouts: Se
         records.append({"id": f"{prefix}:{identifier if identifier is not None else number}",
                         "source": " ".join(source.split()), "target": " ".join(target.split()), "origin": origin})
     return records
+
+
+def chat_rejection(messages: list[Any]) -> str | None:
+    """Why a chat record's ``messages`` cannot be a prompt + completion pair (None when they can): each message
+    needs a string ``role`` and ``content``, the last one is the assistant's non-empty reply, and one comes before
+    it."""
+    if not all(isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in messages):
+        return "a message without string 'role' and 'content'"
+    if len(messages) < 2:
+        return "fewer than two messages (a prompt and a reply)"
+    if messages[-1]["role"] != "assistant":
+        return "the last message is not the assistant's reply"
+    if not messages[-1]["content"].strip():
+        return "empty source or target"
+    return None
 
 
 def sacrebleu_test_set(name: str, langpair: str) -> list[TextRecord]:
@@ -305,5 +333,5 @@ def read_split_files(name: str, files: SplitFiles, declared_format: str,
 
 
 __all__ = ["FORMAT_OF_SUFFIX", "Layout", "ReadStats", "TextRecord", "configured_layouts", "format_of", "pick_layout",
-           "read_csv_rows", "read_dataset_rows", "read_jsonl_rows", "read_lines", "read_parallel_lines",
+           "chat_rejection", "read_csv_rows", "read_dataset_rows", "read_jsonl_rows", "read_lines", "read_parallel_lines",
            "read_split_files", "read_text", "read_tsv_rows", "records_from_rows", "sacrebleu_test_set"]

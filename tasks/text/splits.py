@@ -3,6 +3,7 @@ not given) and capped at ``data.max_train`` / ``max_valid`` / ``max_test``."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 from kdcore.errors import KDUserError
 
@@ -12,6 +13,12 @@ from .files import Layout, TextRecord, read_split_files
 SPLITS = ("train", "valid", "test")
 
 
+def prompt_key(record: TextRecord) -> str:
+    """What makes two records the same input: the source, or a chat record's messages (rendered later)."""
+    messages = record.get("messages")
+    return record["source"] if not messages else json.dumps(messages, ensure_ascii=False, sort_keys=True)
+
+
 def file_splits(config: TextDataConfig, layouts: tuple[Layout, ...]) -> dict[str, list[TextRecord]]:
     """The three splits from ``data.train`` / ``valid`` / ``test``; a split without files is held out of train."""
     assert config.train is not None  # TextDataConfig requires data.train for corpus 'files'
@@ -19,7 +26,7 @@ def file_splits(config: TextDataConfig, layouts: tuple[Layout, ...]) -> dict[str
     records: dict[str, list[TextRecord]] = {}
     # Held-out splits taken from train are chosen by a hash of the source text, so the choice is
     # deterministic and the same source never lands in two splits.
-    ranked = sorted(train, key=lambda r: hashlib.sha256(r["source"].encode("utf-8")).hexdigest())
+    ranked = sorted(train, key=lambda r: hashlib.sha256(prompt_key(r).encode("utf-8")).hexdigest())
     start = 0
     for name, size in (("test", config.test_size), ("valid", config.valid_size)):
         files = getattr(config, name)
@@ -29,8 +36,8 @@ def file_splits(config: TextDataConfig, layouts: tuple[Layout, ...]) -> dict[str
             records[name] = ranked[start:start + size]
             start += size
     if start:
-        held = {r["source"] for r in ranked[:start]}
-        train = [r for r in train if r["source"] not in held]
+        held = {prompt_key(r) for r in ranked[:start]}
+        train = [r for r in train if prompt_key(r) not in held]
         if not train:
             raise KDUserError(f"data.train has {len(ranked)} examples; holding out data.valid_size/test_size "
                               f"({config.valid_size}/{config.test_size}) leaves none for training. Give "
@@ -50,4 +57,4 @@ def capped_splits(records: dict[str, list[TextRecord]], config: TextDataConfig,
     return capped
 
 
-__all__ = ["SPLITS", "capped_splits", "file_splits"]
+__all__ = ["SPLITS", "capped_splits", "file_splits", "prompt_key"]

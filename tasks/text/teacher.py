@@ -41,7 +41,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from kdcore.config import StrictModel, TrainerConfig
 from kdcore.errors import KDUserError
-from kdcore.interfaces import BuildContext, ModelFactory, Teacher
+from kdcore.interfaces import Batch, BuildContext, Comparison, Method, ModelFactory, Teacher
 from kdcore.cache import MANIFEST
 from kdcore.registry import Registry
 from kdcore.teacher_stage import ensure_teacher_cached, partial_directory, train_teacher_stage
@@ -55,11 +55,14 @@ TEACHER_RECIPE = "task-trained-marian/2"
 TEACHER_KIND = "text-teacher"
 
 
-class TaskTeacherConfig(StrictModel):
-    """``teacher.args`` of ``task-trained-seq2seq``; null = the task's default."""
+class _TeacherStageConfig(StrictModel):
+    """What every task-trained teacher's ``teacher.args`` share: width, training and stage settings; null = the
+    task's default."""
 
-    encoder_layers: PositiveInt | None = None
-    decoder_layers: PositiveInt | None = None
+    #: The architecture and training settings of this kind of teacher, with their generic defaults (the task's
+    #: ``teacher_defaults`` come first).
+    FALLBACK: ClassVar[dict[str, Any]] = {}
+
     d_model: PositiveInt | None = None
     heads: PositiveInt | None = None
     ffn_dim: PositiveInt | None = None
@@ -81,11 +84,28 @@ class TaskTeacherConfig(StrictModel):
                           "cache key)")
 
 
-FALLBACK = {"encoder_layers": 6, "decoder_layers": 6, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
-            "train_steps": 1000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "precision": "fp32"}
+class TaskTeacherConfig(_TeacherStageConfig):
+    """``teacher.args`` of ``task-trained-seq2seq``; null = the task's default."""
+
+    FALLBACK: ClassVar[dict[str, Any]] = {
+        "encoder_layers": 6, "decoder_layers": 6, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
+        "train_steps": 1000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "precision": "fp32"}
+
+    encoder_layers: PositiveInt | None = None
+    decoder_layers: PositiveInt | None = None
 
 
-def effective_settings(config: TaskTeacherConfig, task: Any, device: torch.device | None = None) -> dict[str, Any]:
+class CausalTaskTeacherConfig(_TeacherStageConfig):
+    """``teacher.args`` of ``task-trained-causal-lm``; null = the task's default."""
+
+    FALLBACK: ClassVar[dict[str, Any]] = {
+        "layers": 4, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.0, "train_steps": 1000,
+        "batch_size": 32, "lr": 1e-3, "warmup_steps": 100, "precision": "fp32"}
+
+    layers: PositiveInt | None = Field(None, description="decoder layers")
+
+
+def effective_settings(config: _TeacherStageConfig, task: Any, device: torch.device | None = None) -> dict[str, Any]:
     """The config with every null replaced by the task's default (then the generic fallback).
 
     ``precision`` is resolved for ``device`` (default: the CPU) to what training will use, ``fp32`` or ``bf16``, so
@@ -95,7 +115,7 @@ def effective_settings(config: TaskTeacherConfig, task: Any, device: torch.devic
 
     task_defaults = dict(getattr(task, "teacher_defaults", {}) or {})
     settings: dict[str, Any] = {}
-    for key, fallback in FALLBACK.items():
+    for key, fallback in type(config).FALLBACK.items():
         value = getattr(config, key)
         settings[key] = value if value is not None else task_defaults.get(key, fallback)
     dtype = autocast_dtype(settings["precision"], device or torch.device("cpu"))
@@ -127,15 +147,38 @@ def untrained_teacher(task: Any, settings: dict[str, Any]) -> Any:
     return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("marian", **values))
 
 
-def cache_directory(task: Any, settings: dict[str, Any], cache_dir: Path) -> Path:
+def causal_teacher_config(settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The Llama ``config`` dict of a task-trained causal-LM teacher with these (effective) settings.
+
+    Llama (rotary positions, RMSNorm, SwiGLU) because it is the architecture most decoder-only models people distil
+    share, so what is measured on the embedded default carries over; no biases, tied input/output embeddings.
+    """
+    from .presets import llama_config
+
+    return llama_config(layers=settings["layers"], d_model=settings["d_model"], heads=settings["heads"],
+                        ffn_dim=settings["ffn_dim"], dropout=settings["dropout"], **extra)
+
+
+def untrained_causal_teacher(task: Any, settings: dict[str, Any]) -> Any:
+    """The task-trained causal-LM teacher before training (initialised from the current torch RNG)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = task.teacher_tokenizer
+    values = causal_teacher_config(settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    model_type = values.pop("model_type")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+
+
+def cache_directory(task: Any, settings: dict[str, Any], cache_dir: Path, recipe: str = TEACHER_RECIPE) -> Path:
     """The cache entry of the teacher with these effective settings: its key hashes recipe, task, data and settings."""
-    key_material = json.dumps({"recipe": TEACHER_RECIPE, "task": task.name, "data": task.teacher_data_fingerprint(),
+    key_material = json.dumps({"recipe": recipe, "task": task.name, "data": task.teacher_data_fingerprint(),
                                "settings": settings}, sort_keys=True)
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     return Path(cache_dir) / "text" / "teachers" / f"{task.name}-{key}"
 
 
-def stage_trainer_config(settings: dict[str, Any], config: TaskTeacherConfig,
+def stage_trainer_config(settings: dict[str, Any], config: _TeacherStageConfig,
                          time_budget_minutes: float | None = None) -> TrainerConfig:
     """The engine settings of the teacher stage: AdamW (β2 0.98), linear warm-up, then linear decay to 10%.
 
@@ -149,11 +192,25 @@ def stage_trainer_config(settings: dict[str, Any], config: TaskTeacherConfig,
                          time_budget_minutes=time_budget_minutes)
 
 
-def stage_time_budget(config: TaskTeacherConfig, task: Any) -> float | None:
+def stage_time_budget(config: _TeacherStageConfig, task: Any) -> float | None:
     """The teacher stage's time budget in minutes: ``teacher.args.time_budget_minutes``, else the task's default."""
     if config.time_budget_minutes is not None:
         return config.time_budget_minutes
     return (getattr(task, "teacher_defaults", {}) or {}).get("time_budget_minutes")
+
+
+class NextTokenStageMethod(Method):
+    """The text teacher stage's method: the NLL of each target at the logit position that predicts it (the model's
+    own :meth:`~kd_plugins.text.models.HFTextModel.target_labels`: a causal LM's labels shifted by one, a seq2seq
+    model's as they are)."""
+
+    name: ClassVar[str] = "teacher-stage"
+
+    def compare(self, batch: Batch, step: int) -> Comparison:
+        from kdcore.signals import Signals
+
+        signals = self.student.forward_signals(batch, self.student_request())
+        return Comparison(signals, Signals(), {**batch, "labels": self.student.target_labels(batch)})  # type: ignore[attr-defined]
 
 
 class TaskTrainedTeacherFactory(ModelFactory):
@@ -162,37 +219,82 @@ class TaskTrainedTeacherFactory(ModelFactory):
     name: ClassVar[str] = "task-trained-seq2seq"
     description: ClassVar[str] = ("Marian encoder-decoder trained on the text task's data at first use and cached "
                                   "(the offline default teacher)")
-    Config = TaskTeacherConfig
+    Config: ClassVar[type[_TeacherStageConfig]] = TaskTeacherConfig
     builds_on_all_ranks: ClassVar[bool] = True  # under torchrun its teacher stage trains data-parallel
+    #: Part of the cache key: what kind of model the stage trains, and how.
+    recipe: ClassVar[str] = TEACHER_RECIPE
+    #: The tasks whose data it can train on (named in the refusal).
+    trains_on: ClassVar[str] = "a seq2seq text task's data (wmt, summarization)"
 
-    def build(self, config: TaskTeacherConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
+    @staticmethod
+    def untrained(task: Any, settings: dict[str, Any]) -> Any:
+        """The teacher's transformers model before training."""
+        return untrained_teacher(task, settings)
+
+    @staticmethod
+    def load(directory: Path) -> Any:
+        """The cached teacher's transformers model."""
         from transformers import AutoModelForSeq2SeqLM
 
+        return AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
+
+    @classmethod
+    def fits(cls, task: Any) -> bool:
+        """Whether ``task`` is one this teacher trains on."""
+        return (hasattr(task, "teacher_data_fingerprint") and hasattr(task, "teacher_tokenizer")
+                and not getattr(task, "decoder_only", False))
+
+    def build(self, config: _TeacherStageConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
         from kd_plugins.text.models import TextTeacher
 
         task = context.task
-        if not hasattr(task, "teacher_data_fingerprint") or not hasattr(task, "teacher_tokenizer"):
-            raise KDUserError(f"teacher 'task-trained-seq2seq' trains on a text task's data (wmt, summarization); "
-                              f"task '{task.name}' is not one. Name a teacher with teacher.name.")
+        if not self.fits(task):
+            raise KDUserError(f"teacher '{self.name}' trains on {self.trains_on}; task '{task.name}' is not one. "
+                              f"Name a teacher with teacher.name (task 'lm': task-trained-causal-lm).")
         settings = effective_settings(config, task, context.device)
-        directory = cache_directory(task, settings, context.cache_dir)
+        directory = cache_directory(task, settings, context.cache_dir, self.recipe)
         if context.dry_run and not (directory / MANIFEST).is_file():
             # A plan (or kd eval, which scores only the student) must not cost the minutes of the teacher stage; an
             # untrained model of the same config has the same shape and parameter count, all either reads of it.
             log.info("The teacher is not cached (%s); a kd run would train it first (%d steps of %d). Built "
                      "untrained with the same shape for this plan or evaluation.", directory,
                      settings["train_steps"], settings["batch_size"])
-            return TextTeacher(untrained_teacher(task, settings).eval(), task.teacher_tokenizer)
-        built_from = {"recipe": TEACHER_RECIPE, "task": task.name, "settings": settings,
+            return TextTeacher(self.untrained(task, settings).eval(), task.teacher_tokenizer)
+        built_from = {"recipe": self.recipe, "task": task.name, "settings": settings,
                       "data_fingerprint": task.teacher_data_fingerprint()}
         hf_model = ensure_teacher_cached(
             directory, TEACHER_KIND, built_from,
-            lambda: train_teacher(task, settings, directory, context.device, config, registry=context.registry),
+            lambda: train_teacher(task, settings, directory, context.device, config, registry=context.registry,
+                                  factory=type(self)),
             lambda trained, staging: _write_teacher(task, staging, *trained),
-            lambda: AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True),
-            what=f"the {task.name} teacher")
+            lambda: self.load(directory), what=f"the {task.name} teacher")
         log.info("Using the task-trained teacher cached in %s.", directory)
         return TextTeacher(hf_model.eval(), task.teacher_tokenizer)
+
+
+class CausalTaskTrainedTeacherFactory(TaskTrainedTeacherFactory):
+    """Teacher stage of the ``lm`` task: a Llama-style decoder-only model trained on its prompts and completions."""
+
+    name: ClassVar[str] = "task-trained-causal-lm"
+    description: ClassVar[str] = ("Llama-style decoder-only model trained on the lm task's prompts and completions at "
+                                  "first use and cached (the offline default teacher of task lm)")
+    Config: ClassVar[type[_TeacherStageConfig]] = CausalTaskTeacherConfig
+    recipe: ClassVar[str] = "task-trained-llama/1"
+    trains_on: ClassVar[str] = "a decoder-only text task's data (lm)"
+
+    @staticmethod
+    def untrained(task: Any, settings: dict[str, Any]) -> Any:
+        return untrained_causal_teacher(task, settings)
+
+    @staticmethod
+    def load(directory: Path) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
+
+    @classmethod
+    def fits(cls, task: Any) -> bool:
+        return hasattr(task, "teacher_data_fingerprint") and bool(getattr(task, "decoder_only", False))
 
 
 def _write_teacher(task: Any, staging: Path, hf_model: Any, stats: dict) -> dict:
@@ -205,8 +307,10 @@ def _write_teacher(task: Any, staging: Path, hf_model: Any, stats: dict) -> dict
 
 
 def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device: torch.device,
-                  config: TaskTeacherConfig | None = None, registry: Registry | None = None) -> tuple[Any, dict]:
-    """The teacher stage: train a Marian on ``task``'s training split on the engine; return the model and its stats.
+                  config: _TeacherStageConfig | None = None, registry: Registry | None = None,
+                  factory: type[TaskTrainedTeacherFactory] | None = None) -> tuple[Any, dict]:
+    """The teacher stage: train ``factory``'s model (default: the Marian of ``task-trained-seq2seq``) on ``task``'s
+    training split on the engine; return the model and its stats.
 
     ``settings`` are effective settings (:func:`effective_settings`); ``cache_entry`` is where the teacher will be
     cached: the stage keeps its log.jsonl and checkpoints in the partial directory next to it and continues from its
@@ -214,37 +318,46 @@ def train_teacher(task: Any, settings: dict[str, Any], cache_entry: Path, device
     """
     from kd_plugins.text.models import COLLAPSED_ENCODER_SPREAD, TextStudent, encoder_spread
 
-    config = config if config is not None else TaskTeacherConfig()
+    factory = factory or TaskTrainedTeacherFactory
+    config = config if config is not None else factory.Config()
     train = task.teacher_items(task.build_data(0).train)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(settings["seed"])  # the initial weights depend on the teacher seed only
-        hf_model = untrained_teacher(task, settings)
+        hf_model = factory.untrained(task, settings)
     model = TextStudent(hf_model, task.teacher_tokenizer).to(device)  # the trainable wrapper of every text model
     trainer = stage_trainer_config(settings, config, stage_time_budget(config, task))
-    log.info("Teacher stage: training a %d+%d-layer d=%d Marian (%s parameters) for %d steps of %d examples on %d "
-             "training pairs in %s; log.jsonl and checkpoints in %s (cached afterwards).", settings["encoder_layers"],
-             settings["decoder_layers"], settings["d_model"], f"{model.num_parameters():,}", trainer.max_steps,
-             trainer.batch_size, len(train), "bf16 autocast" if settings.get("precision") == "bf16" else "fp32",
+    depth = (f"{settings['layers']}-layer" if "layers" in settings
+             else f"{settings['encoder_layers']}+{settings['decoder_layers']}-layer")
+    log.info("Teacher stage: training a %s d=%d %s (%s parameters) for %d steps of %d examples on %d training "
+             "examples in %s; log.jsonl and checkpoints in %s (cached afterwards).", depth, settings["d_model"],
+             type(hf_model).__name__, f"{model.num_parameters():,}", trainer.max_steps, trainer.batch_size,
+             len(train), "bf16 autocast" if settings.get("precision") == "bf16" else "fp32",
              partial_directory(cache_entry))
-    result = train_teacher_stage(task, model, TaskTrainedTeacherFactory, config, trainer, train=train,
-                                 seed=settings["seed"], cache_entry=cache_entry, device=device, registry=registry)
+    result = train_teacher_stage(task, model, factory, config, trainer, train=train, seed=settings["seed"],
+                                 cache_entry=cache_entry, device=device, registry=registry,
+                                 method_class=NextTokenStageMethod)
     hf_model.eval()
-    # The spread shows an encoder collapse: one encoder pass over the first training batch (cheap).
-    probe = task.collate(train[:trainer.batch_size])
-    with torch.no_grad():
-        spread = encoder_spread(hf_model, probe["input_ids"].to(device), probe["attention_mask"].to(device))
-    if spread < COLLAPSED_ENCODER_SPREAD:
-        log.warning("Teacher stage: the teacher's encoder collapsed (its output varies by %.2g relative to its size "
-                    "over a batch of different inputs), so the teacher cannot read its source and writes the same "
-                    "output for every input. Lower teacher.args.lr (now %g) or raise teacher.args.warmup_steps "
-                    "(now %d); docs/text.md, 'Teacher stage'.", spread, settings["lr"], settings["warmup_steps"])
     stats = {"steps": result.steps, "seconds": round(result.train_seconds, 1), "final_loss": round(result.final_loss, 4),
-             "parameters": model.num_parameters(), "encoder_spread": spread}
+             "parameters": model.num_parameters()}
+    if model.is_encoder_decoder:
+        # The spread shows an encoder collapse: one encoder pass over the first training batch (cheap).
+        probe = task.collate(train[:trainer.batch_size])
+        with torch.no_grad():
+            spread = encoder_spread(hf_model, probe["input_ids"].to(device), probe["attention_mask"].to(device))
+        if spread < COLLAPSED_ENCODER_SPREAD:
+            log.warning("Teacher stage: the teacher's encoder collapsed (its output varies by %.2g relative to its "
+                        "size over a batch of different inputs), so the teacher cannot read its source and writes the "
+                        "same output for every input. Lower teacher.args.lr (now %g) or raise "
+                        "teacher.args.warmup_steps (now %d); docs/text.md, 'Teacher stage'.", spread, settings["lr"],
+                        settings["warmup_steps"])
+        stats["encoder_spread"] = spread
     if result.time_budget is not None:  # a slower machine trained fewer steps than the settings name
         stats["time_budget"] = result.time_budget
     return hf_model, stats
 
 
-__all__ = ["TEACHER_KIND", "TEACHER_RECIPE", "TaskTeacherConfig", "TaskTrainedTeacherFactory", "cache_directory",
+__all__ = ["TEACHER_KIND", "TEACHER_RECIPE", "CausalTaskTeacherConfig", "CausalTaskTrainedTeacherFactory",
+           "TaskTeacherConfig", "TaskTrainedTeacherFactory", "cache_directory", "causal_teacher_config",
+           "untrained_causal_teacher",
            "effective_settings", "stage_trainer_config", "teacher_marian_config", "train_teacher", "untrained_teacher"]

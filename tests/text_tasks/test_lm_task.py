@@ -1,0 +1,198 @@
+"""Task ``lm`` (decoder-only prompt -> completion): its batches, its teacher stage, its data files and refusals, and a
+tiny end-to-end run through the real ``kd`` command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kd_tasks.text.lm import INSTRUCTIONS, LMDataConfig, LMTask, interleave
+from kdcore.errors import KDUserError
+from kdcore.signals import IGNORE_INDEX
+
+SAMPLE = Path(__file__).parent / "data" / "ha-en-de-sample.tsv"
+
+
+def _pairs(count: int | None = None) -> list[tuple[str, str]]:
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:count]
+    return [(line.split("\t")[0], line.split("\t")[1]) for line in lines]
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _prompt_file(tmp_path: Path, count: int | None = None) -> Path:
+    return _jsonl(tmp_path / "train.jsonl", [{"prompt": INSTRUCTIONS["translate"] + source, "completion": target}
+                                             for source, target in _pairs(count)])
+
+
+def _task(tmp_path: Path, **data: Any) -> LMTask:
+    values = {"corpus": "files", "train": {"path": str(_prompt_file(tmp_path))}, "valid_size": 8, "test_size": 8,
+              "vocab_size": 600, **data}
+    return LMTask(LMDataConfig.model_validate(values), tmp_path / "cache")
+
+
+def test_rows_are_prompt_then_completion_and_only_the_completion_is_learnt(tmp_path: Path) -> None:
+    task = _task(tmp_path)
+    items = task.build_data(0).train[:6]
+    batch = task.collate(items)
+    eos = task.tokenizer.eos_token_id
+    for row, item in enumerate(items):
+        prompt, completion = item["source_ids"], item["target_ids"]
+        length = len(prompt) + len(completion)
+        assert completion[-1] == eos  # the model learns to stop
+        assert batch["input_ids"][row, :length].tolist() == prompt + completion
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (batch["input_ids"].shape[1] - length)
+        labels = batch["labels"][row].tolist()
+        assert labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+        assert labels[len(prompt):length] == completion
+        assert all(label == IGNORE_INDEX for label in labels[length:])
+        assert task.tokenizer.decode(completion, skip_special_tokens=True).strip() == item["target"]
+
+
+def test_interleave_mixes_instructions_in_turn() -> None:
+    assert interleave([1, 2, 3], ["a"], [True, False]) == [1, "a", True, 2, False, 3]  # type: ignore[list-item]
+
+
+def test_empty_completions_are_skipped_and_counted_and_long_prompts_truncated_or_skipped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"prompt": f"{INSTRUCTIONS['translate']}{source}", "completion": target} for source, target in _pairs(60)]
+    rows[3]["completion"] = "   "
+    rows[5]["prompt"] = "Translate to German: " + " ".join(["word"] * 200)
+    path = _jsonl(tmp_path / "rows.jsonl", rows)
+    base = {"corpus": "files", "train": {"path": str(path)}, "valid_size": 4, "test_size": 4, "vocab_size": 300,
+            "max_source_tokens": 40}
+    truncating = LMTask(LMDataConfig.model_validate(base), tmp_path / "a")
+    with caplog.at_level("WARNING"):
+        splits = truncating.build_data(0)
+    total = sum(len(getattr(splits, name)) for name in ("train", "valid", "test"))
+    assert total == 59  # the empty completion is gone
+    assert "skipped 1 of 60 rows (empty source or target)" in caplog.text
+    assert all(len(item["source_ids"]) <= 40 for item in splits.train)
+    assert sum(info["truncated"] for info in truncating.corpus_info.values() if isinstance(info, dict)
+               and "truncated" in info) >= 1
+    skipping = LMTask(LMDataConfig.model_validate({**base, "overlong": "skip"}), tmp_path / "b")
+    assert len(skipping.build_data(0).train) < len(splits.train) or skipping.corpus_info["train"]["skipped_overlong"]
+
+
+def test_chat_records_are_rendered_with_the_configured_template_and_refused_without_one(tmp_path: Path) -> None:
+    rows = [{"messages": [{"role": "system", "content": "You translate."},
+                          {"role": "user", "content": source}, {"role": "assistant", "content": target}]}
+            for source, target in _pairs(40)]
+    path = _jsonl(tmp_path / "chat.jsonl", rows)
+    base = {"corpus": "files", "train": {"path": str(path)}, "valid_size": 4, "test_size": 4, "vocab_size": 300}
+    without = LMTask(LMDataConfig.model_validate(base), tmp_path / "a")
+    with pytest.raises(KDUserError, match="data.chat_template"):
+        without.records()
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (tmp_path / "template.jinja").write_text(template, encoding="utf-8")
+    task = LMTask(LMDataConfig.model_validate({**base, "chat_template": str(tmp_path / "template.jinja")}),
+                  tmp_path / "b")
+    records = task.records()
+    first = records["train"][0]
+    source, target = next((s, t) for s, t in _pairs(40) if t == first["target"])
+    assert first["source"] == f"<system>You translate.\n<user>{source}\n<assistant>"
+    plain = LMTask(LMDataConfig.model_validate({"corpus": "files", "train": {"path": str(_prompt_file(tmp_path))},
+                                                "valid_size": 4, "test_size": 4, "prompt_format": "chat"}),
+                   tmp_path / "c")
+    with pytest.raises(KDUserError, match="data.chat_template"):
+        plain.records()
+
+
+def test_beam_search_is_refused_for_decoder_only_models() -> None:
+    with pytest.raises(ValueError, match=r"greedy completions only"):
+        LMDataConfig.model_validate({"eval_beams": [1, 4]})
+
+
+def test_the_causal_teacher_stage_learns_to_copy_its_prompt(tmp_path: Path) -> None:
+    """A copy task can only be learnt when the prompt is read (mask, positions, label alignment) and the completion
+    is generated after it (left-padded prompts, KV cache): greedy completions of unseen prompts must copy them."""
+    from kd_tasks.text.teacher import CausalTaskTeacherConfig, CausalTaskTrainedTeacherFactory, effective_settings
+    from kd_tasks.text.teacher import train_teacher
+
+    words = ["light", "door", "fan", "lamp", "heater", "window", "garage", "alarm", "switch", "sensor", "camera",
+             "lock"]
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for index in range(1500):
+        picked = [words[int(i)] for i in torch.randint(len(words), (3,), generator=generator)]
+        rows.append({"id": index, "prompt": "copy: " + " ".join(picked), "completion": " ".join(picked)})
+    path = _jsonl(tmp_path / "copy.jsonl", rows)
+    task = LMTask(LMDataConfig.model_validate({"corpus": "files", "train": {"path": str(path)}, "valid_size": 20,
+                                               "test_size": 40, "vocab_size": 60}), tmp_path / "cache")
+    task.teacher_defaults = {"layers": 2, "d_model": 64, "heads": 2, "ffn_dim": 128, "dropout": 0.0,
+                             "train_steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20}
+    config = CausalTaskTeacherConfig(log_every=100)
+    settings = effective_settings(config, task)
+    model, stats = train_teacher(task, settings, tmp_path / "teacher", torch.device("cpu"), config,
+                                 factory=CausalTaskTrainedTeacherFactory)
+    assert "encoder_spread" not in stats
+    from kd_plugins.text.models import TextTeacher
+
+    teacher = TextTeacher(model.eval(), task.tokenizer)
+    metrics = task.evaluate(teacher, task.build_data(0).test, torch.device("cpu"), 16)
+    assert metrics["rougeL"] > 90, metrics
+    assert metrics["perplexity"] < 1.5, metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``kd run --task lm --plugin imitation --preset tiny`` on prompt/completion files, GKD's settings."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("lm-run")
+    data = _prompt_file(folder)
+    out = folder / "run"
+    env = {**os.environ, "KD_CACHE_DIR": str(folder / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "kdcore", "run", "--task", "lm", "--plugin", "imitation",
+                             "--preset", "tiny", "--set", "data.corpus=files", "--set", f"data.train.path={data}",
+                             "--set", "data.valid_size=16", "--set", "data.test_size=24",
+                             "--set", "objectives.kd.name=jsd", "--set", "method.schedule.kind=constant",
+                             "--set", "method.schedule.value=0.5", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_tiny_lm_run_reports_completion_metrics_and_teacher_agreement(tiny_lm_run: Path) -> None:
+    metrics = json.loads((tiny_lm_run / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["task"] == "lm" and metrics["metric"] == "rougeL"
+    for role in ("teacher", "student"):
+        for key in ("rougeL", "chrf", "perplexity", "reference_nll", "greedy_tokens_per_second", "distinct_outputs"):
+            assert key in metrics[role], (role, key)
+        assert metrics[role]["examples"] == 24
+    assert 0.0 <= metrics["student"]["teacher_token_agreement"] <= 1.0
+    assert metrics["params"]["student"] < metrics["params"]["teacher"]
+    config = (tiny_lm_run / "config.yaml").read_text(encoding="utf-8")
+    assert "task-trained-causal-lm" in config and "model_type: llama" in config
+    records = [json.loads(line) for line in (tiny_lm_run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert train and all(r["beta"] == 0.5 for r in train)
+
+
+def test_a_teacher_of_another_vocabulary_with_a_token_level_objective_exits_2_naming_cross_tokenizer(
+        tmp_path: Path, run_kd) -> None:  # noqa: ANN001
+    data = _prompt_file(tmp_path)
+    result = run_kd("run", "--task", "lm", "--plugin", "word-kd", "--preset", "tiny", "--set", "data.corpus=files",
+                    "--set", f"data.train.path={data}", "--set", "data.valid_size=16", "--set", "data.test_size=24",
+                    "--set", "data.teacher_vocab_size=500", "--dry-run", "--out", str(tmp_path / "out"),
+                    env={"KD_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cross_tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_chat_prompt_format_without_a_template_exits_2_naming_the_option(tmp_path: Path, run_kd) -> None:  # noqa: ANN001
+    data = _prompt_file(tmp_path)
+    result = run_kd("run", "--task", "lm", "--plugin", "scratch", "--preset", "tiny", "--set", "data.corpus=files",
+                    "--set", f"data.train.path={data}", "--set", "data.prompt_format=chat", "--dry-run",
+                    "--out", str(tmp_path / "out"), env={"KD_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "data.chat_template" in result.stderr and "Traceback" not in result.stderr
