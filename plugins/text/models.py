@@ -39,6 +39,7 @@ from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, Model, ModelFactory, Student, Teacher
 from kdcore.objectives.library import TOKENIZER_VOCAB_SIZE
 from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals, next_token_aligned
+from kd_plugins.text.lora import LoraSettings, prepare_student
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,13 @@ class TextTeacher(HFTextModel, Teacher):
 
 
 class TextStudent(HFTextModel, Student):
-    """A trainable transformers seq2seq or causal LM."""
+    """A trainable transformers seq2seq or causal LM.
+
+    With ``student.args.lora``, ``hf_model`` holds peft's LoRA layers in place and ``peft_model`` is the
+    :class:`peft.PeftModel` around it (None otherwise); see :mod:`kd_plugins.text.lora`.
+    """
+
+    peft_model: Any = None
 
     def __init__(self, hf_model: Any, tokenizer: Any = None) -> None:
         super().__init__()
@@ -299,6 +306,12 @@ class TextModelConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraSettings | None = Field(
+        None, description="students only: train peft LoRA adapters {r, alpha, dropout, target_modules} on the frozen "
+                          "model; checkpoints hold the adapters only (docs/lora.md)")
+    freeze: list[str] = Field(
+        default_factory=list, description="students only: fnmatch patterns of parameter names to freeze (e.g. "
+                                          "'model.encoder.*'); checkpoints hold the trainable part only")
 
     @model_validator(mode="after")
     def _one_origin(self) -> "TextModelConfig":
@@ -442,12 +455,18 @@ class _TextModelFactory(ModelFactory):
     def build(self, config: BaseModel, context: BuildContext) -> Model:
         assert isinstance(config, TextModelConfig)
         role = self.role or ("student" if context.teacher is not None else "teacher")
+        if role == "teacher" and (config.lora is not None or config.freeze):
+            option = "lora" if config.lora is not None else "freeze"
+            raise KDUserError(f"teacher.args.{option} is set, but the teacher never trains: LoRA adapters and frozen "
+                              f"parts are for the student (student.args.{option}). Remove teacher.args.{option}.")
         model, tokenizer = _build_hf_model(config, context, self.causal, f"{role}.args")
         if bool(getattr(model.config, "is_encoder_decoder", False)) == self.causal:
             kind = "an encoder-decoder" if self.causal else "a decoder-only"
             raise KDUserError(f"{role}.args describes {kind} model ({type(model).__name__}); use the "
                               f"'{'seq2seq' if self.causal else 'causal-lm'}' {role} instead of '{self.name}'.")
         wrapper: Model = TextTeacher(model, tokenizer) if role == "teacher" else TextStudent(model, tokenizer)
+        if role == "student":
+            prepare_student(wrapper, config.lora, config.freeze, context.seed, f"{role}.args")
         return wrapper
 
 
