@@ -196,3 +196,31 @@ def test_a_chat_prompt_format_without_a_template_exits_2_naming_the_option(tmp_p
                     "--out", str(tmp_path / "out"), env={"KD_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "data.chat_template" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_local_transformers_causal_lm_is_the_teacher_with_its_own_tokenizer(tmp_path: Path, run_kd) -> None:  # noqa: ANN001
+    """``teacher.name=causal-lm`` + ``teacher.args.source=DIR`` (a directory written by save_pretrained) and the
+    task tokenising with that directory's tokenizer: the student shares it and learns from the local model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kd_tasks.text.presets import llama_config
+
+    task = _task(tmp_path)
+    tokenizer = task.tokenizer
+    values = llama_config(len(tokenizer), layers=1, d_model=32, heads=2, ffn_dim=64,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
+    local = tmp_path / "local-teacher"
+    model.save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    data = _prompt_file(tmp_path)
+    out = tmp_path / "out"
+    result = run_kd("run", "--task", "lm", "--plugin", "word-kd", "--preset", "tiny", "--set", "data.corpus=files",
+                    "--set", f"data.train.path={data}", "--set", "data.valid_size=16", "--set", "data.test_size=24",
+                    "--set", "teacher.name=causal-lm", "--set", f"teacher.args.source={local}",
+                    "--set", f"data.tokenizer={local}", "--out", str(out),
+                    env={"KD_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["params"]["teacher"] == sum(p.numel() for p in model.parameters())
+    assert "teacher_token_agreement" in metrics["student"] and "perplexity" in metrics["teacher"]
