@@ -6,18 +6,30 @@
 * ``linear``: β_t = 1 − (1 − final)·t/T, from 1 down to ``final``.
 * ``constant``: β_t = ``value`` at every step (``value: 0`` is pure on-policy
   training as in GKD; ``value: 1`` never uses student generations).
+* ``adaptive`` (DistiLLM's adaptive off-policy approach, Ko et al. 2024): the
+  student fraction 1 − β starts at ``initial`` and is raised by ``step`` (at most
+  to ``max``) after each validation whose watched value is worse than the
+  reference by more than ``tolerance``. The reference is the previous validation
+  (``compare_with: previous``) or the validation of the last raise
+  (``compare_with: last_raise``, the authors' code). The run's state is an
+  :class:`AdaptiveFraction`, which the method feeds (``Method.on_validation``) and
+  checkpoints.
 
 t is the 0-based optimiser step and T the total number of steps (``trainer.max_steps``).
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 #: Exponential base when neither the config nor the task names one (the authors' translation value).
 DEFAULT_BASE = 200.0
+#: The options only the adaptive schedule reads.
+ADAPTIVE_FIELDS = ("initial", "step", "max", "metric", "greater_is_better", "tolerance", "compare_with")
 
 
 class BetaSchedule(BaseModel):
@@ -25,17 +37,48 @@ class BetaSchedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["exponential", "linear", "constant"] = "exponential"
+    kind: Literal["exponential", "linear", "constant", "adaptive"] = "exponential"
     base: float | None = Field(
         None, gt=1.0, description="exponential: β_t = base^(-t/T); null: the task's imitation_beta_base (wmt 200, "
                                   "summarization 10), else 200")
     final: float = Field(0.0, ge=0.0, le=1.0, description="linear: β at t = T")
     value: float = Field(1.0, ge=0.0, le=1.0, description="constant: β at every step")
+    initial: float = Field(0.0, ge=0.0, le=1.0, description="adaptive: student fraction 1 - β before any raise")
+    step: float = Field(0.1, gt=0.0, le=1.0, description="adaptive: added to the student fraction after a worse "
+                                                         "validation")
+    max: float = Field(1.0, ge=0.0, le=1.0, description="adaptive: the student fraction is never raised above it")
+    metric: str | None = Field(
+        None, description="adaptive: the validation metric watched; null: the run's selection metric (the task's "
+                          "'metric', with the task's direction)")
+    greater_is_better: bool | None = Field(
+        None, description="adaptive: the watched metric's direction; null: the task's (needed when 'metric' names "
+                          "another metric than the task's selection metric)")
+    tolerance: float = Field(0.0, ge=0.0, description="adaptive: how much worse than the reference (in the metric's "
+                                                      "units) a validation must be to raise the fraction")
+    compare_with: Literal["previous", "last_raise"] = Field(
+        "previous", description="adaptive: the reference a validation is compared with: the previous validation, or "
+                                "the validation at the last raise (the first validation until then; DistiLLM's code)")
 
-    def beta(self, step: int, total_steps: int) -> float:
-        """β at 0-based ``step`` of ``total_steps`` (progress t/T is clamped to [0, 1])."""
+    @model_validator(mode="after")
+    def _adaptive_options(self) -> "BetaSchedule":
+        adaptive_keys = sorted(self.model_fields_set & set(ADAPTIVE_FIELDS))
+        if self.kind != "adaptive" and adaptive_keys:
+            raise ValueError(f"{', '.join(adaptive_keys)} configure the adaptive schedule, but kind is "
+                             f"'{self.kind}'; set kind: adaptive, or remove them.")
+        if self.kind == "adaptive" and self.initial > self.max:
+            raise ValueError(f"the adaptive schedule starts at initial = {self.initial:g} but may rise only to "
+                             f"max = {self.max:g}; set initial <= max.")
+        return self
+
+    def beta(self, step: int, total_steps: int, adaptive: "AdaptiveFraction | None" = None) -> float:
+        """β at 0-based ``step`` of ``total_steps`` (progress t/T is clamped to [0, 1]).
+
+        The adaptive schedule reads its run state ``adaptive`` (its ``initial`` fraction when None).
+        """
         if self.kind == "constant":
             return self.value
+        if self.kind == "adaptive":
+            return 1.0 - (adaptive.fraction if adaptive is not None else self.initial)
         if total_steps <= 0:
             raise ValueError(f"the β schedule needs the total number of training steps (got {total_steps}); "
                              "the engine passes it through Method.on_train_start")
@@ -52,4 +95,46 @@ class BetaSchedule(BaseModel):
         return self.model_copy(update={"base": float(getattr(task, "imitation_beta_base", DEFAULT_BASE))})
 
 
-__all__ = ["BetaSchedule", "DEFAULT_BASE"]
+@dataclass
+class AdaptiveFraction:
+    """The run state of an ``adaptive`` schedule: the student fraction and the validation it is compared with."""
+
+    fraction: float
+    reference: float | None = None  # the watched value of the reference validation (None before the first)
+    raises: int = 0
+
+    @classmethod
+    def start(cls, schedule: BetaSchedule) -> "AdaptiveFraction":
+        """The state before any validation."""
+        return cls(fraction=schedule.initial)
+
+    def observe(self, value: float, schedule: BetaSchedule, greater_is_better: bool) -> bool:
+        """Feed one validation's watched ``value``; True when it raised the fraction."""
+        if not math.isfinite(value):  # a NaN is not evidence either way; the reference stays
+            return False
+        worse = False
+        if self.reference is not None:
+            change = self.reference - value if greater_is_better else value - self.reference
+            worse = change > schedule.tolerance
+        raised = worse and self.fraction < schedule.max
+        if raised:
+            # round(): ten steps of 0.1 reach 1.0 rather than 0.9999999999999999
+            self.fraction = min(schedule.max, round(self.fraction + schedule.step, 12))
+            self.raises += 1
+        if self.reference is None or schedule.compare_with == "previous" or worse:
+            self.reference = value
+        return raised
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state for a checkpoint."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "AdaptiveFraction":
+        """The state :meth:`state_dict` saved."""
+        reference = state.get("reference")
+        return cls(fraction=float(state["fraction"]), reference=None if reference is None else float(reference),
+                   raises=int(state.get("raises", 0)))
+
+
+__all__ = ["AdaptiveFraction", "BetaSchedule", "DEFAULT_BASE"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kd_plugins.text.schedules import BetaSchedule
+from kd_plugins.text.schedules import AdaptiveFraction, BetaSchedule
 
 
 @pytest.mark.parametrize(("step", "expected"), [
@@ -57,3 +57,45 @@ def test_unknown_keys_and_missing_total_steps_are_rejected() -> None:
         BetaSchedule(kind="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="total number of training steps"):
         BetaSchedule().beta(3, 0)
+
+
+def observe_all(schedule: BetaSchedule, values: list[float], greater_is_better: bool) -> list[float]:
+    state = AdaptiveFraction.start(schedule)
+    fractions = []
+    for value in values:
+        state.observe(value, schedule, greater_is_better)
+        fractions.append(round(state.fraction, 6))
+    return fractions
+
+
+def test_adaptive_reference_is_the_previous_validation_or_the_last_raise() -> None:
+    losses = [3.0, 2.0, 2.5, 2.2, 2.4, 2.6, 2.7]  # lower is better
+    # previous: 2.0 -> 2.5, 2.2 -> 2.4, 2.4 -> 2.6 and 2.6 -> 2.7 are worse.
+    assert observe_all(BetaSchedule(kind="adaptive"), losses, False) == [0.0, 0.0, 0.1, 0.1, 0.2, 0.3, 0.4]
+    # last_raise (DistiLLM's code): the reference stays 3.0, which no later loss exceeds.
+    assert observe_all(BetaSchedule(kind="adaptive", compare_with="last_raise"), losses, False) == [0.0] * 7
+    rising = [1.0, 1.5, 1.4, 1.6, 1.7]
+    # last_raise: 1.0 -> 1.5 raises and becomes the reference; 1.6 is worse than 1.5, 1.7 than 1.6.
+    assert observe_all(BetaSchedule(kind="adaptive", compare_with="last_raise"), rising, False) == \
+        [0.0, 0.1, 0.1, 0.2, 0.3]
+
+
+def test_adaptive_tolerance_cap_direction_and_nan() -> None:
+    schedule = BetaSchedule(kind="adaptive", initial=0.5, step=0.3, max=0.9, tolerance=1.0)
+    # greater is better: a fall of more than 1.0 is worse; 0.5 + 0.3 = 0.8, then capped at 0.9.
+    assert observe_all(schedule, [20.0, 19.5, 18.0, float("nan"), 16.0, 10.0], True) == [0.5, 0.5, 0.8, 0.8, 0.9, 0.9]
+    assert schedule.beta(0, 0, AdaptiveFraction(fraction=0.8)) == pytest.approx(0.2)
+    assert schedule.beta(0, 0) == 0.5  # before the run state exists: 1 - initial
+    ten = observe_all(BetaSchedule(kind="adaptive"), [float(-i) for i in range(12)], True)
+    assert ten[-1] == 1.0 and ten[10] == 1.0  # ten steps of 0.1 reach max exactly
+    state = AdaptiveFraction(fraction=0.3, reference=2.5, raises=2)
+    assert AdaptiveFraction.from_state(state.state_dict()) == state
+
+
+def test_adaptive_options_are_refused_elsewhere_and_checked() -> None:
+    with pytest.raises(ValidationError, match="kind: adaptive"):
+        BetaSchedule(kind="constant", value=0.5, step=0.2)
+    with pytest.raises(ValidationError, match="initial <= max"):
+        BetaSchedule(kind="adaptive", initial=0.6, max=0.5)
+    with pytest.raises(ValidationError):
+        BetaSchedule(kind="adaptive", compare_with="best")  # type: ignore[arg-type]
