@@ -332,6 +332,23 @@ class Method(abc.ABC):
         new total when a time budget lowers the run's steps (:mod:`kdcore.time_budget`)."""
         self.total_steps = total_steps
 
+    def on_validation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Called by the engine on every process after each validation during training, with the student's validation
+        ``metrics`` (those of log.jsonl's eval record) after optimiser step ``step``. Adaptive schedules (DistiLLM's
+        student fraction) react here; the default does nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own run state (adaptive schedules, replay buffers), JSON-ready: each checkpoint stores it per
+        process and :meth:`load_state_dict` gets it back on ``--resume``. Stateless methods return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called after construction, before :meth:`on_train_start`)."""
+        if state:
+            raise KDUserError(f"The checkpoint holds run state of plugin '{self.name}' ({', '.join(sorted(state))}), "
+                              f"but this plugin keeps none: the checkpoint was written by another version or plugin. "
+                              f"Resume with the plugin that wrote it, or start a new --out.")
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Run-config fragment with this method's default objectives and options."""

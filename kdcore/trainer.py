@@ -368,6 +368,8 @@ class Trainer:
                 state.best_metric, state.best_step = value, step
             self._log({"type": "eval", "step": step, "split": "valid", **metrics})
             self.registry.hook.kd_on_evaluation_end(context=self.context, step=step, metrics=metrics)
+        # Every process's method sees the same metrics, so adaptive schedules stay in step across ranks.
+        self.built.method.on_validation(step, distributed.broadcast_object(metrics if self.dist.is_main else None))
         if all_ranks:
             model_state = parallel.model_state() if better else None  # a collective: every rank takes part
         if self.dist.is_main and better:
@@ -387,11 +389,14 @@ class Trainer:
         model_state = parallel.model_state()  # collectives first (FSDP gathers), identical order on all ranks
         optimizer_state = parallel.optimizer_state(optimizer)
         rank_rngs = distributed.gather_objects(capture_rng())
+        method_states = distributed.gather_objects(self.built.method.state_dict())  # e.g. each rank's replay buffer
         path = self.checkpoint_dir / f"step-{step:08d}"
         problem: str | None = None
         if self.dist.is_main:
             trainer_state = {"sampler": sampler.state(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict(), **self.state.saved_fields()}
+            if any(method_states):
+                trainer_state["method_state"] = method_states
             try:
                 with clear_write_errors(f"checkpoint step {step}", self.checkpoint_dir):
                     path = save_checkpoint(self.checkpoint_dir, step, model_state, optimizer_state, trainer_state,
@@ -416,6 +421,12 @@ class Trainer:
         scaler.load_state_dict(saved["scaler"])
         sampler.restore(saved["sampler"])
         self.state.restore(saved)
+        method_states = saved.get("method_state") or []
+        if method_states and self.dist.rank >= len(method_states):
+            raise KDUserError(f"Checkpoint {checkpoint.path} holds the plugin's run state of {len(method_states)} "
+                              f"process(es) and this is process {self.dist.rank}: resume with as many processes as "
+                              f"wrote it.")
+        self.built.method.load_state_dict(method_states[self.dist.rank] if method_states else {})
         if self.state.time_budget:  # a budget lowered the steps before the checkpoint: keep its plan
             self.trainer_config.max_steps = self.state.max_steps = int(self.state.time_budget["max_steps"])
         rng = checkpoint.rng_for_rank(self.dist.rank)

@@ -1,4 +1,4 @@
-"""Batched decoding for text models: greedy, top-k sampling and beam search.
+"""Batched decoding for text models: greedy, top-k sampling, full-vocabulary sampling and beam search.
 
 :func:`generate` is the student's decoder during ImitKD training (its rollouts)
 and the greedy decoder for metrics: encode once, then one decoder step per token
@@ -35,7 +35,9 @@ import torch
 from kdcore.signals import IGNORE_INDEX
 from kd_plugins.text.models import HFTextModel
 
-Strategy = Literal["greedy", "top_k"]
+#: greedy: argmax; top_k: sample among the k most likely tokens; sample: sample from the whole softmax (GKD's and
+#: MiniLLM's on-policy student samples). Both samplers divide the logits by the temperature first.
+Strategy = Literal["greedy", "top_k", "sample"]
 
 
 @dataclass
@@ -82,6 +84,9 @@ def _next_tokens(logits: torch.Tensor, strategy: Strategy, top_k: int, temperatu
     if strategy == "greedy":
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature
+    if strategy == "sample":
+        # A banned token's -inf logit is probability 0 here, as in the top-k draw.
+        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
     values, indices = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1)
     probabilities = torch.softmax(values, dim=-1)
     choice = torch.multinomial(probabilities, 1, generator=generator)
@@ -188,7 +193,7 @@ def generate(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.
              strategy: Strategy = "greedy", top_k: int = 5, temperature: float = 1.0, max_new_tokens: int = 64,
              generator: torch.Generator | None = None, use_cache: bool = True, suppress_pad: bool = True,
              implementation: Literal["auto", "model-forward"] = "auto") -> Generated:
-    """Greedy or top-k sampled decoding of a batch, under ``no_grad``.
+    """Greedy, top-k sampled or sampled (whole vocabulary) decoding of a batch, under ``no_grad``.
 
     Encoder-decoder models: ``input_ids`` are the sources (any padding side);
     decoder-only models: ``input_ids`` are left-padded prompts and the result is
@@ -205,7 +210,7 @@ def generate(model: HFTextModel, input_ids: torch.Tensor, attention_mask: torch.
     pad would be indistinguishable from padding. The model's train/eval mode is
     left as it is: callers choose whether dropout is on while sampling.
     """
-    if strategy not in ("greedy", "top_k"):
+    if strategy not in ("greedy", "top_k", "sample"):
         raise ValueError(f"unknown decoding strategy {strategy!r}")
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
