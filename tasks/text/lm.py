@@ -59,9 +59,9 @@ class LMDataConfig(TextDataConfig):
                           "tokenizer's own")
     valid_size: PositiveInt = Field(200, description="held-out valid examples when no valid files are given")
     test_size: PositiveInt = Field(400, description="held-out test examples when no test files are given")
-    # Training cost grows with the tokens per batch: 64 prompt and 40 completion tokens keep the whole example for
-    # most of the embedded data (the counts are logged at start-up; docs/lm.md).
-    max_source_tokens: PositiveInt = Field(64, description="longer prompts are truncated (counted, logged)")
+    # Training cost grows with the tokens per batch: docstring prompts are long, so 48 prompt tokens (a summary can be
+    # written from a docstring's first lines) and 40 completion tokens; the truncation counts are logged at start-up.
+    max_source_tokens: PositiveInt = Field(48, description="longer prompts are truncated (counted, logged)")
     max_target_tokens: PositiveInt = Field(40, description="longer completions are truncated (counted, logged)")
     eval_beams: list[PositiveInt] = Field(default_factory=lambda: [1],
                                           description="decoder-only models are scored on greedy completions: [1]")
@@ -120,8 +120,8 @@ class LMTask(TextTask):
     eval_file_roles: ClassVar[tuple[str, ...]] = ("source", "reference")
     #: Teacher stage defaults (docs/lm.md, "Sizes and times").
     teacher_defaults: ClassVar[dict[str, Any]] = {"layers": 3, "d_model": 256, "heads": 4, "ffn_dim": 768,
-                                                  "dropout": 0.0, "train_steps": 2000, "batch_size": 32, "lr": 1e-3,
-                                                  "warmup_steps": 200, "precision": "native-bf16",
+                                                  "dropout": 0.0, "train_steps": 2000, "batch_size": 32, "lr": 2e-3,
+                                                  "warmup_steps": 100, "precision": "native-bf16",
                                                   "time_budget_minutes": 13}
     presets: ClassVar[dict[str, dict[str, Any]]] = text_presets("lm")
 

@@ -63,7 +63,7 @@ _TRAINER: dict[str, dict[str, Any]] = {
 # than the one that sized max_steps (or one without bf16 units, where native-bf16 runs fp32) trains fewer steps
 # instead of blowing the limit; start-up and the final test decoding of teacher and student come on top.
 
-_TRAINER["lm"] = {"max_steps": 1000, "batch_size": 32, "eval_batch_size": 100, "lr": 1e-3, "warmup_steps": 100,
+_TRAINER["lm"] = {"max_steps": 1000, "batch_size": 32, "eval_batch_size": 100, "lr": 2e-3, "warmup_steps": 100,
                   "eval_every": 250, "checkpoint_every": 250, "log_every": 20, "precision": "native-bf16",
                   "time_budget_minutes": 10}
 
