@@ -1,7 +1,9 @@
 """Checkpoints: safetensors only (no pickle), written atomically, verified on load.
 
 A checkpoint is a directory ``step-XXXXXXXX`` holding
-``student.safetensors`` (weights), ``optimizer.safetensors`` (optimizer tensors;
+``student.safetensors`` (the student's state dict: all weights, or for a student with a frozen
+part, such as a LoRA student, the trainable part and the frozen part's sha256; kd_plugins.text.lora),
+``optimizer.safetensors`` (optimizer tensors;
 its param_groups as JSON metadata), ``trainer_state.json`` (step, data position,
 scheduler, scaler, best metric, Python/NumPy RNG) and ``rng.safetensors`` (torch
 RNG states), plus ``manifest.json`` with each file's sha256, written last.

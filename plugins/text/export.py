@@ -27,6 +27,11 @@ those sessions (numpy only). Both formats check themselves against the kd studen
 task's test items before anything is renamed into place: the exported model's greedy
 tokens equal kd's, and the ONNX logits (teacher-forced, with and without past
 key/values) are within :data:`~kdcore.export.onnx_tools.ONNX_TOLERANCE` of PyTorch's.
+
+A LoRA student (``student.args.lora``) is merged into a copy of its base for ``hf`` and
+``onnx`` (checked against the LoRA student's logits first); ``peft`` writes its adapters as a
+peft adapter directory instead (with the base under ``base/`` when it was built from a config),
+checked by loading it with ``PeftModel.from_pretrained``.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ from kdcore.padding import pad_rows
 from kdcore.signals import IGNORE_INDEX, Signal, request
 from kd_plugins.text.generation import _cache_argument, generate, generation_length_limit
 from kd_plugins.text.imitation import _split_causal_row
+from kd_plugins.text.lora import base_copy, has_lora, merged_copy
 from kd_plugins.text.models import HFTextModel, TextStudent
 
 #: Test sources the self-test decodes (the first of the test split).
@@ -389,7 +395,11 @@ class TextStudentExporter(Exporter):
         "hf": "a transformers directory (config, safetensors, generation config, tokenizer) for from_pretrained",
         "onnx": "ONNX graphs with past key/values (encoder, decoder and decoder-with-past, or one decoder-only "
                 "graph) with the config and tokenizer; greedy decoding in onnxruntime",
+        "peft": "LoRA students only: a peft adapter directory (adapter_config.json, adapter_model.safetensors) for "
+                "PeftModel.from_pretrained on the base model (hf and onnx merge the adapters instead)",
     }
+    #: A LoRA student's adapters merged into a copy of its base (set by :meth:`write` for hf and onnx).
+    _merged: TextStudent | None = None
 
     @classmethod
     def fits(cls, student: Student) -> bool:
@@ -397,7 +407,14 @@ class TextStudentExporter(Exporter):
 
     @property
     def student(self) -> TextStudent:
-        return self.built.student  # type: ignore[return-value]
+        """The student the formats write: a LoRA student's merged copy (hf, onnx), else the run's student."""
+        return self._merged or self.built.student  # type: ignore[return-value]
+
+    def refusal(self, fmt: str) -> str | None:
+        if fmt == "peft" and not has_lora(self.built.student):
+            return ("only a LoRA student (student.args.lora) has adapters to write as a peft directory; this student "
+                    "is a plain transformers model")
+        return None
 
     def describe_student(self) -> str:
         config = self.student.hf_model.config
@@ -450,10 +467,95 @@ class TextStudentExporter(Exporter):
         return generation
 
     def write(self, fmt: str, directory: Path) -> ExportResult:
+        if fmt == "peft":
+            return self._write_peft(directory)
+        merge_check: dict[str, Any] = {}
+        if has_lora(self.built.student):
+            merge_check = self._merge()
         generation = self._save_configs(directory)
-        if fmt == "hf":
-            return self._write_hf(directory, generation)
-        return self._write_onnx(directory, generation)
+        result = self._write_hf(directory, generation) if fmt == "hf" else self._write_onnx(directory, generation)
+        result.checks.update(merge_check)
+        return result
+
+    # ------------------------------------------------------------------ LoRA students
+    def _lora_logit_difference(self, other: Any) -> float:
+        """Largest difference between the kd LoRA student's logits and ``other``'s (a transformers model or a
+        PeftModel) on the self-test items, teacher-forced, real target positions only."""
+        lora = self.built.student
+        worst = 0.0
+        for test in self.self_test_batches():
+            batch = test.batch
+            with torch.no_grad():
+                ours = lora.forward_signals(batch, request(Signal.LOGITS)).logits
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                if lora.is_encoder_decoder:
+                    inputs["decoder_input_ids"] = lora.decoder_inputs_from_labels(batch["labels"])
+                theirs = other(**inputs, use_cache=False).logits
+            valid = lora.target_labels(batch) != IGNORE_INDEX
+            worst = max(worst, max_abs_difference(ours, theirs.numpy(), valid))
+        return worst
+
+    def _merge(self) -> dict[str, Any]:
+        """Merge the adapters into a copy of the base (the formats then write that plain model) and check that it
+        computes the LoRA student's logits."""
+        lora = self.built.student
+        merged = TextStudent(merged_copy(lora).eval(), lora.tokenizer)
+        difference = self._lora_logit_difference(merged.hf_model)
+        check_tolerance("the model with merged LoRA adapters", difference)
+        self._merged = merged
+        return {"lora": "adapters merged into the base weights (merge_and_unload)",
+                "merged_logits_max_abs_difference": difference}
+
+    def _write_peft(self, directory: Path) -> ExportResult:
+        """adapter_config.json + adapter_model.safetensors (+ the base under base/ when the student's base was built
+        from a config, so nothing else holds it), the tokenizer and generation config; checked by loading it with
+        PeftModel.from_pretrained and comparing logits."""
+        import json
+
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        lora = self.built.student
+        source = getattr(self.built.resolved.student_config, "source", None)
+        lora.peft_model.save_pretrained(str(directory))
+        (directory / "README.md").unlink(missing_ok=True)  # peft's template; kd writes the model card
+        if source is None:
+            base_dir = directory / "base"
+            base_copy(lora).save_pretrained(str(base_dir))
+            base_name, base_location = "base", "EXPORT_DIR/base"
+        else:
+            base_name = base_location = str(source)
+        config_path = directory / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+        adapter_config["base_model_name_or_path"] = base_name
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        generation = export_generation_config(lora, self.built.task.data_config.max_new_tokens)
+        generation.save_pretrained(str(directory))
+        if self.tokenizer is not None:
+            copy.deepcopy(self.tokenizer).save_pretrained(str(directory))
+        auto = AutoModelForSeq2SeqLM if lora.is_encoder_decoder else AutoModelForCausalLM
+        base_path = str(directory / "base") if source is None else str(source)
+        base = auto.from_pretrained(base_path, local_files_only=True).eval()
+        loaded = PeftModel.from_pretrained(base, str(directory)).eval()
+        difference = self._lora_logit_difference(loaded)
+        check_tolerance("the adapters loaded with PeftModel.from_pretrained", difference)
+        usage = f"""With transformers and peft (no kd needed):
+
+```python
+from peft import PeftModel
+from transformers import AutoTokenizer, {auto.__name__}
+
+base = {auto.__name__}.from_pretrained("{base_location}")
+model = PeftModel.from_pretrained(base, "EXPORT_DIR")      # or .merge_and_unload() for a plain model
+tokenizer = AutoTokenizer.from_pretrained("EXPORT_DIR")
+```"""
+        files = sorted(p.name for p in directory.iterdir())
+        tag = pipeline_task(self.built.task) if lora.is_encoder_decoder else "text-generation"
+        return ExportResult("peft", files, {
+            "logits_max_abs_difference": difference, "tolerance": ONNX_TOLERANCE,
+            "compared": "teacher-forced logits of PeftModel.from_pretrained(base, export) and the kd LoRA student on "
+                        "the first test items, real tokens only",
+            "base": base_name}, usage, pipeline_tag=tag, tags=["peft", "lora", tag], limitations=self._limitations())
 
     def _limitations(self) -> list[str]:
         data = self.built.task.data_config

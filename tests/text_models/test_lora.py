@@ -154,3 +154,78 @@ def test_freeze_trains_and_saves_only_the_rest(tiny: SimpleNamespace, tmp_path: 
         _causal(tmp_path, freeze=["encoder.*"])
     with pytest.raises(KDUserError, match="freezes every parameter"):
         _causal(tmp_path, freeze=["*"])
+
+
+SAMPLE = Path(__file__).parents[1] / "text_tasks" / "data" / "ha-en-de-sample.tsv"
+# The tiny wmt preset (12 steps, checkpoints at 6 and 12) on the committed sample, a LoRA student with dropout (the
+# random stream must be restored on resume).
+LORA_RUN = ["run", "--task", "wmt", "--plugin", "word-kd", "--preset", "tiny", "--seed", "5",
+            "--set", "data.corpus=files", "--set", f"data.train.path={SAMPLE}", "--set", "data.valid_size=16",
+            "--set", "data.test_size=24", "--set", "student.args.lora.r=4", "--set", "student.args.lora.dropout=0.1"]
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_after_sigkill_saves_adapters_only_and_exports(tmp_path: Path, fault_env: dict[str, str],
+                                                                         run_kd: Any) -> None:
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForSeq2SeqLM
+
+    from kdcore.io import read_jsonl
+
+    env = {**fault_env, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = run_kd(*LORA_RUN, "--out", str(straight), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_kd(*LORA_RUN, "--out", str(killed), cwd=tmp_path, env={**env, "KD_KILL_AT_STEP": "9"})
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000006"]
+    result = run_kd("run", "--out", str(killed), "--resume", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, actual = (json.loads((d / "metrics.json").read_text()) for d in (straight, killed))
+    quality = {k: v for k, v in expected["student"].items() if "second" not in k}  # speeds vary
+    assert quality == {k: v for k, v in actual["student"].items() if "second" not in k}
+    assert actual["best_step"] == expected["best_step"]
+    assert [(r["type"], r["step"], r.get("loss")) for r in read_jsonl(killed / "log.jsonl")] == \
+           [(r["type"], r["step"], r.get("loss")) for r in read_jsonl(straight / "log.jsonl")]
+    final = [d / "checkpoints" / "step-00000012" / "student.safetensors" for d in (straight, killed)]
+    assert final[0].read_bytes() == final[1].read_bytes()  # the same adapters, bit for bit
+
+    # Checkpoints and best/ hold the adapters (and the base's fingerprint) only: a fraction of the full weights.
+    with safe_open(str(final[0]), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert BASE_FINGERPRINT_KEY in keys and all(".lora_" in k for k in keys if k != BASE_FINGERPRINT_KEY)
+    assert final[0].stat().st_size < 0.35 * 4 * expected["params"]["student"]
+    assert (straight / "best" / "student.safetensors").stat().st_size == final[0].stat().st_size
+
+    # kd export merges by default, or writes a peft adapter directory; both compute the LoRA student's logits.
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapters"
+    for out, extra in ((merged_dir, []), (adapter_dir, ["--format", "peft"])):
+        result = run_kd("export", "--run", str(straight), "--out", str(out), *extra, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    merged_checks = json.loads((merged_dir / "export.json").read_text())["self_test"]
+    assert merged_checks["merged_logits_max_abs_difference"] <= 1e-4
+    assert merged_checks["greedy_outputs_equal_kd"] == "16/16"
+    assert not any("lora" in k for k in safe_open(str(merged_dir / "model.safetensors"), framework="pt").keys())
+    assert json.loads((adapter_dir / "export.json").read_text())["self_test"]["logits_max_abs_difference"] <= 1e-4
+    assert {"adapter_config.json", "adapter_model.safetensors", "base"} <= {p.name for p in adapter_dir.iterdir()}
+    from peft import PeftModel
+
+    merged = AutoModelForSeq2SeqLM.from_pretrained(str(merged_dir)).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(str(adapter_dir / "base")),
+                                        str(adapter_dir)).eval()
+    ids = torch.tensor([[5, 9, 14, 27, 2]])
+    with torch.no_grad():
+        one = merged(input_ids=ids, decoder_input_ids=ids).logits
+        two = adapted(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-4)
+
+
+def test_the_peft_format_is_for_lora_students_only(tmp_path: Path) -> None:
+    from kd_plugins.text.export import TextStudentExporter
+
+    plain = TextStudentExporter(SimpleNamespace(student=_causal(tmp_path)), None)  # type: ignore[arg-type]
+    assert "student.args.lora" in (plain.refusal("peft") or "") and plain.refusal("hf") is None
+    lora = TextStudentExporter(SimpleNamespace(student=_causal(tmp_path, lora={"r": 2})), None)  # type: ignore[arg-type]
+    assert lora.refusal("peft") is None and next(iter(lora.formats)) == "hf"  # merging stays the default
