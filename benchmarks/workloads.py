@@ -216,6 +216,161 @@ def measure_in_subprocess(variant: str, tokens: int, vocab: int, hidden: int, *,
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------- a whole causal-LM training step
+# A whole optimiser step of word-level KD between two causal LMs, built through the pieces `kd run` uses:
+# kdcore.resolve (config layers, the causal-lm factories, the registered objective with its `fused` option, the
+# word-kd method) and kdcore.optimization (AdamW and its schedule). The models are small in hidden size so that the
+# vocabulary dominates, as it does for the output layer of real LMs.
+LM_STEP_VARIANTS = ("dense", "fused")
+LM_STEP_SHAPE = {"batch": 8, "prompt": 24, "completion": 40, "hidden": 256, "student_layers": 2, "teacher_layers": 4}
+
+
+def lm_architecture(vocab: int, hidden: int, layers: int) -> dict:
+    """A Llama config dict (``causal-lm`` ``args.config``): tied input/output embeddings, as small Llamas have."""
+    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
+            "num_key_value_heads": max(1, hidden // 64), "max_position_embeddings": 256,
+            "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def lm_batch(vocab: int, *, batch: int = 8, prompt: int = 24, completion: int = 40, seed: int = 0) -> dict[str, Tensor]:
+    """A batch shaped like the ``lm`` task's: ``input_ids`` = prompt + completion, right-padded; ``labels`` = the
+    completion tokens (-100 on the prompt and the padding); prompt and completion lengths vary around the given ones
+    (+-1/3) so the padding is real."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def lengths(mean: int) -> list[int]:
+        spread = max(1, mean // 3)
+        return (torch.randint(mean - spread, mean + spread + 1, (batch,), generator=generator)).tolist()
+
+    prompts, completions = lengths(prompt), lengths(completion)
+    width = max(p + c for p, c in zip(prompts, completions))
+    input_ids = torch.zeros(batch, width, dtype=torch.long)  # 0 = the pad id of lm_architecture
+    labels = torch.full((batch, width), -100, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        tokens = torch.randint(3, vocab, (p + c,), generator=generator)
+        input_ids[row, :p + c] = tokens
+        labels[row, p:p + c] = tokens[p:]
+        attention_mask[row, :p + c] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def build_lm_step(vocab: int, variant: str, *, kind: str = "jsd", hidden: int = 256, student_layers: int = 2,
+                  teacher_layers: int = 4, cache_dir: str | None = None, seed: int = 0):
+    """``(method, optimizer, scheduler, trainer_config)`` of a word-kd run between two random causal LMs.
+
+    ``variant`` ``fused`` leaves the objective at its default (``fused: auto``: the method then asks the models for
+    their final hidden states and the objective takes the fused path at this vocabulary); ``dense`` sets
+    ``fused: false`` (the models' LM heads build the logits).
+    """
+    import tempfile
+
+    from kdcore.optimization import build_optimizer, build_scheduler
+    from kdcore.registry import Registry
+    from kdcore.resolve import build_components, resolve_run
+
+    if variant not in LM_STEP_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {LM_STEP_VARIANTS}")
+    sets = ["teacher=" + json.dumps({"name": "causal-lm",
+                                     "args": {"config": lm_architecture(vocab, hidden, teacher_layers)}}),
+            "student=" + json.dumps({"name": "causal-lm",
+                                     "args": {"config": lm_architecture(vocab, hidden, student_layers)}}),
+            f"objectives.kd.name={kind}", "trainer.precision=fp32", "trainer.warmup_steps=0"]
+    if variant == "dense":
+        sets.append("objectives.kd.args.fused=false")
+    # The toy task only hosts the run (its data are not read): the lm task is not needed to build the models,
+    # method and optimiser, and the batches below have the lm task's layout.
+    resolved = resolve_run(Registry.discover(entry_points=False), task="toy", plugin="word-kd", sets=sets, seed=seed)
+    built = build_components(resolved, torch.device("cpu"), cache_dir=cache_dir or tempfile.mkdtemp(prefix="kd-bench-"))
+    built.student.train()
+    optimizer = build_optimizer(built.method.trainable_modules(), resolved.config.trainer)
+    scheduler = build_scheduler(optimizer, resolved.config.trainer)
+    return built.method, optimizer, scheduler, resolved.config.trainer
+
+
+def lm_train_step(method, optimizer, scheduler, trainer_config, batch: dict[str, Tensor], step: int) -> dict:
+    """One optimiser step as the engine takes it (kdcore.trainer): the method's loss (teacher forward without
+    gradients, student forward, objectives), backward, gradient clipping, AdamW, schedule, ``zero_grad``."""
+    output = method.training_step(batch, step)
+    output.loss.backward()
+    if trainer_config.clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(method.trainable_modules().parameters(), trainer_config.clip_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(output.loss.detach()), "fused": float(output.parts.get("kd/fused", float("nan")))}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's resident-set high-water mark to its current RSS (Linux >= 4.0: ``/proc/self/clear_refs``
+    ``5``; ``ru_maxrss`` follows). False where that is not possible: the peak then includes the warm-up steps."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_lm_step(variant: str, vocab: int, *, kind: str = "jsd", warmup: int = 2, rounds: int = 3,
+                    seed: int = 0, batch: int | None = None, prompt: int | None = None,
+                    completion: int | None = None) -> dict:
+    """Time ``rounds`` whole training steps after ``warmup`` steps, and their peak resident-memory growth.
+
+    The warm-up steps create AdamW's state and pay the one-time costs (thread pools, oneDNN primitives), so the
+    measured steps are steady-state ones, as in a run. Before the measured steps ``malloc_trim(0)`` returns freed
+    heap (:func:`_release_free_heap`), the RSS is the baseline (parameters, AdamW state, the batch) and the
+    high-water mark is reset to it; the peak is the high-water mark's growth over the baseline. Losses of every
+    step are reported (the first is before any update). ``batch``, ``prompt``, ``completion``: the batch's shape
+    (default :data:`LM_STEP_SHAPE`).
+    """
+    shape = {**LM_STEP_SHAPE, **{key: value for key, value in
+                                 (("batch", batch), ("prompt", prompt), ("completion", completion)) if value}}
+    method, optimizer, scheduler, trainer_config = build_lm_step(
+        vocab, variant, kind=kind, hidden=shape["hidden"], student_layers=shape["student_layers"],
+        teacher_layers=shape["teacher_layers"], seed=seed)
+    batch = lm_batch(vocab, batch=shape["batch"], prompt=shape["prompt"], completion=shape["completion"], seed=seed)
+    steps = [lm_train_step(method, optimizer, scheduler, trainer_config, batch, step) for step in range(warmup)]
+    _release_free_heap()
+    baseline = _rss_bytes()
+    peak_reset = _reset_peak_rss()
+    times, cpu_times = [], []
+    for step in range(warmup, warmup + rounds):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        steps.append(lm_train_step(method, optimizer, scheduler, trainer_config, batch, step))
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # ru_maxrss: KiB on Linux
+    student = method.student
+    return {"variant": variant, "vocab": vocab, "kind": kind, **shape,
+            "positions": int(batch["input_ids"].numel()), "scored_positions": int((batch["labels"] != -100).sum()),
+            "student_parameters": sum(p.numel() for p in student.parameters()),
+            "student_request": sorted(s.value for s in method.student_request().signals),
+            "fused_path": steps[-1]["fused"], "threads": torch.get_num_threads(), "device": "cpu",
+            "warmup_steps": warmup, "times_s": times, "time_s": min(times), "cpu_times_s": cpu_times,
+            "cpu_time_s": min(cpu_times), "peak_bytes": int(peak), "baseline_bytes": int(baseline),
+            "peak_reset": peak_reset, "losses": [item["loss"] for item in steps]}
+
+
+def measure_lm_step_in_subprocess(variant: str, vocab: int, *, kind: str = "jsd", warmup: int = 2, rounds: int = 3,
+                                  batch: int | None = None, prompt: int | None = None, completion: int | None = None,
+                                  threads: int | None = None, timeout: float = 3600) -> dict:
+    """:func:`measure_lm_step` in a fresh Python process (its own memory high-water mark)."""
+    environment = dict(os.environ)
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
+    code = (f"import json, sys; sys.path[:0] = [{str(REPOSITORY)!r}, {str(Path(__file__).resolve().parent)!r}]; "
+            f"from workloads import measure_lm_step; print(json.dumps(measure_lm_step({variant!r}, {vocab}, "
+            f"kind={kind!r}, warmup={warmup}, rounds={rounds}, batch={batch}, prompt={prompt}, "
+            f"completion={completion})))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                               cwd=REPOSITORY, timeout=timeout, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, required=True)
