@@ -61,7 +61,9 @@ class BetaSchedule(BaseModel):
 
     @model_validator(mode="after")
     def _adaptive_options(self) -> "BetaSchedule":
-        adaptive_keys = sorted(self.model_fields_set & set(ADAPTIVE_FIELDS))
+        # Keys set to something other than their default: a run's saved config.yaml writes every key, defaults too.
+        adaptive_keys = sorted(key for key in self.model_fields_set & set(ADAPTIVE_FIELDS)
+                               if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True))
         if self.kind != "adaptive" and adaptive_keys:
             raise ValueError(f"{', '.join(adaptive_keys)} configure the adaptive schedule, but kind is "
                              f"'{self.kind}'; set kind: adaptive, or remove them.")

@@ -99,3 +99,16 @@ def test_adaptive_options_are_refused_elsewhere_and_checked() -> None:
         BetaSchedule(kind="adaptive", initial=0.6, max=0.5)
     with pytest.raises(ValidationError):
         BetaSchedule(kind="adaptive", compare_with="best")  # type: ignore[arg-type]
+
+
+def test_a_saved_config_with_every_key_at_its_default_is_accepted_and_a_changed_adaptive_key_is_refused() -> None:
+    """A run's config.yaml writes every key of method.schedule, the adaptive ones at their defaults too; reading it
+    back (kd eval, kd export) must accept them, while a changed adaptive key without kind: adaptive is refused."""
+    import pytest
+
+    from kd_plugins.text.schedules import BetaSchedule
+
+    dumped = BetaSchedule(kind="exponential", base=200.0).model_dump()
+    assert BetaSchedule.model_validate(dumped).base == 200.0
+    with pytest.raises(ValueError, match="adaptive"):
+        BetaSchedule.model_validate({**dumped, "step": 0.2})
