@@ -226,23 +226,27 @@ class TaskTrainedTeacherFactory(ModelFactory):
     #: The tasks whose data it can train on (named in the refusal).
     trains_on: ClassVar[str] = "a seq2seq text task's data (wmt, summarization)"
 
-    @staticmethod
-    def untrained(task: Any, settings: dict[str, Any]) -> Any:
+    #: Whether it trains a decoder-only model (on a task whose ``decoder_only`` is true) or an encoder-decoder.
+    decoder_only: ClassVar[bool] = False
+
+    @classmethod
+    def untrained(cls, task: Any, settings: dict[str, Any]) -> Any:
         """The teacher's transformers model before training."""
-        return untrained_teacher(task, settings)
+        return (untrained_causal_teacher if cls.decoder_only else untrained_teacher)(task, settings)
 
-    @staticmethod
-    def load(directory: Path) -> Any:
+    @classmethod
+    def load(cls, directory: Path) -> Any:
         """The cached teacher's transformers model."""
-        from transformers import AutoModelForSeq2SeqLM
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        return AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
+        auto = AutoModelForCausalLM if cls.decoder_only else AutoModelForSeq2SeqLM
+        return auto.from_pretrained(str(directory), local_files_only=True)
 
     @classmethod
     def fits(cls, task: Any) -> bool:
         """Whether ``task`` is one this teacher trains on."""
         return (hasattr(task, "teacher_data_fingerprint") and hasattr(task, "teacher_tokenizer")
-                and not getattr(task, "decoder_only", False))
+                and bool(getattr(task, "decoder_only", False)) == cls.decoder_only)
 
     def build(self, config: _TeacherStageConfig, context: BuildContext) -> Teacher:  # type: ignore[override]
         from kd_plugins.text.models import TextTeacher
@@ -281,20 +285,7 @@ class CausalTaskTrainedTeacherFactory(TaskTrainedTeacherFactory):
     Config: ClassVar[type[_TeacherStageConfig]] = CausalTaskTeacherConfig
     recipe: ClassVar[str] = "task-trained-llama/1"
     trains_on: ClassVar[str] = "a decoder-only text task's data (lm)"
-
-    @staticmethod
-    def untrained(task: Any, settings: dict[str, Any]) -> Any:
-        return untrained_causal_teacher(task, settings)
-
-    @staticmethod
-    def load(directory: Path) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
-
-    @classmethod
-    def fits(cls, task: Any) -> bool:
-        return hasattr(task, "teacher_data_fingerprint") and bool(getattr(task, "decoder_only", False))
+    decoder_only: ClassVar[bool] = True
 
 
 def _write_teacher(task: Any, staging: Path, hf_model: Any, stats: dict) -> dict:

@@ -198,6 +198,7 @@ def test_a_chat_prompt_format_without_a_template_exits_2_naming_the_option(tmp_p
     assert "data.chat_template" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_local_transformers_causal_lm_is_the_teacher_with_its_own_tokenizer(tmp_path: Path, run_kd) -> None:  # noqa: ANN001
     """``teacher.name=causal-lm`` + ``teacher.args.source=DIR`` (a directory written by save_pretrained) and the
     task tokenising with that directory's tokenizer: the student shares it and learns from the local model."""
