@@ -59,7 +59,7 @@ def _side_by_side(benchmark, recorder, vocabularies: tuple[int, ...], shape: dic
 
 
 def test_lm_step_dense_vs_fused(benchmark, recorder) -> None:  # noqa: F811
-    """The lm task's batch shape (8 x (~24 prompt + ~40 completion) tokens) at V = 32k and 128k; issue 22's
+    """The lm task's batch shape (its default 32 x (~24 prompt + ~40 completion) tokens) at V = 32k and 128k; issue 22's
     acceptance at 128k."""
     rows = _side_by_side(benchmark, recorder, VOCABULARIES, {})
     ratio = rows[ACCEPTANCE_VOCAB]["memory_fused_over_dense"]

@@ -222,7 +222,7 @@ def measure_in_subprocess(variant: str, tokens: int, vocab: int, hidden: int, *,
 # word-kd method) and kdcore.optimization (AdamW and its schedule). The models are small in hidden size so that the
 # vocabulary dominates, as it does for the output layer of real LMs.
 LM_STEP_VARIANTS = ("dense", "fused")
-LM_STEP_SHAPE = {"batch": 8, "prompt": 24, "completion": 40, "hidden": 256, "student_layers": 2, "teacher_layers": 4}
+LM_STEP_SHAPE = {"batch": 32, "prompt": 24, "completion": 40, "hidden": 256, "student_layers": 2, "teacher_layers": 4}
 
 
 def lm_architecture(vocab: int, hidden: int, layers: int) -> dict:
