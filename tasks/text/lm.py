@@ -28,13 +28,14 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from kdcore.batches import move_to_device
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Model
-from kdcore.progress import track
 
 from .base import TextTask
 from .collate import collate_causal, collate_prompts
 from .data_config import TextDataConfig
+from .decoding import decode_items
 from .files import Layout, TextRecord
 from .presets import text_presets
 
@@ -247,7 +248,10 @@ class LMTask(TextTask):
                               f"{type(getattr(model, 'hf_model', model)).__name__}.")
         items, tokenizer = self._reading(model, dataset)
         metrics = self.reference_likelihood(model, items, device, batch_size)
-        hypotheses, speed = self.complete(model, items, tokenizer, device, batch_size)
+        # The text tasks' evaluation decoding, on left-padded prompts: a decoder-only model's greedy decoding
+        # continues them (decode -> generate).
+        hypotheses, speed = decode_items(model, items, lambda chunk: collate_prompts(chunk, model.pad_token_id),
+                                         tokenizer, self.data_config, device, batch_size, num_beams=1)
         references = [item["target"] for item in items]
         metrics.update(self.score(hypotheses, references, ""))
         groups = sorted({item.get("instruction", "") for item in items} - {""})
@@ -272,8 +276,7 @@ class LMTask(TextTask):
 
         total, count = 0.0, 0
         for indices in self._chunks(items, batch_size):
-            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                     for key, value in collate_causal([items[i] for i in indices], model.pad_token_id).items()}
+            batch = move_to_device(collate_causal([items[i] for i in indices], model.pad_token_id), device)
             logits = model.forward_signals(batch, request(Signal.LOGITS)).logits.float()
             labels = model.target_labels(batch)
             total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
@@ -281,39 +284,6 @@ class LMTask(TextTask):
             count += int((labels != IGNORE_INDEX).sum())
         nll = total / max(1, count)
         return {"reference_nll": nll, "perplexity": math.exp(min(nll, 50.0))}
-
-    @torch.no_grad()
-    def complete(self, model: Any, items: Sequence[Any], tokenizer: Any, device: torch.device,
-                 batch_size: int) -> tuple[list[str], dict[str, float]]:
-        """Greedy completions of every item's prompt (in ``items`` order) and the generation speed of this pass."""
-        import time
-
-        from kd_plugins.text.generation import generate, generation_length_limit
-
-        config = self.data_config
-        order = sorted(range(len(items)), key=lambda i: len(items[i]["source_ids"]))
-        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-        def run(indices: list[int]) -> Any:
-            batch = collate_prompts([items[i] for i in indices], model.pad_token_id)
-            input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            limit = generation_length_limit(int(mask.sum(dim=1).max()), config.max_new_tokens,
-                                            config.max_length_ratio, config.max_length_offset)
-            return generate(model, input_ids, mask, strategy="greedy", max_new_tokens=limit)
-
-        if chunks:
-            run(chunks[0][:8])  # untimed warm-up (one-off allocator and kernel costs)
-        hypotheses = [""] * len(items)
-        tokens = 0
-        started = time.perf_counter()
-        for indices in track(chunks, "lm evaluation: greedy completions", unit="batch", leave=False):
-            generated = run(indices)
-            tokens += int(generated.lengths.sum())
-            for index, text in zip(indices, tokenizer.batch_decode(generated.to_lists(), skip_special_tokens=True)):
-                hypotheses[index] = text.strip()
-        seconds = max(time.perf_counter() - started, 1e-9)
-        return hypotheses, {"sentences_per_second": len(items) / seconds, "tokens_per_second": tokens / seconds,
-                            "decode_seconds": seconds}
 
     @torch.no_grad()
     def compare_models(self, student: Model, teacher: Any, dataset: Sequence[Any], device: torch.device,
@@ -327,8 +297,7 @@ class LMTask(TextTask):
             return {}
         agree = count = 0
         for indices in self._chunks(dataset, batch_size):
-            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                     for key, value in self.collate([dataset[i] for i in indices]).items()}
+            batch = move_to_device(self.collate([dataset[i] for i in indices]), device)
             student_choice = student.forward_signals(batch, request(Signal.LOGITS)).logits.argmax(-1)  # type: ignore[attr-defined]
             teacher_choice = teacher.forward_signals(batch, request(Signal.LOGITS)).logits.argmax(-1)
             scored = student.target_labels(batch) != IGNORE_INDEX  # type: ignore[attr-defined]
