@@ -44,12 +44,31 @@ class ModelSpec(StrictModel):
     args: dict[str, Any] = Field(default_factory=dict, description="validated by the factory's Config")
 
 
+class ActiveSpan(StrictModel):
+    """The part of training in which an objective counts, as fractions t/T of the run's steps."""
+
+    start: float = Field(0.0, ge=0.0, lt=1.0, description="first progress t/T at which the objective counts")
+    stop: float = Field(1.0, gt=0.0, le=1.0, description="progress t/T from which it no longer counts")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActiveSpan":
+        if self.start >= self.stop:
+            raise ValueError(f"start ({self.start:g}) must be below stop ({self.stop:g}): the objective would never "
+                             f"count")
+        return self
+
+
 class ObjectiveSpec(StrictModel):
     """One weighted objective; the key it is stored under is its label in logs."""
 
     name: str | None = Field(None, description="registered objective name; defaults to the label")
     weight: NonNegativeFloat = 1.0
     args: dict[str, Any] = Field(default_factory=dict, description="validated by the objective's Config")
+    active: ActiveSpan = Field(
+        default_factory=ActiveSpan,
+        description="{start, stop}: the objective counts only while start <= t/T < stop (t the optimiser step, T the "
+                    "run's steps, lowered with them by a time budget); outside it, it is not computed. Phases such as "
+                    "a supervised warm-up before on-policy distillation are objectives with adjoining spans")
 
 
 class EarlyStoppingConfig(StrictModel):

@@ -158,15 +158,42 @@ class WeightedObjective:
     label: str
     objective: Objective
     weight: float
+    start: float = 0.0  # the objective counts while start <= progress t/T < stop (objectives.<label>.active)
+    stop: float = 1.0
+
+    def active_at(self, progress: float) -> bool:
+        """Whether the objective counts at training progress ``progress`` (t/T); the last step counts as inside."""
+        return self.start <= progress < self.stop or (self.stop >= 1.0 and progress >= 1.0)
+
+
+def objective_summary(name: str, weight: float, start: float, stop: float) -> dict[str, Any]:
+    """How a plan and a run's log describe one objective: its registered name, weight and (when not the whole run)
+    its active span."""
+    summary: dict[str, Any] = {"name": name, "weight": weight}
+    if (start, stop) != (0.0, 1.0):
+        summary["active"] = {"start": start, "stop": stop}
+    return summary
+
+
+def training_progress(step: int, total_steps: int) -> float:
+    """t/T of 0-based optimiser step ``step`` in a run of ``total_steps`` (0 before the engine sets T)."""
+    return min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 0.0
 
 
 def combine_objectives(
-    objectives: Sequence[WeightedObjective], student: Signals, teacher: Signals, batch: Batch
+    objectives: Sequence[WeightedObjective], student: Signals, teacher: Signals, batch: Batch,
+    progress: float | None = None,
 ) -> ObjectiveOutput:
-    """Weighted sum of the objectives; each unweighted loss is logged as ``<label>``."""
+    """Weighted sum of the objectives; each unweighted loss is logged as ``<label>``.
+
+    With ``progress`` (t/T), objectives whose active span does not hold it are skipped (not computed, not logged);
+    planning (:func:`kdcore.resolve.check_objectives_fit`) makes sure some objective counts at every step.
+    """
     total: torch.Tensor | None = None
     parts: dict[str, float] = {}
     for item in objectives:
+        if progress is not None and not item.active_at(progress):
+            continue
         output = item.objective(student, teacher, batch)
         parts[item.label] = float(output.loss.detach())
         for key, value in output.parts.items():
@@ -396,7 +423,8 @@ class Method(abc.ABC):
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         """The weighted sum of the objectives over :meth:`compare`'s comparison (methods override ``compare``)."""
         comparison = self.compare(batch, step)
-        combined = combine_objectives(self.objectives, comparison.student, comparison.teacher, comparison.batch)
+        combined = combine_objectives(self.objectives, comparison.student, comparison.teacher, comparison.batch,
+                                      training_progress(step, self.total_steps))
         return StepOutput(combined.loss, {**comparison.parts, **combined.parts})
 
     def trainable_modules(self) -> nn.Module:
@@ -427,5 +455,6 @@ def objectives_misfit(method: type[Method], objectives: Sequence[tuple[str, Obje
 __all__ = [
     "ALL_SIGNALS", "Batch", "BuildContext", "Comparison", "DataSplits", "EmptyConfig", "Method", "Model", "ModelFactory", "Objective",
     "ObjectiveOutput", "Signal", "SignalRequest", "Signals", "StepOutput", "Student", "Task", "Teacher",
-    "Tracker", "WeightedObjective", "combine_objectives", "objectives_misfit",
+    "Tracker", "WeightedObjective", "combine_objectives", "objective_summary", "objectives_misfit",
+    "training_progress",
 ]

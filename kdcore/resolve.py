@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ class ResolvedObjective:
     cls: type[Objective]
     config: BaseModel
     weight: float
+    start: float = 0.0
+    stop: float = 1.0
 
 
 @dataclass
@@ -139,7 +141,8 @@ def validate_layers(registry: Registry, layers: LayeredConfig) -> ResolvedRun:
             continue
         cls = registry.load("objective", spec.name or label)
         objective_config = validate_model(cls.Config, spec.args, f"objectives.{label}.args", layers)
-        objectives.append(ResolvedObjective(label, cls, objective_config, spec.weight))
+        objectives.append(ResolvedObjective(label, cls, objective_config, spec.weight, spec.active.start,
+                                            spec.active.stop))
     check_objectives_fit(method_cls, objectives)
     trackers = resolve_trackers(registry, config.trainer.report_to)
     return ResolvedRun(config, task_cls, method_cls, data_config, method_config, teacher_factory, teacher_config,
@@ -157,6 +160,24 @@ def check_objectives_fit(method_cls: type[Method], objectives: list[ResolvedObje
             f"Every objective of plugin '{method_cls.name}' has weight 0 "
             f"({', '.join(f'objectives.{item.label}.weight' for item in objectives)}), so the loss is always zero and "
             f"the student would not learn. Give at least one objective a weight above 0.")
+    gap = uncovered_progress([(item.start, item.stop) for item in objectives if item.weight > 0])
+    if gap is not None:
+        raise KDUserError(
+            f"No objective of plugin '{method_cls.name}' with a weight above 0 counts while the training progress t/T "
+            f"is in [{gap[0]:g}, {gap[1]:g}) (objectives.<label>.active: "
+            f"{', '.join(f'{item.label} [{item.start:g}, {item.stop:g})' for item in objectives)}), so the student "
+            f"would not learn then. Make the active spans adjoin: each start equal to another objective's stop, from 0 "
+            f"to 1.")
+
+
+def uncovered_progress(spans: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """The first part of [0, 1) that no ``(start, stop)`` span covers, or None when they cover it all."""
+    reached = 0.0
+    for start, stop in sorted(spans):
+        if start > reached:
+            return reached, start
+        reached = max(reached, stop)
+    return None if reached >= 1.0 else (reached, 1.0)
 
 
 def resolve_saved_run(registry: Registry, run_dir: Path, sets: list[str] | None = None) -> ResolvedRun:
@@ -220,7 +241,7 @@ def build_components(resolved: ResolvedRun, device: torch.device, cache_dir: Pat
         teacher.recorded_metrics()  # a teacher that can neither be evaluated nor has scores is refused here
     student = _build_model(resolved.student_factory, resolved.student_config, context, "student", Student)
     student.to(device)
-    objectives = [WeightedObjective(o.label, o.cls(o.config), o.weight) for o in resolved.objectives]
+    objectives = [WeightedObjective(o.label, o.cls(o.config), o.weight, o.start, o.stop) for o in resolved.objectives]
     with distributed.main_first():
         method = resolved.method_cls(resolved.method_config, task, teacher, student, objectives)
     return BuiltRun(resolved, task, teacher, student, method, device)

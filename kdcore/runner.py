@@ -18,6 +18,7 @@ from kdcore.config import dump_yaml_atomic
 from kdcore.errors import KDUserError
 from kdcore.evaluation import compare_with_teacher, evaluate_model
 from kdcore.hooks import RunState
+from kdcore.interfaces import objective_summary
 from kdcore.io import atomic_write_json
 from kdcore.provenance import compare_fingerprints, read_provenance, record_provenance
 from kdcore.registry import Registry
@@ -100,7 +101,7 @@ def plan(resolved: ResolvedRun, out_dir: Path) -> dict[str, Any]:
         "params": parameter_counts(built),
         "student_trainable_params": built.student.num_parameters(trainable_only=True),
         "data": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
-        "objectives": {o.label: {"name": o.cls.name, "weight": o.weight} for o in resolved.objectives},
+        "objectives": {o.label: objective_summary(o.cls.name, o.weight, o.start, o.stop) for o in resolved.objectives},
         "trainer": resolved.config.trainer.model_dump(mode="json"),
     }
     if writes:

@@ -30,7 +30,7 @@ from kdcore.early_stopping import EarlyStopping
 from kdcore.errors import KDUserError
 from kdcore.evaluation import evaluate_model
 from kdcore.hooks import RunContext, RunControl, RunState
-from kdcore.interfaces import Batch, DataSplits
+from kdcore.interfaces import Batch, DataSplits, objective_summary
 from kdcore.interrupts import StopSignals, TrainingInterrupted
 from kdcore.io import atomic_write_json, read_jsonl, rewrite_jsonl
 from kdcore.optimization import build_optimizer, build_scheduler
@@ -168,8 +168,8 @@ class Trainer:
             # number of processes that train it.
             self._log({"type": "start", "step": 0, "precision": precision_name(self.autocast),
                        "world_size": self.dist.world_size,
-                       "objectives": {item.label: {"name": item.objective.name, "weight": item.weight}
-                                      for item in method.objectives}})
+                       "objectives": {item.label: objective_summary(item.objective.name, item.weight, item.start,
+                                                                    item.stop) for item in method.objectives}})
         method.on_train_start(trainer_config.max_steps)
         if self.dist.is_main:
             self.registry.hook.kd_on_train_start(context=self.context)

@@ -15,6 +15,11 @@
   :class:`AdaptiveFraction`, which the method feeds (``Method.on_validation``) and
   checkpoints.
 
+``warmup`` (every kind but adaptive): β_t = 1 (data targets only) while t/T < warmup,
+the kind's formula afterwards. The LLM presets pair it with a supervised
+objective active during the same span: GKD, DistiLLM and MiniLLM start from a
+student fine-tuned on the data, which kd makes the first part of the run.
+
 t is the 0-based optimiser step and T the total number of steps (``trainer.max_steps``).
 """
 from __future__ import annotations
@@ -55,6 +60,8 @@ class BetaSchedule(BaseModel):
                           "another metric than the task's selection metric)")
     tolerance: float = Field(0.0, ge=0.0, description="adaptive: how much worse than the reference (in the metric's "
                                                       "units) a validation must be to raise the fraction")
+    warmup: float = Field(0.0, ge=0.0, lt=1.0, description="β = 1 (data targets only, no generation) while t/T < "
+                                                             "warmup; the kind's formula afterwards (not adaptive)")
     compare_with: Literal["previous", "last_raise"] = Field(
         "previous", description="adaptive: the reference a validation is compared with: the previous validation, or "
                                 "the validation at the last raise (the first validation until then; DistiLLM's code)")
@@ -67,6 +74,10 @@ class BetaSchedule(BaseModel):
         if self.kind != "adaptive" and adaptive_keys:
             raise ValueError(f"{', '.join(adaptive_keys)} configure the adaptive schedule, but kind is "
                              f"'{self.kind}'; set kind: adaptive, or remove them.")
+        if self.kind == "adaptive" and self.warmup > 0:
+            raise ValueError(f"warmup = {self.warmup:g} keeps the data targets for the first part of the run, but "
+                             f"the adaptive schedule sets the student fraction itself (it starts at initial = "
+                             f"{self.initial:g}); use initial: 0 instead, or another kind.")
         if self.kind == "adaptive" and self.initial > self.max:
             raise ValueError(f"the adaptive schedule starts at initial = {self.initial:g} but may rise only to "
                              f"max = {self.max:g}; set initial <= max.")
@@ -77,10 +88,15 @@ class BetaSchedule(BaseModel):
 
         The adaptive schedule reads its run state ``adaptive`` (its ``initial`` fraction when None).
         """
-        if self.kind == "constant":
-            return self.value
         if self.kind == "adaptive":
             return 1.0 - (adaptive.fraction if adaptive is not None else self.initial)
+        if self.warmup > 0 and (total_steps <= 0 or step / total_steps < self.warmup):
+            if total_steps <= 0:
+                raise ValueError(f"the β schedule's warmup needs the total number of training steps (got "
+                                 f"{total_steps}); the engine passes it through Method.on_train_start")
+            return 1.0
+        if self.kind == "constant":
+            return self.value
         if total_steps <= 0:
             raise ValueError(f"the β schedule needs the total number of training steps (got {total_steps}); "
                              "the engine passes it through Method.on_train_start")

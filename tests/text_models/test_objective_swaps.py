@@ -72,3 +72,31 @@ def test_objectives_that_all_weigh_zero_are_refused_at_planning(tmp_path: Path,
                  "--out", str(tmp_path / "plan")])
     message = capsys.readouterr().err
     assert code == 2 and "objectives.kd.weight" in message and "always zero" in message
+
+
+def test_objectives_with_adjoining_spans_take_turns_in_a_run(tmp_path: Path) -> None:
+    # word-kd's forward KL for the first half of the run, an NLL objective for the second (objectives.*.active)
+    train = train_log(tmp_path, "turns", "word-kd", "--set", "objectives.kd.active.stop=0.5",
+                      "--set", "objectives.nll.name=nll", "--set", "objectives.nll.active.start=0.5")
+    assert [sorted(key for key in ("kd", "nll") if key in r) for r in train] == [["kd"], ["nll"]]
+    assert train[1]["loss"] == pytest.approx(train[1]["nll"])
+    start = json.loads((tmp_path / "turns" / "log.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert start["objectives"]["nll"]["active"] == {"start": 0.5, "stop": 1.0}
+
+
+@pytest.mark.parametrize(("sets", "expected"), [
+    (["objectives.kd.active.start=0.2"], ["[0, 0.2)", "objectives.<label>.active", "kd [0.2, 1)"]),
+    (["objectives.kd.active.stop=0.6", "objectives.nll.name=nll", "objectives.nll.active.start=0.7"],
+     ["[0.6, 0.7)", "nll [0.7, 1)"]),
+    (["objectives.kd.active.start=0.5", "objectives.kd.active.stop=0.5"], ["objectives.kd.active", "below stop"]),
+])
+def test_objective_spans_that_leave_steps_without_a_loss_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], sets: list[str], expected: list[str]) -> None:
+    from kdcore.cli import main
+
+    options = [part for item in sets for part in ("--set", item)]
+    code = main(["run", "--plugin", "word-kd", *TINY_WMT, *options, "--dry-run", "--out", str(tmp_path / "plan")])
+    message = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in message
+    for part in expected:
+        assert part in message, (part, message)

@@ -112,3 +112,17 @@ def test_a_saved_config_with_every_key_at_its_default_is_accepted_and_a_changed_
     assert BetaSchedule.model_validate(dumped).base == 200.0
     with pytest.raises(ValueError, match="adaptive"):
         BetaSchedule.model_validate({**dumped, "step": 0.2})
+
+
+def test_warmup_keeps_the_data_targets_then_follows_the_kind() -> None:
+    constant = BetaSchedule(kind="constant", value=0.5, warmup=0.3)
+    assert [constant.beta(step, 10) for step in range(10)] == [1.0] * 3 + [0.5] * 7
+    exponential = BetaSchedule(kind="exponential", base=100.0, warmup=0.5)
+    assert exponential.beta(4, 10) == 1.0
+    assert exponential.beta(5, 10) == pytest.approx(100 ** -0.5)  # the formula at the same t, not restarted
+    with pytest.raises(ValueError, match="total number of training steps"):
+        constant.beta(0, 0)
+    with pytest.raises(ValidationError, match="adaptive schedule sets the student fraction itself"):
+        BetaSchedule(kind="adaptive", warmup=0.2)
+    with pytest.raises(ValidationError):
+        BetaSchedule(kind="constant", warmup=1.0)
