@@ -69,6 +69,16 @@ class StudentGeneration(BaseModel):
                                        self.max_length_ratio, self.max_length_offset)
 
 
+#: Share of the run (t/T) the LLM presets spend on supervised distillation before the paper's objective.
+SUPERVISED_WARMUP = 0.3
+
+
+def _after_supervised_warmup(objective: dict[str, Any]) -> dict[str, Any]:
+    """The LLM presets' objectives: forward KL on the data for the first SUPERVISED_WARMUP, then ``objective``."""
+    return {"sft": {"name": "forward_kl", "active": {"stop": SUPERVISED_WARMUP}},
+            "kd": {**objective, "active": {"start": SUPERVISED_WARMUP}}}
+
+
 @dataclass
 class MixedBatch:
     """A batch whose targets are a β-mixture of data and student outputs."""
@@ -261,26 +271,32 @@ class ImitationKD(TextMethod):
                                                             "max_length_ratio": None},
                                         "generation": {"max_new_tokens": 100, "max_length_ratio": None}},
                              "objectives": {"kd": {"name": "forward_kl"}}},
-        # The LLM-distillation methods as settings of this plugin (docs/text.md, "LLM-distillation presets").
+        # The LLM-distillation methods as settings of this plugin (docs/lm.md, "The LLM-distillation presets").
+        # Each paper distils a student already fine-tuned on the data; kd makes that the first SUPERVISED_WARMUP of
+        # the run: data targets only (β = 1), the teacher's distribution by forward KL (objective 'sft'), then the
+        # paper's objective ('kd') on its mixture of data and student samples.
         # GKD (Agarwal et al. 2024): generalized JSD(0.5) on a λ = 0.5 mixture of data and student samples
         # (temperature 1, whole vocabulary).
-        "gkd": {"method": {"variant": "full", "schedule": {"kind": "constant", "value": 0.5},
+        "gkd": {"method": {"variant": "full",
+                           "schedule": {"kind": "constant", "value": 0.5, "warmup": SUPERVISED_WARMUP},
                            "generation": {"strategy": "sample", "temperature": 1.0}},
-                "objectives": {"kd": {"name": "jsd", "args": {"beta": 0.5}}}},
+                "objectives": _after_supervised_warmup({"name": "jsd", "args": {"beta": 0.5}})},
         # DistiLLM (Ko et al. 2024), the authors' scripts: skew KL α = 0.1; student samples (top_k 0, top_p 1,
         # temperature 1) for a fraction that starts at 0 and rises by 0.1 (at most to 1) after a validation worse
-        # than the one of the last raise; replay buffer of 1000 generations, reused about half the time.
+        # than the one of the last raise; replay buffer of 1000 generations, reused about half the time. The
+        # adaptive fraction starts at 0, so the warm-up needs no schedule key.
         "distillm": {"method": {"variant": "full",
                                 "schedule": {"kind": "adaptive", "initial": 0.0, "step": 0.1, "max": 1.0,
                                              "compare_with": "last_raise"},
                                 "generation": {"strategy": "sample", "temperature": 1.0},
                                 "replay": {"size": 1000, "reuse": 0.5}},
-                     "objectives": {"kd": {"name": "skew_reverse_kl", "args": {"skew": 0.1}}}},
+                     "objectives": _after_supervised_warmup({"name": "skew_reverse_kl", "args": {"skew": 0.1}})},
         # MiniLLM's objective (Gu et al. 2024), reverse KL on the student's own samples, minimised token by token
         # with the teacher's full distribution instead of MiniLLM's policy gradient.
-        "minillm-rkl": {"method": {"variant": "full", "schedule": {"kind": "constant", "value": 0.0},
+        "minillm-rkl": {"method": {"variant": "full",
+                                   "schedule": {"kind": "constant", "value": 0.0, "warmup": SUPERVISED_WARMUP},
                                    "generation": {"strategy": "sample", "temperature": 1.0}},
-                        "objectives": {"kd": {"name": "reverse_kl"}}},
+                        "objectives": _after_supervised_warmup({"name": "reverse_kl"})},
     }
 
     def __init__(self, config: BaseModel, task: Task, teacher: Teacher, student: Student,

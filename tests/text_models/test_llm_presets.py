@@ -13,7 +13,7 @@ import torch
 
 from kdcore.errors import KDUserError
 from kd_plugins.text.generation import _next_tokens, generate
-from kd_plugins.text.imitation import ImitationConfig, ImitationKD
+from kd_plugins.text.imitation import SUPERVISED_WARMUP, ImitationConfig, ImitationKD
 from kd_plugins.text.models import TextStudent, TextTeacher
 
 PRESETS = ("gkd", "distillm", "minillm-rkl")
@@ -197,7 +197,9 @@ def test_each_preset_trains_a_causal_student(tiny: SimpleNamespace, fake_task: A
     assert method.config.generation.strategy == "sample"
     optimizer = torch.optim.SGD(method.student.parameters(), lr=0.1)
     batch = with_ids(tiny.causal_batch(8))
-    for step in range(3):
+    # on_train_start(10): steps 0-2 are the supervised warm-up (t/T < 0.3, data targets only), 3-5 the paper's mix
+    assert method.beta(2) == 1.0
+    for step in range(3, 6):
         output = method.training_step(batch, step)
         output.loss.backward()
         optimizer.step()
@@ -219,8 +221,13 @@ def test_presets_resolve_to_the_papers_settings() -> None:
     for name, (objective, args) in expected.items():
         config = resolve_run(registry, task="wmt", plugin="imitation", preset=name).config
         method = ImitationConfig(**config.method)
-        assert {label: spec.name for label, spec in config.objectives.items() if spec is not None} == {"kd": objective}
+        assert {label: spec.name for label, spec in config.objectives.items() if spec is not None} == {
+            "sft": "forward_kl", "kd": objective}
         assert config.objectives["kd"].args == args
+        # the supervised warm-up, then the paper's objective: adjoining spans
+        assert (config.objectives["sft"].active.start, config.objectives["sft"].active.stop) == (0.0, SUPERVISED_WARMUP)
+        assert (config.objectives["kd"].active.start, config.objectives["kd"].active.stop) == (SUPERVISED_WARMUP, 1.0)
+        assert method.schedule.warmup == (0.0 if name == "distillm" else SUPERVISED_WARMUP)
         assert method.generation.strategy == "sample" and method.generation.temperature == 1.0
     gkd = ImitationConfig(**resolve_run(registry, task="wmt", plugin="imitation", preset="gkd").config.method)
     assert (gkd.schedule.kind, gkd.schedule.value, gkd.replay) == ("constant", 0.5, None)
@@ -267,10 +274,13 @@ def test_each_preset_runs_through_kd_run(tmp_path: Path, name: str) -> None:
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert records[0]["objectives"]["kd"]["name"] == ImitationKD.presets[name]["objectives"]["kd"]["name"]
+    # 4 steps: t/T = 0 and 0.25 are the supervised warm-up (forward KL on data targets), 0.5 and 0.75 the paper's part
+    assert [("sft" in r, "kd" in r) for r in train] == [(True, False)] * 2 + [(False, True)] * 2
     if name == "gkd":
-        assert all(r["beta"] == 0.5 for r in train)
+        assert [r["beta"] for r in train] == [1.0, 1.0, 0.5, 0.5]
     if name == "minillm-rkl":
-        assert all(r["beta"] == 0.0 and r["replaced_fraction"] == 1.0 for r in train)
+        assert [r["beta"] for r in train] == [1.0, 1.0, 0.0, 0.0]
+        assert [r["replaced_fraction"] for r in train] == [0.0, 0.0, 1.0, 1.0]
     if name == "distillm":
         assert train[0]["beta"] == 1.0 and all("reused_fraction" in r for r in train)
     assert all(math.isfinite(r["loss"]) for r in train)
