@@ -70,7 +70,7 @@ class StudentGeneration(BaseModel):
 
 
 #: Share of the run (t/T) the LLM presets spend on supervised distillation before the paper's objective.
-SUPERVISED_WARMUP = 0.3
+SUPERVISED_WARMUP = 0.5
 
 
 def _after_supervised_warmup(objective: dict[str, Any]) -> dict[str, Any]:

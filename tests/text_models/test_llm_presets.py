@@ -197,9 +197,9 @@ def test_each_preset_trains_a_causal_student(tiny: SimpleNamespace, fake_task: A
     assert method.config.generation.strategy == "sample"
     optimizer = torch.optim.SGD(method.student.parameters(), lr=0.1)
     batch = with_ids(tiny.causal_batch(8))
-    # on_train_start(10): steps 0-2 are the supervised warm-up (t/T < 0.3, data targets only), 3-5 the paper's mix
-    assert method.beta(2) == 1.0
-    for step in range(3, 6):
+    # on_train_start(10): steps 0-4 are the supervised warm-up (t/T < 0.5, data targets only), 5-7 the paper's mix
+    assert SUPERVISED_WARMUP == 0.5 and method.beta(4) == 1.0
+    for step in range(5, 8):
         output = method.training_step(batch, step)
         output.loss.backward()
         optimizer.step()
