@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdcore.batches import move_to_device
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, ModelFactory, Teacher
 from kdcore.io import atomic_write_bytes, atomic_write_json, sha256_file
@@ -189,7 +190,7 @@ def _receipt_ok(directory: Path, name: str) -> bool:
 
 def _hidden_shape(task: Any, teacher: Teacher, item: Any, device: torch.device) -> dict[str, int]:
     """The teacher's hidden-state count (layer 0 = the pre-transformer features) and width, from one example."""
-    signals = teacher.signals(_to_device(task.collate([item]), device), SignalRequest(
+    signals = teacher.signals(move_to_device(task.collate([item]), device), SignalRequest(
         frozenset({Signal.HIDDEN_STATES})))
     hidden = signals.hidden_states
     if not hidden:
@@ -271,7 +272,7 @@ def capture(task: Any, teacher: Teacher, items: Sequence[Any], directory: Path, 
             rows: list[dict[str, torch.Tensor]] = []
             for start in range(0, len(chunk), batch_size):
                 positions = chunk[start:start + batch_size]
-                batch = _to_device(task.collate([items[i] for i in positions]), device)
+                batch = move_to_device(task.collate([items[i] for i in positions]), device)
                 if batch_keys(batch) != [keys[i] for i in positions]:
                     raise RuntimeError("the batch keys differ from the items' keys (kdcore.teacher_shards)")
                 rows.extend(_example_signals(teacher, batch, len(positions), settings, decode_sequences))
@@ -315,10 +316,6 @@ def _example_signals(teacher: Teacher, batch: Batch, count: int, settings: Captu
         for entry, tokens in zip(rows, decode_sequences(teacher, batch)):
             entry["sequences"] = torch.tensor(tokens, dtype=torch.int32)
     return rows
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def _labels_for(teacher: Teacher, batch: Batch) -> torch.Tensor:
