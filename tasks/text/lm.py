@@ -31,11 +31,13 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from kdcore.batches import move_to_device
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, Model
+from kdcore.objectives.token_alignment import Span
 
 from .base import TextTask
 from .collate import collate_causal, collate_prompts
 from .data_config import TextDataConfig
 from .decoding import decode_items
+from .encoding import NO_TEXT
 from .files import Layout, TextRecord
 from .presets import text_presets
 
@@ -43,6 +45,23 @@ log = logging.getLogger(__name__)
 
 #: The instructions of the embedded default: the prompt's first words, and which corpus gives the examples.
 INSTRUCTIONS: dict[str, str] = {"translate": "Translate to German: ", "summarize": "Write a one-line summary of: "}
+
+
+def end_with_eos(ids: list[int], offsets: list[Span] | None, eos: int | None, text: str,
+                 limit: int) -> tuple[list[int], list[Span] | None]:
+    """Completion ids (at most ``limit``) that end with ``eos``, and their character offsets in ``text`` when given.
+
+    The appended end-of-sequence token marks the end of the text, ``(len(text), len(text))``, when the kept tokens
+    read all of it, else it covers no text (the convention of :mod:`kd_tasks.text.encoding`).
+    """
+    if eos is None or (ids and ids[-1] == eos):
+        return ids, offsets
+    kept = ids[:limit - 1]
+    if offsets is None:
+        return kept + [eos], None
+    kept_offsets = [tuple(span) for span in offsets[:len(kept)]]
+    whole = len(kept) == len(ids) and (not kept_offsets or kept_offsets[-1][1] >= len(text.rstrip()))
+    return kept + [eos], kept_offsets + [(len(text), len(text)) if whole else NO_TEXT]
 
 
 class LMDataConfig(TextDataConfig):
@@ -200,12 +219,17 @@ class LMTask(TextTask):
 
     def _encode(self, records: Sequence[TextRecord], split: str, *, training: bool) -> list[dict[str, Any]]:
         items = super()._encode(records, split, training=training)
-        eos = self.tokenizer.eos_token_id
+        limit = self.data_config.max_target_tokens
+        sides = [("target_ids", "target_offsets", self.tokenizer.eos_token_id)]
+        if self.data_config.separate_teacher_tokenizer:
+            sides.append(("teacher_target_ids", "teacher_target_offsets", self.teacher_tokenizer.eos_token_id))
         for item in items:
             # A completion must end with the end-of-sequence token (the model learns to stop); tokenizers such as
-            # GPT-2's do not append one.
-            if eos is not None and (not item["target_ids"] or item["target_ids"][-1] != eos):
-                item["target_ids"] = item["target_ids"][:self.data_config.max_target_tokens - 1] + [eos]
+            # GPT-2's do not append one. Both readings of a separate teacher tokenizer, offsets included.
+            for ids_key, offsets_key, eos in sides:
+                item[ids_key], offsets = end_with_eos(item[ids_key], item.get(offsets_key), eos, item["target"], limit)
+                if offsets is not None:
+                    item[offsets_key] = offsets
             item["instruction"] = str(item["id"]).split(":", 1)[0] if self.data_config.corpus == "embedded" else ""
         return items
 

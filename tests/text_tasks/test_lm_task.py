@@ -225,3 +225,31 @@ def test_a_local_transformers_causal_lm_is_the_teacher_with_its_own_tokenizer(tm
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["params"]["teacher"] == sum(p.numel() for p in model.parameters())
     assert "teacher_token_agreement" in metrics["student"] and "perplexity" in metrics["teacher"]
+
+
+def test_end_with_eos_keeps_ids_and_offsets_aligned() -> None:
+    from kd_tasks.text.lm import end_with_eos
+
+    text = "Guten Tag"
+    # a tokenizer that appends no end-of-sequence token (GPT-2's): eos marks the end of the text
+    assert end_with_eos([5, 6], [(0, 5), (6, 9)], 2, text, 40) == ([5, 6, 2], [(0, 5), (6, 9), (9, 9)])
+    # cut to the limit: the kept tokens do not reach the end, so eos covers no text
+    assert end_with_eos([5, 6, 7], [(0, 3), (3, 5), (6, 9)], 2, text, 3) == ([5, 6, 2], [(0, 3), (3, 5), (0, 0)])
+    assert end_with_eos([5, 2], [(0, 9), (9, 9)], 2, text, 40) == ([5, 2], [(0, 9), (9, 9)])  # already ends with it
+    assert end_with_eos([], [], 2, "", 40) == ([2], [(0, 0)])  # an empty completion still teaches to stop
+    assert end_with_eos([5, 6], None, 2, text, 40) == ([5, 6, 2], None)
+    assert end_with_eos([5, 6], [(0, 5), (6, 9)], None, text, 40) == ([5, 6], [(0, 5), (6, 9)])
+
+
+def test_a_separate_teacher_tokenizer_reads_completions_that_end_with_its_eos(tmp_path: Path) -> None:
+    task = _task(tmp_path, teacher_vocab_size=500, max_target_tokens=12)
+    items = task.build_data(0).train[:24]
+    for item in items:
+        for ids_key, offsets_key, tokenizer in (("target_ids", "target_offsets", task.tokenizer),
+                                                ("teacher_target_ids", "teacher_target_offsets",
+                                                 task.teacher_tokenizer)):
+            assert item[ids_key][-1] == tokenizer.eos_token_id and len(item[ids_key]) <= 12
+            assert len(item[offsets_key]) == len(item[ids_key])
+    batch = task.collate(items)
+    assert batch["student_offsets"].shape[:2] == batch["labels"].shape
+    assert batch["teacher_offsets"].shape[:2] == batch["teacher_labels"].shape
