@@ -257,6 +257,12 @@ class ImitationKD(TextMethod):
         "hard": {"method": {"variant": "hard"}, "objectives": {"kd": {"name": "nll"}}},
         "full": {"method": {"variant": "full"}, "objectives": {"kd": {"name": "forward_kl"}}},
         "summarization": {"method": {"schedule": {"kind": "exponential", "base": 10.0}}},
+        # The hard variant as the authors' configs/cnndm/imitkd.yaml runs it: NLL of the teacher's argmax with label
+        # smoothing 0.1, β = 10^(-t/T), the student's greedy rollouts capped at a fixed 99 tokens. (Their evaluation
+        # decodes beam 5 up to 128 tokens: the task's data.eval_beams / data.max_new_tokens.)
+        "summarization-hard": {"method": {"variant": "hard", "schedule": {"kind": "exponential", "base": 10.0},
+                                          "generation": {"max_new_tokens": 99, "max_length_ratio": None}},
+                               "objectives": {"kd": {"name": "nll", "args": {"label_smoothing": 0.1}}}},
         "on-policy": {"method": {"schedule": {"kind": "constant", "value": 0.0}}},
         # ImitKD* as the authors' configs/wmt/imitkdstar*.yaml run it: the teacher's beam-5 outputs (at most 100
         # tokens) are the data, β = 2^(-t/T), the student's greedy rollouts capped at a fixed 100 tokens.

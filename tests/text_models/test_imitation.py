@@ -232,3 +232,16 @@ def test_imitkd_star_mixes_the_teachers_beam_outputs_not_the_data(tiny: SimpleNa
     assert preset["generation"] == {"max_new_tokens": 100, "max_length_ratio": None}
     with pytest.raises(ValueError, match="targets_from is 'data'"):
         ImitationConfig(teacher_outputs={"num_beams": 2})
+
+
+def test_the_summarization_hard_preset_is_the_authors_cnndm_config() -> None:
+    from kdcore.registry import Registry
+    from kdcore.resolve import resolve_run
+
+    config = resolve_run(Registry.discover(), task="summarization", plugin="imitation",
+                         preset="summarization-hard").config
+    method = ImitationConfig(**config.method)
+    assert (method.variant, method.schedule.kind, method.schedule.base) == ("hard", "exponential", 10.0)
+    assert (method.generation.strategy, method.generation.max_new_tokens, method.generation.max_length_ratio) == (
+        "greedy", 99, None)
+    assert config.objectives["kd"].name == "nll" and config.objectives["kd"].args == {"label_smoothing": 0.1}
