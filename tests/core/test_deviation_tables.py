@@ -1,8 +1,8 @@
-"""The deviation tables of docs/speech-methods.md state the settings the code has.
+"""The deviation tables of docs/speech-methods.md and docs/text.md state the settings the code has.
 
 Each table row that names a setting (a dotted config key in backticks) gives its value in the default run
-(``kd run --task superb --plugin X``) and under ``--preset paper``, each in backticks; both must equal the resolved
-configuration's value.
+(``kd run --task TASK --plugin X``) and under the table's reference preset (``paper`` for the speech methods,
+``imitkd-star`` for ImitKD), each in backticks; both must equal the resolved configuration's value.
 """
 from __future__ import annotations
 
@@ -17,19 +17,24 @@ from kdcore.config import parse_set_option
 from kdcore.registry import Registry
 from kdcore.resolve import resolve_run
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "speech-methods.md"
-TABLES = {"distilhubert": "### DistilHuBERT: deviations", "gendistiller": "### GenDistiller: deviations"}
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+# plugin -> (page, heading, task, the reference preset)
+TABLES = {"distilhubert": ("speech-methods.md", "### DistilHuBERT: deviations", "superb", "paper"),
+          "gendistiller": ("speech-methods.md", "### GenDistiller: deviations", "superb", "paper"),
+          "imitation": ("text.md", "## ImitKD: deviations", "wmt", "imitkd-star")}
 SETTING = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)`")
 VALUE = re.compile(r"`([^`]*)`")
-COLUMNS = ("what", "paper", "setting", "default run", "`paper`", "why kd differs")
+COLUMNS = ("what", "paper", "setting", "default run", "preset", "why kd differs")
 
 
-def table_rows(heading: str) -> list[dict[str, str]]:
-    """The rows of the first table after ``heading``, as column -> cell (the second column names the reference)."""
-    lines = DOC.read_text(encoding="utf-8").split(heading, 1)[1].splitlines()
+def table_rows(page: str, heading: str, preset: str) -> list[dict[str, str]]:
+    """The rows of the first table after ``heading``, as column -> cell (the second column names the reference, the
+    fifth is the preset's, headed by its name in backticks)."""
+    lines = (DOCS / page).read_text(encoding="utf-8").split(heading, 1)[1].splitlines()
     start = next(index for index, line in enumerate(lines) if line.startswith("| what"))
     header = [cell.strip() for cell in lines[start].strip().strip("|").split("|")]
-    assert [name for index, name in enumerate(header) if index != 1] == [c for i, c in enumerate(COLUMNS) if i != 1]
+    expected = [f"`{preset}`" if c == "preset" else c for c in COLUMNS]
+    assert [name for index, name in enumerate(header) if index != 1] == [c for i, c in enumerate(expected) if i != 1]
     rows = []
     for line in lines[start + 2:]:
         if not line.startswith("|"):
@@ -63,10 +68,11 @@ def registry() -> Registry:
 
 @pytest.mark.parametrize("plugin", sorted(TABLES))
 def test_documented_settings_are_the_configs(registry: Registry, plugin: str) -> None:
-    configs = {column: resolve_run(registry, task="superb", plugin=plugin, preset=preset).to_dict()
-               for column, preset in (("default run", None), ("`paper`", "paper"))}
+    page, heading, task, reference = TABLES[plugin]
+    configs = {column: resolve_run(registry, task=task, plugin=plugin, preset=preset).to_dict()
+               for column, preset in (("default run", None), ("preset", reference))}
     checked = 0
-    for row in table_rows(TABLES[plugin]):
+    for row in table_rows(page, heading, reference):
         setting = SETTING.fullmatch(row["setting"])
         if setting is None:
             assert row["setting"] == "—", row  # a row either names its setting or says it has none
@@ -79,4 +85,4 @@ def test_documented_settings_are_the_configs(registry: Registry, plugin: str) ->
             assert same(documented, actual), f"{plugin} {row['what']}: docs say {column} {setting.group(1)} = " \
                                              f"{documented!r}, the config has {actual!r}"
             checked += 1
-    assert checked >= 2 * 12, checked  # the tables are still there and still name their settings
+    assert checked >= 2 * 12, (plugin, checked)  # the tables are still there and still name their settings
