@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--out", help="also write the Markdown table here, and the raw values to OUT.json")
     summary.add_argument("--baseline", metavar="LABEL",
                          help="also test every other group against this one (Welch's t-test per metric)")
+    summary.add_argument("--bootstrap", action="store_true",
+                         help="with --baseline: also a paired bootstrap over the test items, from the per-item "
+                              "statistics the runs recorded (test_items.json)")
+    summary.add_argument("--resamples", type=int, default=1000, help="--bootstrap resamples (default 1000)")
 
     export = commands.add_parser("export", help="write a finished run's student as transformers/ONNX/... files "
                                                 "with a model card (docs/export.md)")
@@ -242,8 +246,24 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     groups = [parse_group(spec, args.skip_unfinished) for spec in args.groups]
     rows, metrics, task = summarize(groups, args.metrics, include_teacher=not args.no_teacher)
     table = markdown_table(rows, metrics, args.decimals)
-    if args.baseline:
+    if args.bootstrap and not args.baseline:
+        raise KDUserError("kd summarize --bootstrap compares every group with a baseline group; name it with "
+                          "--baseline LABEL.")
+    if args.resamples < 1:
+        raise KDUserError(f"kd summarize --resamples {args.resamples}: give a positive number of resamples.")
+    single = sorted({row.label for row in rows if row.label != "teacher"
+                     and any(len(row.values.get(metric, [])) < 2 for metric in metrics)})
+    if args.baseline and args.bootstrap and single:
+        # one seed per group still has a paired bootstrap over the items; Welch's test over seeds needs two
+        table += (f"\nWelch's t-test over seeds: not computed, since {', '.join(single)} "
+                  f"{'has' if len(single) == 1 else 'have'} fewer than two runs.\n")
+    elif args.baseline:
         table += "\n" + markdown_welch(welch_tests(rows, metrics, args.baseline), args.baseline, args.decimals)
+    if args.bootstrap:
+        from kdcore.significance import bootstrap_groups, markdown_bootstrap
+
+        results, skipped = bootstrap_groups(dict(groups), args.baseline, metrics, args.resamples)
+        table += "\n" + markdown_bootstrap(results, args.baseline, skipped, args.decimals)
     print(table, end="")
     if args.out:
         out = Path(args.out)

@@ -2,13 +2,60 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from kdcore.interfaces import Model
 from kdcore.resolve import BuiltRun
+
+
+#: Where :func:`record_items` puts what a task reports, while :func:`recording_items` is active.
+_ITEM_SINK: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("kd_item_sink", default=None)
+
+
+def record_items(decoding: str, items: Sequence[Mapping[str, Any]], aggregates: Mapping[str, str]) -> None:
+    """A task's per-item test results for the paired bootstrap (:mod:`kdcore.significance`); a no-op unless the
+    engine is recording (the final test evaluation, ``kd eval``).
+
+    ``decoding``: ``greedy`` or ``beamK``. ``items``: one mapping per test item, in the dataset's order, with its
+    ``id`` and ``stats`` (metric name -> list of numbers, the sufficient statistics) and anything else worth keeping
+    (``hypothesis``, ``reference``). ``aggregates``: metric name -> how its corpus score follows from the summed
+    statistics (:data:`kdcore.significance.AGGREGATES`).
+    """
+    sink = _ITEM_SINK.get()
+    if sink is None:
+        return
+    from kdcore.significance import AGGREGATES
+
+    unknown = sorted(set(aggregates.values()) - set(AGGREGATES))
+    if unknown:
+        raise ValueError(f"record_items: unknown aggregates {unknown}; known: {', '.join(AGGREGATES)}")
+    entry = sink.setdefault(decoding, {"aggregates": {}, "items": None})
+    entry["aggregates"].update(aggregates)
+    if entry["items"] is None:
+        entry["items"] = [dict(item) for item in items]
+    else:  # another call for the same decoding adds metrics to the same items
+        for kept, item in zip(entry["items"], items):
+            kept.setdefault("stats", {}).update(item.get("stats", {}))
+
+
+def is_recording_items() -> bool:
+    """Whether :func:`record_items` keeps what it is given (tasks skip computing per-item statistics otherwise)."""
+    return _ITEM_SINK.get() is not None
+
+
+@contextlib.contextmanager
+def recording_items() -> Iterator[dict[str, Any]]:
+    """Collect what :func:`record_items` reports inside the block: ``{decoding: {"aggregates", "items"}}``."""
+    sink: dict[str, Any] = {}
+    token = _ITEM_SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _ITEM_SINK.reset(token)
 
 
 @contextlib.contextmanager

@@ -57,6 +57,8 @@ class TextTask(Task):
     #: Column layouts tried, in order, on rows of TSV/CSV/JSONL/dataset files.
     layouts: ClassVar[tuple[Layout, ...]] = ()
     eval_file_roles: ClassVar[tuple[str, ...]] = ("source", "reference")
+    #: The metrics whose per-item statistics the test evaluation records (kd_tasks.text.metrics.item_statistics).
+    item_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, data_config: TextDataConfig, cache_dir: Path) -> None:
         super().__init__(data_config, cache_dir)
@@ -233,6 +235,22 @@ class TextTask(Task):
         """Non-numeric facts about the last evaluation's metrics (e.g. sacrebleu signatures)."""
         return dict(self.last_metadata)
 
+    def record_test_items(self, decoding: str, dataset: Sequence[Any], hypotheses: Sequence[str],
+                          references: Sequence[str]) -> None:
+        """Each item's output and the sufficient statistics of :attr:`item_metrics`, for the paired bootstrap
+        (:func:`kdcore.evaluation.record_items`; computed only while the engine records)."""
+        from kdcore.evaluation import is_recording_items, record_items
+
+        from .metrics import AGGREGATES, item_statistics
+
+        if not is_recording_items() or not self.item_metrics:
+            return
+        statistics = item_statistics(hypotheses, references, self.item_metrics)
+        record_items(decoding, [{"id": item["id"], "hypothesis": hypothesis, "reference": reference, "stats": stats}
+                                for item, hypothesis, reference, stats in zip(dataset, hypotheses, references,
+                                                                             statistics)],
+                     {name: AGGREGATES[name] for name in self.item_metrics})
+
     def evaluate(self, model: Model, dataset: Sequence[Any], device: torch.device, batch_size: int) -> dict[str, float]:
         from kd_plugins.text.models import HFTextModel
 
@@ -259,6 +277,7 @@ class TextTask(Task):
                                              batch_size, num_beams)
             metrics.update(self.score(hypotheses, references, suffix))
             prefix = "greedy" if num_beams == 1 else f"beam{num_beams}"
+            self.record_test_items(prefix, dataset, hypotheses, references)
             metrics.update({f"{prefix}_{key}": value for key, value in speed.items()})
             metrics[f"{prefix}_distinct_outputs"] = distinct_fraction(hypotheses)
             warn_if_input_ignored(hypotheses, f"{self.name} {dataset[0].get('split', '?')} ({prefix})", spread)

@@ -132,6 +132,7 @@ class LMTask(TextTask):
                                   "files): ROUGE-L/chrF of greedy completions, perplexity, teacher agreement")
     DataConfig = LMDataConfig
     metric: ClassVar[str] = "rougeL"
+    item_metrics: ClassVar[tuple[str, ...]] = ("rougeL", "chrf")
     greater_is_better: ClassVar[bool] = True
     #: Its models are decoder-only (the task-trained teacher is a causal LM).
     decoder_only: ClassVar[bool] = True
@@ -278,6 +279,7 @@ class LMTask(TextTask):
                                          tokenizer, self.data_config, device, batch_size, num_beams=1)
         references = [item["target"] for item in items]
         metrics.update(self.score(hypotheses, references, ""))
+        self.record_test_items("greedy", items, hypotheses, references)
         groups = sorted({item.get("instruction", "") for item in items} - {""})
         for group in groups if len(groups) > 1 else []:
             chosen = [i for i, item in enumerate(items) if item.get("instruction") == group]

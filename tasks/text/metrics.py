@@ -6,7 +6,9 @@
 * Summarization: rouge-score's ROUGE-1, ROUGE-2 and ROUGE-L F1 with the Porter
   stemmer, averaged over documents (the convention of the ImitKD and BART papers).
 
-Scores are on a 0-100 scale.
+Scores are on a 0-100 scale. :func:`item_statistics` gives the same scores' per-item sufficient statistics for the
+paired bootstrap over test items (:mod:`kdcore.significance`): sacrebleu's own for BLEU and chrF, each document's F1
+for ROUGE.
 """
 from __future__ import annotations
 
@@ -45,4 +47,37 @@ def rouge_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[s
     return {name: 100.0 * total / count for name, total in totals.items()}
 
 
-__all__ = ["ROUGE_TYPES", "rouge_scores", "sacrebleu_scores"]
+#: How each metric's corpus score follows from the summed per-item statistics (kdcore.significance.AGGREGATES).
+AGGREGATES = {"bleu": "sacrebleu:BLEU", "chrf": "sacrebleu:CHRF", **dict.fromkeys(ROUGE_TYPES, "mean")}
+
+
+def item_statistics(hypotheses: Sequence[str], references: Sequence[str],
+                    metrics: Sequence[str]) -> list[dict[str, list[float]]]:
+    """Per test item, the sufficient statistics of each of ``metrics`` (bleu, chrf, rouge1/2/L): summed over the
+    items and aggregated as :data:`AGGREGATES` says, they give :func:`sacrebleu_scores`' and :func:`rouge_scores`'
+    corpus scores."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    unknown = sorted(set(metrics) - set(AGGREGATES))
+    if unknown:
+        raise ValueError(f"no per-item statistics for {unknown}; known: {', '.join(AGGREGATES)}")
+    rows: list[dict[str, list[float]]] = [{} for _ in hypotheses]
+    for name in metrics:
+        if name in ("bleu", "chrf"):
+            from sacrebleu.metrics import BLEU, CHRF
+
+            metric = BLEU() if name == "bleu" else CHRF()
+            for row, stats in zip(rows, metric._extract_corpus_statistics(list(hypotheses), [list(references)])):
+                row[name] = [float(value) for value in stats]
+    rouge = [name for name in metrics if name in ROUGE_TYPES]
+    if rouge:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(rouge, use_stemmer=True)
+        for row, hypothesis, reference in zip(rows, hypotheses, references):
+            for name, score in scorer.score(reference, hypothesis).items():
+                row[name] = [100.0 * score.fmeasure]
+    return rows
+
+
+__all__ = ["AGGREGATES", "ROUGE_TYPES", "item_statistics", "rouge_scores", "sacrebleu_scores"]

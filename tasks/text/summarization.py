@@ -74,6 +74,7 @@ class SummarizationTask(TextTask):
                                   "F1 with stemming, greedy and beam search")
     DataConfig = SummarizationDataConfig
     metric: ClassVar[str] = "rougeL"
+    item_metrics: ClassVar[tuple[str, ...]] = ("rouge1", "rouge2", "rougeL")
     greater_is_better: ClassVar[bool] = True
     imitation_beta_base: ClassVar[float] = 10.0  # the authors' base for CNN/DailyMail
     #: Teacher stage defaults: the translation recipe (no dropout; docs/text.md, "Teacher stage") with batches of

@@ -37,6 +37,7 @@ class TranslationTask(TextTask):
                                   "BLEU/chrF, greedy and beam 5, decoding speed")
     DataConfig = TranslationDataConfig
     metric: ClassVar[str] = "bleu"
+    item_metrics: ClassVar[tuple[str, ...]] = ("bleu", "chrf")
     greater_is_better: ClassVar[bool] = True
     imitation_beta_base: ClassVar[float] = 200.0  # the authors' base for translation
     #: Teacher stage defaults, chosen by measurement (docs/text.md, "Teacher stage"): a 4+4 teacher with dropout

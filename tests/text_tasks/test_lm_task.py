@@ -253,3 +253,33 @@ def test_a_separate_teacher_tokenizer_reads_completions_that_end_with_its_eos(tm
     batch = task.collate(items)
     assert batch["student_offsets"].shape[:2] == batch["labels"].shape
     assert batch["teacher_offsets"].shape[:2] == batch["teacher_labels"].shape
+
+
+def test_a_finished_run_records_its_test_items_for_the_paired_bootstrap(tiny_lm_run: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from kdcore.cli import main
+    from kdcore.significance import read_items
+
+    metrics = json.loads((tiny_lm_run / "metrics.json").read_text(encoding="utf-8"))["student"]
+    recorded = json.loads((tiny_lm_run / "test_items.json").read_text(encoding="utf-8"))
+    items = recorded["decodings"]["greedy"]["items"]
+    assert len(items) == 24 and all(set(item) >= {"id", "hypothesis", "reference", "stats"} for item in items)
+    for metric in ("rougeL", "chrf"):  # the recorded statistics give the scores of metrics.json
+        statistics = read_items(tiny_lm_run, metric)
+        assert statistics is not None and statistics.score()[0] == pytest.approx(metrics[metric], abs=1e-6)
+    # the same run as two groups: no difference, p = 1; a group without items is named
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_lm_run, twin, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    bare = tmp_path / "bare"
+    shutil.copytree(twin, bare)
+    (bare / "test_items.json").unlink()
+    assert main(["summarize", f"a={tiny_lm_run}", f"b={twin}", "--baseline", "a", "--bootstrap", "--resamples",
+                 "200", "--metric", "rougeL", "--metric", "chrf"]) == 0
+    table = capsys.readouterr().out
+    assert "| b | rougeL | +0.000 | [+0.000, +0.000] | 1.000 | 24 | 200 |" in table
+    assert main(["summarize", f"a={tiny_lm_run}", f"c={bare}", "--baseline", "a", "--bootstrap",
+                 "--metric", "rougeL"]) == 0
+    assert "Not tested: rougeL (no per-item statistics in runs of c)" in capsys.readouterr().out
+    assert main(["summarize", f"a={tiny_lm_run}", "--bootstrap"]) == 2
