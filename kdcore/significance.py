@@ -12,6 +12,8 @@ function of summed per-item statistics.
 Aggregates a task may name for a metric:
 
 * ``mean``: the statistics are one number per item and the corpus score is their mean (ROUGE F1, accuracy);
+* ``ratio``: two numbers per item, and the corpus score is the sum of the first over the sum of the second (a
+  corpus word or character error rate: errors, reference length);
 * ``sacrebleu:BLEU`` / ``sacrebleu:CHRF``: sacrebleu's own sufficient statistics and score function (default
   settings, the ones :mod:`kd_tasks.text.metrics` scores with).
 """
@@ -32,13 +34,15 @@ ITEMS_FILE = "test_items.json"
 EVAL_ITEMS_FILE = "eval_items.json"
 #: Resamples when the caller does not say (sacrebleu's default).
 DEFAULT_RESAMPLES = 1000
-AGGREGATES = ("mean", "sacrebleu:BLEU", "sacrebleu:CHRF")
+AGGREGATES = ("mean", "ratio", "sacrebleu:BLEU", "sacrebleu:CHRF")
 
 
 def corpus_scorer(aggregate: str) -> Callable[[np.ndarray], np.ndarray]:
     """A function from summed statistics ``(R, K)`` and the item count to ``R`` corpus scores, for ``aggregate``."""
     if aggregate == "mean":
         return lambda summed_and_count: summed_and_count[:, 0] / summed_and_count[:, -1]
+    if aggregate == "ratio":
+        return lambda summed_and_count: summed_and_count[:, 0] / summed_and_count[:, 1]
     if aggregate in ("sacrebleu:BLEU", "sacrebleu:CHRF"):
         from sacrebleu.metrics import BLEU, CHRF
 
@@ -69,7 +73,11 @@ class ItemStatistics:
 
 
 def read_items(run_dir: Path, metric: str) -> ItemStatistics | None:
-    """The statistics of ``metric`` (``NAME`` greedy, ``NAME_beamK`` beam K) a run recorded, or None without them."""
+    """The statistics of ``metric`` a run recorded, or None without them.
+
+    ``NAME_beamK`` reads the items of decoding ``beamK``; any other name the first other decoding (``greedy``, or a
+    speech downstream such as ``keyword``) that recorded it.
+    """
     for name in (ITEMS_FILE, EVAL_ITEMS_FILE):
         path = Path(run_dir) / name
         if path.exists():
@@ -78,8 +86,14 @@ def read_items(run_dir: Path, metric: str) -> ItemStatistics | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     base, _, beams = metric.partition("_beam")
-    decoding = data.get("decodings", {}).get(f"beam{beams}" if beams else "greedy")
-    if decoding is None or base not in decoding.get("aggregates", {}):
+    decodings = data.get("decodings", {})
+    if beams.isdigit():
+        candidates = [decodings.get(f"beam{beams}")]
+    else:
+        base = metric
+        candidates = [entry for name, entry in decodings.items() if not name.startswith("beam")]
+    decoding = next((entry for entry in candidates if entry and base in entry.get("aggregates", {})), None)
+    if decoding is None:
         return None
     items = decoding["items"]
     return ItemStatistics([str(item["id"]) for item in items],

@@ -355,6 +355,24 @@ def _error_rate(references: Sequence[str], hypotheses: Sequence[str],
     return float(measure([r for r, _ in pairs], [h for _, h in pairs]))
 
 
+def error_counts(references: Sequence[str], hypotheses: Sequence[str], unit: str) -> list[tuple[int, list[float]]]:
+    """Per scored pair (empty references are left out, as in the corpus rates): its position and
+    ``[errors, reference length]`` in ``unit`` (``words`` or ``characters``). Summed, errors over length is
+    :func:`word_error_rate` / :func:`character_error_rate` (the paired bootstrap's statistics)."""
+    import jiwer
+
+    process = jiwer.process_words if unit == "words" else jiwer.process_characters
+    counts = []
+    for position, (reference, hypothesis) in enumerate(zip(references, hypotheses)):
+        reference, hypothesis = normalize_transcript(reference), normalize_transcript(hypothesis)
+        if not reference:
+            continue
+        output = process(reference, hypothesis)
+        errors = output.substitutions + output.deletions + output.insertions
+        counts.append((position, [float(errors), float(output.substitutions + output.deletions + output.hits)]))
+    return counts
+
+
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus WER (jiwer) on normalised transcripts; empty references are left out."""
     import jiwer
@@ -371,7 +389,8 @@ def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -
 
 __all__ = [
     "ALL_HIDDEN_STATES", "CTCHead", "CTCHeadConfig", "CharVocabulary", "UpstreamFeatures", "UtteranceClassifier",
-    "UtteranceHeadConfig", "WeightedLayerSum", "character_error_rate", "classifier_accuracy", "extract_features",
+    "UtteranceHeadConfig", "WeightedLayerSum", "character_error_rate", "classifier_accuracy", "error_counts",
+    "extract_features",
     "greedy_ctc_decode", "normalize_transcript", "train_ctc_head", "train_utterance_classifier", "transcribe",
     "word_error_rate",
 ]

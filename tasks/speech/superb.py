@@ -40,10 +40,11 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from kdcore.config import StrictModel
 from kdcore.errors import KDUserError
+from kdcore.evaluation import is_recording_items, record_items
 from kdcore.interfaces import Batch, DataSplits, Model, Task
 from kd_tasks.sampling import length_bucketed_batches, seeded_subset
 from kd_tasks.speech.downstream import (
-    CTCHeadConfig, UtteranceHeadConfig, character_error_rate, classifier_accuracy, extract_features,
+    CTCHeadConfig, UtteranceHeadConfig, character_error_rate, classifier_accuracy, error_counts, extract_features,
     train_ctc_head, train_utterance_classifier, transcribe, word_error_rate,
 )
 from kd_tasks.speech.synth import SynthConfig, build_synthetic_speech
@@ -409,6 +410,12 @@ class SuperbTask(Task):
         rows = torch.tensor([row for row, _ in known], dtype=torch.long)
         labels = torch.tensor([label for _, label in known], dtype=torch.long)
         accuracy = classifier_accuracy(model, features["test"].pooled[rows], labels) if known else float("nan")
+        if known and is_recording_items():
+            with torch.no_grad():
+                correct = (model(features["test"].pooled[rows]).argmax(-1) == labels).tolist()
+            scored = [item for item in test if label_of(item) in index]  # the items of ``known``, in order
+            record_items(name, [{"id": item.utterance_id, "stats": {f"{name}_accuracy": [float(hit)]}}
+                                for item, hit in zip(scored, correct)], {f"{name}_accuracy": "mean"})
         if len(known) < len(test):
             log.warning("superb: %d %s item(s) have labels unseen in training and are not scored",
                         len(test) - len(known), name)
@@ -425,6 +432,13 @@ class SuperbTask(Task):
                                            [item.text for item in train], settings.asr, seed)
         hypotheses = transcribe(model, vocabulary, [features["test"].frames[row] for row in test_rows])
         references = [item.text for item in test]
+        if is_recording_items():
+            words, characters = (error_counts(references, hypotheses, unit) for unit in ("words", "characters"))
+            record_items("asr", [{"id": test[position].utterance_id, "hypothesis": hypotheses[position],
+                                  "reference": references[position],
+                                  "stats": {"asr_wer": word_stats, "asr_cer": character_stats}}
+                                 for (position, word_stats), (_, character_stats) in zip(words, characters)],
+                         {"asr_wer": "ratio", "asr_cer": "ratio"})
         weights = model.layer_sum.weights().detach()
         return {"asr_wer": word_error_rate(references, hypotheses),
                 "asr_cer": character_error_rate(references, hypotheses),

@@ -1,6 +1,7 @@
 """SUPERB downstream heads on synthetic features: they learn, the layer sum chooses layers, all is seeded."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kd_tasks.speech.downstream import (
@@ -153,3 +154,16 @@ def test_extract_features_pools_valid_frames_only() -> None:
     assert set(features.frames) == {1} and features.frames[1].shape == (2, 2, 4)
     normalized = extract_features(_FixedStates(), items, _collate, torch.device("cpu"), batch_size=3, length=len)
     assert normalized.pooled.shape == (3, 2, 4)
+
+
+def test_error_counts_sum_to_the_corpus_error_rates() -> None:
+    from kd_tasks.speech.downstream import character_error_rate, error_counts, word_error_rate
+
+    references = ["turn on the kitchen light", "", "set a timer for ten minutes", "stop"]
+    hypotheses = ["turn the kitchen lights", "anything", "set timer for two minutes now", ""]
+    for unit, corpus_rate in (("words", word_error_rate), ("characters", character_error_rate)):
+        counts = error_counts(references, hypotheses, unit)
+        assert [position for position, _ in counts] == [0, 2, 3]  # the empty reference is not scored
+        errors = sum(stats[0] for _, stats in counts)
+        length = sum(stats[1] for _, stats in counts)
+        assert errors / length == pytest.approx(corpus_rate(references, hypotheses), abs=1e-12)
