@@ -579,15 +579,18 @@ tokenizer = AutoTokenizer.from_pretrained("EXPORT_DIR")
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         compared = equal = 0
         ids_equal = True
-        for test in (self.self_test_batches() if student.is_encoder_decoder else []):
-            chunk, batch, limit = test.items, test.batch, test.limit
+        for test in self.self_test_batches():
+            chunk, limit = test.items, test.limit
             encoded = tokenizer([item["source"] for item in chunk], truncation=True,
                                 max_length=self.built.task.data_config.max_source_tokens)["input_ids"]
             ids_equal &= [list(ids) for ids in encoded] == [item["source_ids"] for item in chunk]
             with torch.no_grad():
-                theirs = loaded.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         max_new_tokens=limit)[:, 1:]
-                ours = generate(student, batch["input_ids"], batch["attention_mask"], max_new_tokens=limit).sequences
+                # kd's inputs: the sources (encoder-decoder), or the left-padded prompts a decoder-only model
+                # continues; transformers returns the decoder start token, or the prompt, before the new tokens
+                generated = loaded.generate(input_ids=test.prompt_ids, attention_mask=test.prompt_mask,
+                                            max_new_tokens=limit)
+                theirs = generated[:, 1:] if student.is_encoder_decoder else generated[:, test.prompt_ids.shape[1]:]
+                ours = generate(student, test.prompt_ids, test.prompt_mask, max_new_tokens=limit).sequences
             compared += len(chunk)
             equal += sum(a == b for a, b in zip(_rows(theirs, student.eos_token_id),
                                                 _rows(ours, student.eos_token_id)))

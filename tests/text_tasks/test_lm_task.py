@@ -283,3 +283,20 @@ def test_a_finished_run_records_its_test_items_for_the_paired_bootstrap(tiny_lm_
                  "--metric", "rougeL"]) == 0
     assert "Not tested: rougeL (no per-item statistics in runs of c)" in capsys.readouterr().out
     assert main(["summarize", f"a={tiny_lm_run}", "--bootstrap"]) == 2
+
+
+def test_a_causal_lm_student_exports_to_transformers_and_decodes_as_kd_does(
+        tiny_lm_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from kdcore.cli import main
+
+    monkeypatch.setenv("KD_CACHE_DIR", str(tiny_lm_run.parent / "cache"))
+    out = tmp_path / "exp"
+    assert main(["export", "--run", str(tiny_lm_run), "--out", str(out)]) == 0
+    report = json.loads((out / "export.json").read_text(encoding="utf-8"))["self_test"]
+    # the export's self-test: transformers' greedy continuation of each test prompt equals kd's, token for token
+    compared = int(report["greedy_outputs_equal_kd"].split("/")[1])
+    assert compared > 0 and report["greedy_outputs_equal_kd"] == f"{compared}/{compared}"
+    assert report["tokenizer_ids_equal_kd"] is True
+    assert type(AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)).__name__ == "LlamaForCausalLM"
