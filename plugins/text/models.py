@@ -26,7 +26,6 @@ A teacher with a tokenizer of its own reads ``teacher_input_ids``,
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, Model, ModelFactory, Student, Teacher
 from kdcore.objectives.library import TOKENIZER_VOCAB_SIZE
+from kdcore.provenance import weights_sha256
 from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals, next_token_aligned
 from kd_plugins.text.lora import LoraSettings, prepare_student
 
@@ -188,13 +188,9 @@ class HFTextModel:
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
-        """sha256 over parameter names, shapes and values: identifies the weights (cache keys)."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.hf_model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        """The weights' sha256 (cache keys): :func:`kdcore.provenance.weights_sha256`, the digest provenance.json and
+        a teacher store record for the same teacher, so a stored teacher and the live one share seq-kd's cache."""
+        return weights_sha256(self)  # type: ignore[arg-type]  # the concrete text models are nn.Modules
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Save the transformers model (and tokenizer, when there is one) in Hugging Face layout."""

@@ -73,6 +73,11 @@ def test_seq_kd_cache_is_keyed_by_teacher_weights(tiny: SimpleNamespace, fake_ta
     assert hits == 0 and other.teacher_calls == 1
     manifest = json.loads((other.cache.directory / "kd-cache.json").read_text())["built_from"]
     assert manifest["teacher_sha256"] == other_teacher.fingerprint() != teacher.fingerprint()
+    # one digest for a teacher's weights: provenance.json and a teacher store record the same one
+    from kdcore.provenance import weights_sha256
+    from kdcore.teacher_store import teacher_fingerprint
+
+    assert other_teacher.fingerprint() == weights_sha256(other_teacher) == teacher_fingerprint(other_teacher)
 
 
 def test_seq_kd_needs_example_ids(tiny: SimpleNamespace, fake_task: Any) -> None:
