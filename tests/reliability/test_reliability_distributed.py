@@ -15,13 +15,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_two_gloo_processes_reach_the_losses_of_one(one_process_run: Path, tmp_path: Path, torchrun,
                                                     assert_same_training) -> None:
-    result = torchrun(tmp_path / "ddp", cwd=tmp_path)
+    # With a tracker on (it does not change training): under torchrun only rank 0 reports.
+    result = torchrun(tmp_path / "ddp", "--set", "trainer.report_to=[tensorboard]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 of 2" in result.stderr and "backend gloo" in result.stderr
     assert_same_training(one_process_run, tmp_path / "ddp")
     # Only rank 0 wrote: one log, one set of checkpoints, each with both ranks' random states.
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000012" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and set(state["rank_rng"]) == {"1"}
+    # ... and one TensorBoard event file, whose training losses are log.jsonl's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((tmp_path / "ddp" / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(tmp_path / "ddp" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {record["step"]: record["loss"] for record in read_jsonl(tmp_path / "ddp" / "log.jsonl")
+              if record["type"] == "train"}
+    assert {point.step: point.value for point in events.Scalars("train/loss")} == pytest.approx(logged, rel=1e-6)
 
 
 @pytest.mark.slow  # a whole torchrun launch for one message
