@@ -43,6 +43,9 @@ def test_global_batch_must_split_evenly(tmp_path: Path, torchrun) -> None:
     assert "exitcode  : 2" in result.stderr and f'File "{REPO / "kdcore"}' not in result.stderr
 
 
+# Slow (27 s, two torchrun launches): CI keeps the DDP training run above and the one-process teacher-stage resume
+# of tests/text_tasks/test_text_task_teacher_stage.py.
+@pytest.mark.slow
 def test_two_gloo_processes_train_the_toy_teacher_stage_together(tmp_path: Path, torchrun, dist_sets: list[str],
                                                                  fault_env: dict[str, str]) -> None:
     """Cold cache under torchrun: both ranks train the teacher stage (each half of every batch of 128), rank 0
