@@ -65,16 +65,11 @@ def test_resume_without_checkpoint_dir_is_a_clear_error(tmp_path: Path, run_kd) 
     assert result.returncode == 2 and "no config.yaml" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_refuses_to_overwrite_a_run(tmp_path: Path, run_kd) -> None:
+def test_eval_reproduces_the_final_student_metrics_and_run_refuses_to_overwrite(tmp_path: Path, run_kd) -> None:
     out = tmp_path / "run"
     assert run_kd("run", *TINY, "--out", str(out), cwd=tmp_path).returncode == 0
-    again = run_kd("run", *TINY, "--out", str(out), cwd=tmp_path)
+    again = run_kd("run", *TINY, "--out", str(out), cwd=tmp_path)  # the same --out holds a finished run
     assert again.returncode == 2 and "--resume" in again.stderr
-
-
-def test_eval_reproduces_the_final_student_metrics(tmp_path: Path, run_kd) -> None:
-    out = tmp_path / "run"
-    assert run_kd("run", *TINY, "--out", str(out), cwd=tmp_path).returncode == 0
     result = run_kd("eval", "--run", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     again = json.loads((out / "eval.json").read_text())["student"]
