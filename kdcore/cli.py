@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--bootstrap", action="store_true",
                          help="with --baseline: also a paired bootstrap over the test items, from the per-item "
                               "statistics the runs recorded (test_items.json)")
-    summary.add_argument("--resamples", type=int, default=1000, help="--bootstrap resamples (default 1000)")
+    summary.add_argument("--resamples", type=int, help="--bootstrap resamples (default 1000)")
 
     export = commands.add_parser("export", help="write a finished run's student as transformers/ONNX/... files "
                                                 "with a model card (docs/export.md)")
@@ -253,7 +253,10 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     if args.bootstrap and not args.baseline:
         raise KDUserError("kd summarize --bootstrap compares every group with a baseline group; name it with "
                           "--baseline LABEL.")
-    if args.resamples < 1:
+    if args.resamples is not None and not args.bootstrap:
+        raise KDUserError("kd summarize --resamples sets the paired bootstrap's resamples; add --bootstrap (with "
+                          "--baseline LABEL), or leave --resamples out.")
+    if args.resamples is not None and args.resamples < 1:
         raise KDUserError(f"kd summarize --resamples {args.resamples}: give a positive number of resamples.")
     single = sorted({row.label for row in rows if row.label != "teacher"
                      and any(len(row.values.get(metric, [])) < 2 for metric in metrics)})
@@ -264,9 +267,10 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     elif args.baseline:
         table += "\n" + markdown_welch(welch_tests(rows, metrics, args.baseline), args.baseline, args.decimals)
     if args.bootstrap:
-        from kdcore.significance import bootstrap_groups, markdown_bootstrap
+        from kdcore.significance import DEFAULT_RESAMPLES, bootstrap_groups, markdown_bootstrap
 
-        results, skipped = bootstrap_groups(dict(groups), args.baseline, metrics, args.resamples)
+        results, skipped = bootstrap_groups(dict(groups), args.baseline, metrics,
+                                            args.resamples or DEFAULT_RESAMPLES)
         table += "\n" + markdown_bootstrap(results, args.baseline, skipped, args.decimals)
     print(table, end="")
     if args.out:

@@ -82,3 +82,23 @@ def test_items_are_recorded_only_inside_the_recording_block(tmp_path: Path) -> N
     read = read_items(tmp_path, "rougeL")
     assert read is not None and read.ids == ["a", "b"] and read.score()[0] == 75.0
     assert read_items(tmp_path, "rougeL_beam5") is None and read_items(tmp_path / "none", "rougeL") is None
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--bootstrap"], "--baseline LABEL"),
+    (["--baseline", "a", "--resamples", "50"], "add --bootstrap"),
+    (["--baseline", "a", "--bootstrap", "--resamples", "0"], "positive number of resamples"),
+    (["--baseline", "nobody", "--bootstrap"], "no group has that label"),
+])
+def test_bad_bootstrap_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str],
+                                      message: str) -> None:
+    from kdcore.cli import main
+
+    for name in ("a1", "a2", "b1", "b2"):  # finished runs as kd summarize reads them (metrics.json only)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"task": "toy", "plugin": "vanilla", "metric": "accuracy", "student": {"accuracy": 0.5 + len(name) / 100},
+             "teacher": {}, "params": {"student": 1, "teacher": 2}}), encoding="utf-8")
+    code = main(["summarize", f"a={tmp_path}/a*", f"b={tmp_path}/b*", *options])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and "Traceback" not in error
