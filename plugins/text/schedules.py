@@ -77,7 +77,7 @@ class BetaSchedule(BaseModel):
         if self.kind == "adaptive" and self.warmup > 0:
             raise ValueError(f"warmup = {self.warmup:g} keeps the data targets for the first part of the run, but "
                              f"the adaptive schedule sets the student fraction itself (it starts at initial = "
-                             f"{self.initial:g}); use initial: 0 instead, or another kind.")
+                             f"{self.initial:g}); remove warmup (initial: 0 starts on the data targets only), or use another kind.")
         if self.kind == "adaptive" and self.initial > self.max:
             raise ValueError(f"the adaptive schedule starts at initial = {self.initial:g} but may rise only to "
                              f"max = {self.max:g}; set initial <= max.")

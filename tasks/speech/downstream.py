@@ -224,11 +224,16 @@ def train_utterance_classifier(pooled: torch.Tensor, labels: torch.Tensor, num_c
 
 
 @torch.no_grad()
+def classifier_hits(model: UtteranceClassifier, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per item, whether its argmax class equals its label (bool, one per row of ``pooled``)."""
+    return model(pooled).argmax(-1) == labels
+
+
 def classifier_accuracy(model: UtteranceClassifier, pooled: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of ``pooled`` items whose argmax class equals ``labels``."""
     if pooled.shape[0] == 0:
         return float("nan")
-    return float((model(pooled).argmax(-1) == labels).float().mean())
+    return float(classifier_hits(model, pooled, labels).float().mean())
 
 
 # --------------------------------------------------------------------------- ASR (CTC over characters)
@@ -389,7 +394,8 @@ def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -
 
 __all__ = [
     "ALL_HIDDEN_STATES", "CTCHead", "CTCHeadConfig", "CharVocabulary", "UpstreamFeatures", "UtteranceClassifier",
-    "UtteranceHeadConfig", "WeightedLayerSum", "character_error_rate", "classifier_accuracy", "error_counts",
+    "UtteranceHeadConfig", "WeightedLayerSum", "character_error_rate", "classifier_accuracy", "classifier_hits",
+    "error_counts",
     "extract_features",
     "greedy_ctc_decode", "normalize_transcript", "train_ctc_head", "train_utterance_classifier", "transcribe",
     "word_error_rate",

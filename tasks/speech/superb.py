@@ -44,7 +44,7 @@ from kdcore.evaluation import is_recording_items, record_items
 from kdcore.interfaces import Batch, DataSplits, Model, Task
 from kd_tasks.sampling import length_bucketed_batches, seeded_subset
 from kd_tasks.speech.downstream import (
-    CTCHeadConfig, UtteranceHeadConfig, character_error_rate, classifier_accuracy, error_counts, extract_features,
+    CTCHeadConfig, UtteranceHeadConfig, character_error_rate, classifier_hits, error_counts, extract_features,
     train_ctc_head, train_utterance_classifier, transcribe, word_error_rate,
 )
 from kd_tasks.speech.synth import SynthConfig, build_synthetic_speech
@@ -409,13 +409,12 @@ class SuperbTask(Task):
             head_config, seed)
         rows = torch.tensor([row for row, _ in known], dtype=torch.long)
         labels = torch.tensor([label for _, label in known], dtype=torch.long)
-        accuracy = classifier_accuracy(model, features["test"].pooled[rows], labels) if known else float("nan")
-        if known and is_recording_items():
-            with torch.no_grad():
-                correct = (model(features["test"].pooled[rows]).argmax(-1) == labels).tolist()
+        hits = classifier_hits(model, features["test"].pooled[rows], labels) if known else None
+        accuracy = float(hits.float().mean()) if hits is not None else float("nan")
+        if hits is not None and is_recording_items():
             scored = [item for item in test if label_of(item) in index]  # the items of ``known``, in order
             record_items(name, [{"id": item.utterance_id, "stats": {f"{name}_accuracy": [float(hit)]}}
-                                for item, hit in zip(scored, correct)], {f"{name}_accuracy": "mean"})
+                                for item, hit in zip(scored, hits.tolist())], {f"{name}_accuracy": "mean"})
         if len(known) < len(test):
             log.warning("superb: %d %s item(s) have labels unseen in training and are not scored",
                         len(test) - len(known), name)
