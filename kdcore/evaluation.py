@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +81,19 @@ def evaluate_model(built: BuiltRun, model: Model, dataset: Sequence[Any], batch_
     if built.task.metric not in metrics:
         raise RuntimeError(f"task '{built.task.name}' did not report its metric '{built.task.metric}'")
     return {k: float(v) for k, v in metrics.items()}
+
+
+def evaluate_and_record_items(built: BuiltRun, model: Model, dataset: Sequence[Any], path: Path,
+                              batch_size: int) -> dict[str, float]:
+    """:func:`evaluate_model`, writing the per-item results the task reports (:func:`record_items`) to ``path``
+    (JSON, atomically; nothing when the task reports none)."""
+    from kdcore.io import atomic_write_json
+
+    with recording_items() as items:
+        metrics = evaluate_model(built, model, dataset, batch_size)
+    if items:
+        atomic_write_json(path, {"split": "test", "role": "student", "decodings": items})
+    return metrics
 
 
 def compare_with_teacher(built: BuiltRun, dataset: Sequence[Any], batch_size: int) -> dict[str, float]:

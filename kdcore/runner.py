@@ -16,7 +16,7 @@ from kdcore import distributed
 from kdcore.checkpoint import load_weights
 from kdcore.config import dump_yaml_atomic
 from kdcore.errors import KDUserError
-from kdcore.evaluation import compare_with_teacher, evaluate_model, recording_items
+from kdcore.evaluation import compare_with_teacher, evaluate_and_record_items, evaluate_model
 from kdcore.hooks import RunState
 from kdcore.interfaces import objective_summary
 from kdcore.io import atomic_write_json
@@ -164,8 +164,7 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         else:
             load_weights(built.student, best)
     batch_size = trainer.eval_batch_size()
-    with recording_items() as test_items:
-        student_metrics = evaluate_model(built, built.student, splits.test, batch_size)
+    student_metrics = evaluate_and_record_items(built, built.student, splits.test, out_dir / ITEMS_FILE, batch_size)
     teacher_metrics: dict[str, Any] = {}
     if built.resolved.config.trainer.evaluate_teacher:
         recorded = built.teacher.recorded_metrics()
@@ -197,8 +196,6 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
     if state.stop_reason is not None:
         metrics["stopped_early"] = {"step": state.stopped_at_step, "max_steps": state.max_steps,
                                     "reason": state.stop_reason}
-    if test_items:
-        atomic_write_json(out_dir / ITEMS_FILE, {"split": "test", "role": "student", "decodings": test_items})
     write_metrics(out_dir, metrics)
     write_report(out_dir, metrics, built.task.metric)
     registry.hook.kd_on_train_end(context=trainer.context, metrics=metrics)
@@ -214,7 +211,8 @@ def evaluate_saved(resolved: ResolvedRun, run_dir: Path,
     Returns the metrics and the task's :meth:`~kdcore.interfaces.Task.metric_metadata`.
 
     The student's per-item test statistics (:mod:`kdcore.significance`) go to ``<run>/eval_items.json`` when the
-    test split is scored. Only the student is scored, so the teacher is built as a dry run builds it (its shape; never a teacher stage).
+    test split is scored. Only the student is scored, so the teacher is built as a dry run builds it (its shape;
+    never a teacher stage).
     The task reads the files the run stored (``provenance.json``, e.g. its tokenizer) instead of the cache, and a
     rebuilt test split whose fingerprint differs from the recorded one is reported.
     """
@@ -239,8 +237,8 @@ def evaluate_saved(resolved: ResolvedRun, run_dir: Path,
     dataset = built.task.load_eval_files(files) if files else splits.test
     if len(dataset) == 0:
         raise KDUserError(f"The evaluation set is empty (files: {files or 'the task test split'}).")
-    with recording_items() as items:
+    if files:
         metrics = evaluate_model(built, built.student, dataset, batch_size)
-    if items and not files:
-        atomic_write_json(run_dir / EVAL_ITEMS_FILE, {"split": "test", "role": "student", "decodings": items})
+    else:
+        metrics = evaluate_and_record_items(built, built.student, dataset, run_dir / EVAL_ITEMS_FILE, batch_size)
     return metrics, built.task.metric_metadata()
