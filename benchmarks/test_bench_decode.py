@@ -41,7 +41,7 @@ def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
     from kd_plugins.text.models import TextTeacher
     from kd_tasks.text.presets import STUDENTS
     from kd_tasks.text.summarization import SummarizationTask
-    from kd_tasks.text.teacher import FALLBACK, teacher_marian_config
+    from kd_tasks.text.teacher import TaskTeacherConfig, teacher_marian_config
     from kd_tasks.text.wmt import TranslationTask
 
     special = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
@@ -50,7 +50,7 @@ def _model(task: str, role: str):  # noqa: ANN202 - HFTextModel
         values = {**STUDENTS[task]["args"]["config"], **STUDENT_OVERRIDES, **special}
     else:
         task_class = {"wmt": TranslationTask, "summarization": SummarizationTask}[task]
-        values = teacher_marian_config({**FALLBACK, **task_class.teacher_defaults}, **special)
+        values = teacher_marian_config({**TaskTeacherConfig.FALLBACK, **task_class.teacher_defaults}, **special)
     values.pop("model_type")
     torch.manual_seed(0)
     hf_model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("marian", **values)).eval()

@@ -102,12 +102,12 @@ def _models() -> tuple[Any, Any]:
 
     from kd_plugins.text.models import TextStudent, TextTeacher
     from kd_tasks.text.presets import STUDENTS
-    from kd_tasks.text.teacher import FALLBACK, teacher_marian_config
+    from kd_tasks.text.teacher import TaskTeacherConfig, teacher_marian_config
     from kd_tasks.text.wmt import TranslationTask
 
     special = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
     student_values = {**STUDENTS["wmt"]["args"]["config"], **special}
-    teacher_values = teacher_marian_config({**FALLBACK, **TranslationTask.teacher_defaults}, **special)
+    teacher_values = teacher_marian_config({**TaskTeacherConfig.FALLBACK, **TranslationTask.teacher_defaults}, **special)
     built = []
     for seed, values in enumerate((student_values, teacher_values)):
         values = dict(values)
