@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 from kdcore.errors import KDUserError
 from kdcore.interfaces import Batch, BuildContext, Model, ModelFactory, Student, Teacher
@@ -40,6 +40,7 @@ from kdcore.objectives.library import TOKENIZER_VOCAB_SIZE
 from kdcore.provenance import weights_sha256
 from kdcore.signals import IGNORE_INDEX, Signal, SignalRequest, Signals, next_token_aligned
 from kd_plugins.text.lora import LoraSettings, prepare_student
+from kd_plugins.text.teacher_init import init_student_from_teacher
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,17 @@ class TextModelConfig(BaseModel):
     freeze: list[str] = Field(
         default_factory=list, description="students only: fnmatch patterns of parameter names to freeze (e.g. "
                                           "'model.encoder.*'); checkpoints hold the trainable part only")
+    init: Literal["random", "teacher"] = Field(
+        "random", description="students only: 'teacher' starts the student (built from 'config') as a copy of "
+                              "chosen teacher layers, embeddings and output layer (shrink and fine-tune; "
+                              "docs/text.md, 'Initialising the student from the teacher')")
+    init_layers: dict[str, list[NonNegativeInt]] | None = Field(
+        None, description="with init: teacher, the teacher layer each student layer copies, per stack "
+                          "({encoder: [0, 2], decoder: [0]}); null: spread evenly from the first to the last")
+    init_width: Literal["match", "select"] = Field(
+        "match", description="with init: teacher, 'match' refuses shapes that differ from the teacher's; 'select' "
+                             "narrows the teacher's tensors to a narrower student by evenly spaced rows and columns "
+                             "(weight selection)")
 
     @model_validator(mode="after")
     def _one_origin(self) -> "TextModelConfig":
@@ -316,6 +328,12 @@ class TextModelConfig(BaseModel):
                              "initialise randomly)")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("'config' needs a 'model_type' key (e.g. 'marian', 'bart', 't5', 'gpt2')")
+        if self.init == "random" and (self.init_layers is not None or self.init_width != "match"):
+            raise ValueError("init_layers and init_width say how to copy the teacher's weights and need "
+                             "init: teacher (init is 'random')")
+        if self.init == "teacher" and self.source is not None:
+            raise ValueError("init: teacher builds the student from 'config' and fills it with the teacher's "
+                             "weights; 'source' loads pretrained weights instead. Give one of the two")
         return self
 
 
@@ -460,8 +478,15 @@ class _TextModelFactory(ModelFactory):
             kind = "an encoder-decoder" if self.causal else "a decoder-only"
             raise KDUserError(f"{role}.args describes {kind} model ({type(model).__name__}); use the "
                               f"'{'seq2seq' if self.causal else 'causal-lm'}' {role} instead of '{self.name}'.")
+        if role == "teacher" and config.init != "random":
+            raise KDUserError(f"teacher.args.init is '{config.init}', but a teacher is not initialised from another "
+                              f"model: init is for the student (student.args.init). Remove teacher.args.init.")
         wrapper: Model = TextTeacher(model, tokenizer) if role == "teacher" else TextStudent(model, tokenizer)
         if role == "student":
+            if config.init == "teacher":
+                check_vocab_compatible(context.teacher, wrapper, where="student.args.init: teacher")
+                init_student_from_teacher(model, context.teacher, config.init, config.init_layers,
+                                          config.init_width, "student.args")
             prepare_student(wrapper, config.lora, config.freeze, context.seed, f"{role}.args")
         return wrapper
 

@@ -142,3 +142,40 @@ def test_summarization_tiny_end_to_end(tmp_path: Path, caplog: pytest.LogCapture
     for key in ("rouge1", "rouge2", "rougeL", "rougeL_beam2", "greedy_tokens_per_second"):
         assert key in metrics["student"] and key in metrics["teacher"], key
     assert "10^(-t/T) (task 'summarization' default)" in caplog.text
+
+
+def test_a_student_initialised_from_the_teacher_starts_as_the_teacher(tiny_wmt_run: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """student.args.init: teacher on real data: a student with the teacher's shape, trained one step at lr 1e-9,
+    translates the test split as the teacher does; a narrower one is built by weight selection."""
+    import logging
+
+    from kdcore.cli import main
+
+    monkeypatch.setenv("KD_CACHE_DIR", (tiny_wmt_run / "cache-dir").read_text(encoding="utf-8"))
+    teacher_shape = ["--set", "student.args.config.d_model=64", "--set", "student.args.config.encoder_ffn_dim=128",
+                     "--set", "student.args.config.decoder_ffn_dim=128"]
+    with caplog.at_level(logging.INFO):
+        code = main(["run", "--task", "wmt", "--plugin", "word-kd", "--preset", "tiny", *SAMPLE_DATA, *teacher_shape,
+                     "--set", "student.args.init=teacher", "--set", "trainer.max_steps=1", "--set", "trainer.lr=1e-9",
+                     "--set", "trainer.eval_every=1", "--set", "trainer.checkpoint_every=1",
+                     "--out", str(tmp_path / "copy")])
+    assert code == 0
+    assert "student initialised from the teacher: encoder layers <- teacher [0]; decoder layers <- teacher [0]" \
+        in caplog.text
+    metrics = json.loads((tmp_path / "copy" / "metrics.json").read_text(encoding="utf-8"))
+    # (the 40-step tiny teacher scores BLEU 0; chrF tells its outputs apart)
+    for key in ("bleu", "chrf", "chrf_beam2"):
+        assert metrics["student"][key] == metrics["teacher"][key], key
+    assert metrics["teacher"]["chrf"] > 0
+    # The tiny preset's narrower student (d=32) needs weight selection, and says so when it is not asked for.
+    code = main(["run", "--task", "wmt", "--plugin", "word-kd", "--preset", "tiny", *SAMPLE_DATA, "--dry-run",
+                 "--set", "student.args.init=teacher", "--out", str(tmp_path / "narrow")])
+    assert code == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code = main(["run", "--task", "wmt", "--plugin", "word-kd", "--preset", "tiny", *SAMPLE_DATA, "--dry-run",
+                     "--set", "student.args.init=teacher", "--set", "student.args.init_width=select",
+                     "--out", str(tmp_path / "selected")])
+    assert code == 0 and "narrowed by weight selection" in caplog.text
