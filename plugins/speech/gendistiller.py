@@ -132,8 +132,11 @@ class GenDistillerStudent(SpeechStudent):
         shapes match; otherwise the front end alone is copied, so both methods start from the teacher's CNN."""
         # At the paper sizes the generator's FFN (2304) is narrower than a Base teacher's (3072).
         mode = self.config.init_from_teacher
+        if find_hf_speech_model(teacher) is None:  # a Whisper teacher gives its layers or nothing
+            init_from_teacher(self.front_end, self.generator, teacher, mode)
+            return
         copied = init_from_teacher(self.front_end, self.generator, teacher, "auto" if mode is not False else False)
-        if not copied and mode is not False and find_hf_speech_model(teacher) is not None:
+        if not copied and mode is not False:
             init_from_teacher(self.front_end, [], teacher, mode)
 
     # ----------------------------------------------------------------------- one block's input and output

@@ -61,7 +61,8 @@ class SpeechStudentConfig(BaseModel):
         1.0, ge=0.0, description="multiplies the gradient reaching the CNN (s3prl's DistilHuBERT: 0.1; 0 freezes it)")
     init_from_teacher: bool | Literal["auto"] = Field(
         "auto", description="copy CNN, projection, positional conv and the first layers from a WavLM/HuBERT "
-                            "teacher; 'auto': when the teacher is one and the shapes match")
+                            "teacher, or (true only) the first layers from a Whisper encoder teacher (pre-LN students "
+                            "with its head count); 'auto': from a WavLM/HuBERT teacher when the shapes match")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "SpeechStudentConfig":

@@ -5,6 +5,10 @@ The student's front end and transformer layers mirror transformers' module names
 projection, positional conv, encoder layer norm and first layers copy over by name. A front end with the ``s3prl``
 layout takes what s3prl's ``DistillerForPretrain`` copies: the CNN, the projection's linear map (it has no LayerNorm
 over the CNN channels), the positional conv and the layers, not the encoder layer norm.
+
+A Whisper encoder teacher gives its first transformer layers only: its front end is a convolution over log-mel
+frames, the student's a CNN over the waveform, so the student's front end keeps its random initialisation. Whisper's
+layers are pre-LN, so only a ``layer_norm_first`` student with Whisper's head count and widths takes them.
 """
 from __future__ import annotations
 
@@ -41,21 +45,80 @@ def copy_transformer_layer(target: SpeechTransformerLayer, source: nn.Module) ->
         target.final_layer_norm.load_state_dict(source.final_layer_norm.state_dict())
 
 
+def copy_whisper_layer(target: SpeechTransformerLayer, source: nn.Module) -> None:
+    """Fill a pre-LN ``target`` from a transformers ``WhisperEncoderLayer`` (Whisper's key projection has no bias:
+    the key part of the fused input bias is zero)."""
+    attention = source.self_attn
+    with torch.no_grad():
+        key_bias = attention.k_proj.bias if attention.k_proj.bias is not None else \
+            torch.zeros_like(attention.q_proj.bias)
+        target.attention.in_proj_weight.copy_(torch.cat(
+            [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight], dim=0))
+        target.attention.in_proj_bias.copy_(torch.cat([attention.q_proj.bias, key_bias, attention.v_proj.bias]))
+        target.attention.out_proj.load_state_dict(attention.out_proj.state_dict())
+        target.layer_norm.load_state_dict(source.self_attn_layer_norm.state_dict())
+        target.feed_forward["intermediate_dense"].load_state_dict(source.fc1.state_dict())
+        target.feed_forward["output_dense"].load_state_dict(source.fc2.state_dict())
+        target.final_layer_norm.load_state_dict(source.final_layer_norm.state_dict())
+
+
+def find_whisper_encoder(module: nn.Module) -> nn.Module | None:
+    """The transformers ``WhisperEncoder`` inside a teacher wrapper (a cached teacher included), or None."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    return next((candidate for candidate in module.modules() if isinstance(candidate, WhisperEncoder)), None)
+
+
+def _init_from_whisper(layers: Sequence[SpeechTransformerLayer], encoder: nn.Module) -> str | None:
+    """Copy the Whisper encoder's first layers into ``layers``; the problem that prevents it, or None."""
+    config = encoder.config
+    if not layers:
+        return "the student has no transformer layers to take from a Whisper teacher (its front end cannot be copied)"
+    if not layers[0].layer_norm_first:
+        return "Whisper's layers are pre-LN and the student's are not (set student.args.layer_norm_first: true)"
+    if layers[0].attention.num_heads != config.encoder_attention_heads:
+        return (f"the student has {layers[0].attention.num_heads} attention heads and the Whisper teacher "
+                f"{config.encoder_attention_heads} (set student.args.num_heads: {config.encoder_attention_heads})")
+    if len(encoder.layers) < len(layers):
+        return f"the teacher has {len(encoder.layers)} layers, fewer than the student's {len(layers)}"
+    staged = [copy.deepcopy(layer) for layer in layers]
+    try:
+        for target, teacher_layer in zip(staged, encoder.layers):
+            copy_whisper_layer(target, teacher_layer)
+    except (RuntimeError, AttributeError, KeyError) as error:
+        return f"the shapes differ ({str(error).splitlines()[0]})"
+    for layer, filled in zip(layers, staged):
+        layer.load_state_dict(filled.state_dict())
+    log.info("student initialised from the Whisper teacher: its first %d layer(s); the front end stays random "
+             "(Whisper's reads log-mel frames, the student's CNN reads the waveform)", len(layers))
+    return None
+
+
 def init_from_teacher(front_end: SpeechFrontEnd, layers: Sequence[SpeechTransformerLayer], teacher: nn.Module,
                       mode: bool | Literal["auto"]) -> bool:
     """Copy the teacher's CNN, projection, positional conv, encoder layer norm (``transformers`` layout only) and
-    first ``len(layers)`` layers.
+    first ``len(layers)`` layers; from a Whisper encoder teacher, its first ``len(layers)`` layers only.
 
     Returns whether weights were copied. ``mode=True`` raises :class:`KDUserError`
-    when the teacher is not a transformers WavLM/HuBERT model or the shapes differ;
+    when the teacher is neither a transformers WavLM/HuBERT model nor a Whisper encoder, or the shapes differ;
     ``"auto"`` then keeps the random initialisation and says so in the log.
     """
     if mode is False:
         return False
     source = find_hf_speech_model(teacher)
+    whisper = find_whisper_encoder(teacher) if source is None else None
     problem = None
-    if source is None:
-        problem = f"the teacher {type(teacher).__name__} holds no transformers WavLM/HuBERT/wav2vec2 model"
+    if whisper is not None and mode == "auto":
+        # Opt-in only: the copied layers then read a random front end, and no measurement yet shows that start
+        # beating a random one on the superb budget (docs/speech-methods.md).
+        problem = "a Whisper teacher's layers are copied only with init_from_teacher: true"
+    elif whisper is not None:
+        problem = _init_from_whisper(layers, whisper)
+        if problem is None:
+            return True
+    elif source is None:
+        problem = (f"the teacher {type(teacher).__name__} holds no transformers WavLM/HuBERT/wav2vec2 model or "
+                   f"Whisper encoder")
     elif getattr(source.config, "do_stable_layer_norm", False) != front_end.layer_norm_first:
         problem = ("the teacher's layer-norm placement (do_stable_layer_norm="
                    f"{source.config.do_stable_layer_norm}) differs from the student's layer_norm_first="
@@ -97,4 +160,4 @@ def _copy_front_end_and_layers(front_end: SpeechFrontEnd, layers: Sequence[Speec
         layer.load_state_dict(staged.state_dict())
 
 
-__all__ = ["copy_transformer_layer", "init_from_teacher"]
+__all__ = ["copy_transformer_layer", "copy_whisper_layer", "find_whisper_encoder", "init_from_teacher"]

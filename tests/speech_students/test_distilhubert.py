@@ -1,6 +1,8 @@
 """DistilHuBERT student: layers, heads, teacher initialisation, errors."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -183,3 +185,43 @@ def test_s3prl_student_preset_keeps_the_tasks_sizes_and_recipe() -> None:
     assert (args.head, args.front_end_layout, args.feature_grad_mult) == ("mlp", "s3prl", 0.1)
     assert args.hidden_size == default.student_config.hidden_size and s3prl.config.trainer == default.config.trainer
     assert (default.student_config.head, default.student_config.front_end_layout) == ("linear", "transformers")
+
+
+def _whisper_teacher(layers: int = 4, heads: int = 4) -> Any:
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from kd_plugins.speech.teachers import WhisperEncoderTeacher
+
+    torch.manual_seed(3)
+    config = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=layers, encoder_attention_heads=heads,
+                           encoder_ffn_dim=64, max_source_positions=64, dropout=0.0, attention_dropout=0.0,
+                           activation_dropout=0.0)
+    return WhisperEncoderTeacher(WhisperEncoder(config).eval(), 80).freeze()
+
+
+def test_init_from_a_whisper_teacher_copies_its_first_layers(tiny_sizes: dict, tmp_path) -> None:
+    """A pre-LN student with Whisper's head count takes Whisper's first layers: each computes what the Whisper
+    layer computes (Whisper's key projection has no bias); the CNN front end stays the student's own."""
+    teacher = _whisper_teacher()
+    sizes = {**tiny_sizes, "layer_norm_first": True, "dropout": 0.0, "attention_dropout": 0.0,
+             "activation_dropout": 0.0, "init_from_teacher": True}
+    student = DistilHubertStudentFactory().build(DistilHubertStudentConfig(**sizes), _context(tmp_path, teacher)).eval()
+    hidden = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        for mine, theirs in zip(student.layers, teacher.encoder.layers):
+            torch.testing.assert_close(mine(hidden), theirs(hidden, None), atol=1e-5, rtol=1e-5)
+    random = DistilHubertStudentFactory().build(DistilHubertStudentConfig(**{**sizes, "init_from_teacher": False}),
+                                                _context(tmp_path, teacher))
+    assert torch.equal(random.front_end.feature_extractor.conv_layers[0].conv.weight,
+                       student.front_end.feature_extractor.conv_layers[0].conv.weight)  # same seed: not copied
+    # A post-LN student, or one with other heads, cannot take Whisper's layers: true refuses, auto keeps random.
+    with pytest.raises(KDUserError, match="pre-LN"):
+        DistilHubertStudentFactory().build(DistilHubertStudentConfig(**{**sizes, "layer_norm_first": False}),
+                                           _context(tmp_path, teacher))
+    with pytest.raises(KDUserError, match="num_heads: 2"):
+        DistilHubertStudentFactory().build(DistilHubertStudentConfig(**sizes), _context(tmp_path, _whisper_teacher(heads=2)))
+    # auto never copies a Whisper teacher's layers (opt-in: the student's front end stays random).
+    kept = DistilHubertStudentFactory().build(DistilHubertStudentConfig(**{**sizes, "init_from_teacher": "auto"}),
+                                              _context(tmp_path, teacher))
+    assert torch.equal(kept.layers[0].attention.in_proj_weight, random.layers[0].attention.in_proj_weight)
