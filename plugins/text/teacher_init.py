@@ -86,9 +86,10 @@ class InitReport:
     def describe(self) -> str:
         """One log line."""
         layers = "; ".join(f"{stack} layers <- teacher {indices}" for stack, indices in self.layer_map.items())
-        text = f"student initialised from the teacher: {layers}; {self.copied} tensors copied"
+        counts = [f"{self.copied} tensors copied"] if self.copied else []
         if self.selected:
-            text += f", {self.selected} narrowed by weight selection"
+            counts.append(f"{self.selected} narrowed by weight selection")
+        text = f"student initialised from the teacher: {layers}; {', '.join(counts)}"
         if self.kept:
             text += f"; kept as built (not trained): {', '.join(self.kept)}"
         return text
