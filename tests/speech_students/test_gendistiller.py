@@ -97,3 +97,27 @@ def test_factory_uses_teacher_width_and_initialises_generator(tiny_sizes: dict, 
     source = teacher.model.encoder.layers[0].feed_forward.intermediate_dense.weight
     assert torch.equal(student.generator[0].feed_forward["intermediate_dense"].weight, source)
     assert student.parameter_count_excluding() == student.num_parameters()
+
+
+def test_generator_from_a_whisper_teacher_copies_or_says_why_not(tiny_sizes: dict, tmp_path) -> None:
+    """init_from_teacher: true takes a Whisper teacher's first layers into a fitting generator and refuses one
+    whose FFN differs (it used to be ignored); auto leaves a Whisper teacher alone."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from kd_plugins.speech.teachers import WhisperEncoderTeacher
+    from kdcore.errors import KDUserError
+
+    torch.manual_seed(3)
+    teacher = WhisperEncoderTeacher(WhisperEncoder(WhisperConfig(
+        num_mel_bins=80, d_model=32, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=64,
+        max_source_positions=64)).eval(), 80).freeze()
+    context = BuildContext(task=None, cache_dir=tmp_path, device=torch.device("cpu"), seed=0, teacher=teacher)
+    sizes = {**tiny_sizes, "num_layers": 1, "target_layers": [2, 3, 4], "layer_norm_first": True}
+    student = GenDistillerStudentFactory().build(GenDistillerStudentConfig(**sizes, init_from_teacher=True), context)
+    assert torch.equal(student.generator[0].feed_forward["output_dense"].weight, teacher.encoder.layers[0].fc2.weight)
+    with pytest.raises(KDUserError, match="shapes differ"):
+        GenDistillerStudentFactory().build(GenDistillerStudentConfig(**{**sizes, "ffn_dim": 48},
+                                                                     init_from_teacher=True), context)
+    kept = GenDistillerStudentFactory().build(GenDistillerStudentConfig(**sizes), context)
+    assert not torch.equal(kept.generator[0].feed_forward["output_dense"].weight, teacher.encoder.layers[0].fc2.weight)
