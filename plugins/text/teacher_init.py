@@ -7,8 +7,9 @@ this for any transformers model whose parameter names follow the usual layout (o
 stack: the encoder and the decoder of an encoder-decoder model, the decoder of a decoder-only model).
 
 ``init_layers`` maps each student layer to the teacher layer it copies, per stack. Left null, a stack of ``n``
-student layers copies teacher layers spread evenly from the first to the last (DistilBART's ``LAYERS_TO_COPY``
-table follows the same rule; one student layer copies the teacher's first).
+student layers copies teacher layers spread evenly from the first to the last, and one student layer copies the
+teacher's first. DistilBART's hand-picked ``LAYERS_TO_COPY`` maps agree where they exist for 1 or 3 of 12 layers
+and 1 or 3 of 6, not everywhere (12 -> 2 is ``[0, 6]`` there, ``[0, 11]`` here).
 
 A student narrower than its teacher cannot take the teacher's matrices as they are. ``init_width: select`` then
 takes evenly spaced rows and columns of every teacher tensor ("weight selection", Xu et al. 2024, *Initializing

@@ -37,7 +37,8 @@ def _build(tmp_path: Path, config: dict[str, Any], teacher: Any = None, **init: 
 def test_spread_keeps_the_first_and_last_teacher_layers() -> None:
     assert spread_layers(3, 1) == [0]
     assert spread_layers(3, 2) == [0, 2]
-    assert spread_layers(12, 3) == [0, 6, 11]  # DistilBART's 12 -> 3 decoder map
+    assert spread_layers(12, 3) == [0, 6, 11]  # DistilBART's 12 -> 3 map
+    assert spread_layers(6, 3) == [0, 2, 5]  # DistilBART's 6 -> 3 map
     assert spread_layers(6, 6) == list(range(6))
 
 
