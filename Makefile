@@ -32,9 +32,12 @@ run: $(STAMP)
 	$(VENV)/bin/kd run --task superb --plugin gendistiller
 
 # The CI suite: everything except tests marked slow. pytest's exit code 5
-# ("no tests collected") fails the target like any other failure.
+# ("no tests collected") fails the target like any other failure. Two pytest-xdist workers, one per core,
+# each test file on one worker (its module fixtures, such as a shared tiny run, are built once); one torch
+# thread per worker, as the subprocess runs of the tests already use, so the workers do not oversubscribe.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider --durations=15
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -m "not slow" -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
