@@ -28,38 +28,35 @@ from kd_plugins.speech.transformer_layer import SpeechTransformerLayer
 log = logging.getLogger(__name__)
 
 
+def _fill_layer(target: SpeechTransformerLayer, query: nn.Linear, key: nn.Linear, value: nn.Linear,
+                out: nn.Linear, attention_norm: nn.Module, intermediate: nn.Linear, output: nn.Linear,
+                final_norm: nn.Module) -> None:
+    """Fill ``target`` from a teacher layer's parts: separate q/k/v projections go into the fused input projection
+    (a projection without bias, as Whisper's key, contributes a zero bias)."""
+    with torch.no_grad():
+        target.attention.in_proj_weight.copy_(torch.cat([query.weight, key.weight, value.weight], dim=0))
+        target.attention.in_proj_bias.copy_(torch.cat(
+            [part.bias if part.bias is not None else torch.zeros_like(query.bias) for part in (query, key, value)]))
+        target.attention.out_proj.load_state_dict(out.state_dict())
+        target.layer_norm.load_state_dict(attention_norm.state_dict())
+        target.feed_forward["intermediate_dense"].load_state_dict(intermediate.state_dict())
+        target.feed_forward["output_dense"].load_state_dict(output.state_dict())
+        target.final_layer_norm.load_state_dict(final_norm.state_dict())
+
+
 def copy_transformer_layer(target: SpeechTransformerLayer, source: nn.Module) -> None:
     """Fill ``target`` from a transformers HuBERT/WavLM/wav2vec2 encoder layer (WavLM's relative-position
     bias has no counterpart in the student and is left out, as DistilHuBERT does)."""
     attention = source.attention
-    with torch.no_grad():
-        target.attention.in_proj_weight.copy_(torch.cat(
-            [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight], dim=0))
-        target.attention.in_proj_bias.copy_(torch.cat(
-            [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias], dim=0))
-        target.attention.out_proj.load_state_dict(attention.out_proj.state_dict())
-        target.layer_norm.load_state_dict(source.layer_norm.state_dict())
-        target.feed_forward["intermediate_dense"].load_state_dict(
-            source.feed_forward.intermediate_dense.state_dict())
-        target.feed_forward["output_dense"].load_state_dict(source.feed_forward.output_dense.state_dict())
-        target.final_layer_norm.load_state_dict(source.final_layer_norm.state_dict())
+    _fill_layer(target, attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj, source.layer_norm,
+                source.feed_forward.intermediate_dense, source.feed_forward.output_dense, source.final_layer_norm)
 
 
 def copy_whisper_layer(target: SpeechTransformerLayer, source: nn.Module) -> None:
-    """Fill a pre-LN ``target`` from a transformers ``WhisperEncoderLayer`` (Whisper's key projection has no bias:
-    the key part of the fused input bias is zero)."""
+    """Fill a pre-LN ``target`` from a transformers ``WhisperEncoderLayer``."""
     attention = source.self_attn
-    with torch.no_grad():
-        key_bias = attention.k_proj.bias if attention.k_proj.bias is not None else \
-            torch.zeros_like(attention.q_proj.bias)
-        target.attention.in_proj_weight.copy_(torch.cat(
-            [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight], dim=0))
-        target.attention.in_proj_bias.copy_(torch.cat([attention.q_proj.bias, key_bias, attention.v_proj.bias]))
-        target.attention.out_proj.load_state_dict(attention.out_proj.state_dict())
-        target.layer_norm.load_state_dict(source.self_attn_layer_norm.state_dict())
-        target.feed_forward["intermediate_dense"].load_state_dict(source.fc1.state_dict())
-        target.feed_forward["output_dense"].load_state_dict(source.fc2.state_dict())
-        target.final_layer_norm.load_state_dict(source.final_layer_norm.state_dict())
+    _fill_layer(target, attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj,
+                source.self_attn_layer_norm, source.fc1, source.fc2, source.final_layer_norm)
 
 
 def find_whisper_encoder(module: nn.Module) -> nn.Module | None:

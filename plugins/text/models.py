@@ -485,8 +485,8 @@ class _TextModelFactory(ModelFactory):
         if role == "student":
             if config.init == "teacher":
                 check_vocab_compatible(context.teacher, wrapper, where="student.args.init: teacher")
-                init_student_from_teacher(model, context.teacher, config.init, config.init_layers,
-                                          config.init_width, "student.args")
+                init_student_from_teacher(model, context.teacher, config.init_layers, config.init_width,
+                                          "student.args")
             prepare_student(wrapper, config.lora, config.freeze, context.seed, f"{role}.args")
         return wrapper
 

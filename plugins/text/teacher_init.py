@@ -186,11 +186,10 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: dict[st
     return report
 
 
-def init_student_from_teacher(student_hf: Any, teacher_wrapper: Any, init: str, layer_map: dict[str, list[int]] | None,
-                              width: Literal["match", "select"], key: str) -> InitReport | None:
-    """Apply ``student.args.init`` to a built student's transformers model; None for ``random``."""
-    if init == "random":
-        return None
+def init_student_from_teacher(student_hf: Any, teacher_wrapper: Any, layer_map: dict[str, list[int]] | None,
+                              width: Literal["match", "select"], key: str) -> InitReport:
+    """``student.args.init: teacher`` on a built student's transformers model: copy from the teacher wrapper's model
+    (:func:`init_from_teacher`) and log what was copied."""
     teacher_hf = getattr(teacher_wrapper, "hf_model", None)
     if teacher_hf is None:
         raise KDUserError(f"{key}.init is 'teacher', but the teacher ({type(teacher_wrapper).__name__}) holds no "
