@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from kd_tasks.speech.corpora import SILENCE, UNKNOWN
-from kd_tasks.speech.synth import SynthConfig, build_synthetic_speech, synthetic_speech_corpus
+from kd_tasks.speech.synth import ASR, SynthConfig, _plan, build_synthetic_speech, synthetic_speech_corpus
 from kdcore.errors import KDUserError
 
 pytest.importorskip("espeakng_loader")
 
 # Small but complete: every class, ASR phrases and digits, noise of every kind and reverberation.
 SMALL = dict(clips_per_keyword=6, unknown_clips=6, silence_clips=6, asr_utterances=12, voices=["en-US", "en-029"],
-             variants=["m3", "f2"], noise_probability=0.7, reverb_probability=0.5)
+             variants=["m3", "f2"], noise_probability=0.7, reverb_probability=0.5, valid_fraction=0.15,
+             test_fraction=0.15)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -82,6 +83,23 @@ def test_splits_are_disjoint_stratified_and_speakers_closed_set(small) -> None:
         assert Counter(item.keyword for item in splits[split] if item.keyword) == \
             {k: 1 for k in [*SynthConfig().keywords, UNKNOWN, SILENCE]}
     assert manifest["counts"]["train"]["noisy"] > 0 and manifest["counts"]["train"]["reverberant"] > 0
+
+
+def test_the_default_corpus_tests_every_downstream_on_hundreds_of_items() -> None:
+    # A test set must be able to separate two students: with 96 keyword items one item was a whole point of
+    # accuracy. The plan alone (no synthesis) says what the default corpus holds.
+    plan, speakers = _plan(SynthConfig())
+    test = [item for item in plan if item.split == "test"]
+    keyword_items = [item for item in test if item.keyword is not None]
+    asr_items = [item for item in test if item.group == ASR]
+    speaker_items = [item for item in test if item.speaker is not None]
+    assert len(keyword_items) >= 500 and len(asr_items) >= 300 and len(speaker_items) >= 800
+    # Every keyword class (incl. _unknown_ and _silence_) equally often, and every test speaker heard in train.
+    assert len(set(Counter(item.keyword for item in keyword_items).values())) == 1
+    train_speakers = {item.speaker for item in plan if item.split == "train" and item.speaker}
+    assert {item.speaker for item in speaker_items} <= train_speakers == set(speakers)
+    # Training material did not shrink to make room: at least the 618 clips the earlier default distilled on.
+    assert sum(item.split == "train" for item in plan) >= 618
 
 
 def test_cache_is_reused_then_rebuilt_when_corrupt(small, tmp_path: Path) -> None:
