@@ -71,6 +71,8 @@ class StudentGeneration(BaseModel):
 
 #: Share of the run (t/T) the LLM presets spend on supervised distillation before the paper's objective.
 SUPERVISED_WARMUP = 0.5
+#: The paper presets' student: trained from random weights, as in the authors' code.
+_RANDOM_INIT: dict[str, Any] = {"args": {"init": "random", "init_width": "match"}}
 
 
 def _after_supervised_warmup(objective: dict[str, Any]) -> dict[str, Any]:
@@ -265,18 +267,19 @@ class ImitationKD(TextMethod):
                                "objectives": {"kd": {"name": "nll", "args": {"label_smoothing": 0.1}}}},
         "on-policy": {"method": {"schedule": {"kind": "constant", "value": 0.0}}},
         # ImitKD* as the authors' configs/wmt/imitkdstar*.yaml run it: the teacher's beam-5 outputs (at most 100
-        # tokens) are the data, β = 2^(-t/T), the student's greedy rollouts capped at a fixed 100 tokens.
+        # tokens) are the data, β = 2^(-t/T), the student's greedy rollouts capped at a fixed 100 tokens, and a
+        # student trained from random weights (the wmt default starts it from the teacher's).
         "imitkd-star": {"method": {"variant": "hard", "targets_from": "teacher_outputs",
                                    "schedule": {"kind": "exponential", "base": 2.0},
                                    "teacher_outputs": {"num_beams": 5, "max_new_tokens": 100, "max_length_ratio": None},
                                    "generation": {"max_new_tokens": 100, "max_length_ratio": None}},
-                        "objectives": {"kd": {"name": "nll"}}},
+                        "objectives": {"kd": {"name": "nll"}}, "student": _RANDOM_INIT},
         "imitkd-star-full": {"method": {"variant": "full", "targets_from": "teacher_outputs",
                                         "schedule": {"kind": "exponential", "base": 2.0},
                                         "teacher_outputs": {"num_beams": 5, "max_new_tokens": 100,
                                                             "max_length_ratio": None},
                                         "generation": {"max_new_tokens": 100, "max_length_ratio": None}},
-                             "objectives": {"kd": {"name": "forward_kl"}}},
+                             "objectives": {"kd": {"name": "forward_kl"}}, "student": _RANDOM_INIT},
         # The LLM-distillation methods as settings of this plugin (docs/lm.md, "The LLM-distillation presets").
         # Each paper distils a student already fine-tuned on the data; kd makes that the first SUPERVISED_WARMUP of
         # the run: data targets only (β = 1), the teacher's distribution by forward KL (objective 'sft'), then the

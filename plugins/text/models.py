@@ -309,10 +309,12 @@ class TextModelConfig(BaseModel):
     freeze: list[str] = Field(
         default_factory=list, description="students only: fnmatch patterns of parameter names to freeze (e.g. "
                                           "'model.encoder.*'); checkpoints hold the trainable part only")
-    init: Literal["random", "teacher"] = Field(
+    init: Literal["random", "teacher", "auto"] = Field(
         "random", description="students only: 'teacher' starts the student (built from 'config') as a copy of "
                               "chosen teacher layers, embeddings and output layer (shrink and fine-tune; "
-                              "docs/text.md, 'Initialising the student from the teacher')")
+                              "docs/text.md, 'Initialising the student from the teacher'); 'auto' does so where "
+                              "the teacher allows it (a transformers model of the student's type, head counts and "
+                              "vocabulary) and starts from random weights otherwise, logging why")
     init_layers: dict[str, list[NonNegativeInt]] | None = Field(
         None, description="with init: teacher, the teacher layer each student layer copies, per stack "
                           "({encoder: [0, 2], decoder: [0]}); null: spread evenly from the first to the last")
@@ -330,10 +332,12 @@ class TextModelConfig(BaseModel):
             raise ValueError("'config' needs a 'model_type' key (e.g. 'marian', 'bart', 't5', 'gpt2')")
         if self.init == "random" and (self.init_layers is not None or self.init_width != "match"):
             raise ValueError("init_layers and init_width say how to copy the teacher's weights and need "
-                             "init: teacher (init is 'random')")
-        if self.init == "teacher" and self.source is not None:
-            raise ValueError("init: teacher builds the student from 'config' and fills it with the teacher's "
-                             "weights; 'source' loads pretrained weights instead. Give one of the two")
+                             "init: teacher or auto (init is 'random'; with init: random set init_width: match "
+                             "and init_layers: null)")
+        if self.init != "random" and self.source is not None:
+            raise ValueError(f"init: {self.init} builds the student from 'config' and fills it with the teacher's "
+                             f"weights; 'source' loads pretrained weights instead. Give one of the two (init: "
+                             f"random with 'source')")
         return self
 
 
@@ -487,6 +491,15 @@ class _TextModelFactory(ModelFactory):
                 check_vocab_compatible(context.teacher, wrapper, where="student.args.init: teacher")
                 init_student_from_teacher(model, context.teacher, config.init_layers, config.init_width,
                                           "student.args")
+            elif config.init == "auto":
+                try:
+                    check_vocab_compatible(context.teacher, wrapper, where="student.args.init: auto")
+                    init_student_from_teacher(model, context.teacher, config.init_layers, config.init_width,
+                                              "student.args")
+                except KDUserError as why_not:
+                    # A refused copy leaves the student as built (the copy is staged), i.e. randomly initialised.
+                    log.info("student.args.init is 'auto': the student starts from random weights, because the "
+                             "teacher's cannot be copied into it: %s", why_not)
             prepare_student(wrapper, config.lora, config.freeze, context.seed, f"{role}.args")
         return wrapper
 

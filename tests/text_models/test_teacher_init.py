@@ -115,14 +115,38 @@ def test_refusals_name_the_setting_and_the_fix(tiny: SimpleNamespace, tmp_path: 
     wider_vocabulary = {**_marian(tiny, (1, 1)), "vocab_size": tiny.VOCAB + 8}
     with pytest.raises(KDUserError, match="vocabularies must be the same"):
         init_from_teacher(_build(tmp_path, wider_vocabulary).hf_model, teacher.hf_model, None, "select")
-    with pytest.raises(ValidationError, match="need init: teacher"):
+    with pytest.raises(ValidationError, match="need init: teacher or auto"):
         TextModelConfig(config=_marian(tiny, (1, 1)), init_layers={"encoder": [0]})
-    with pytest.raises(ValidationError, match="need init: teacher"):
+    with pytest.raises(ValidationError, match="need init: teacher or auto"):
         TextModelConfig(config=_marian(tiny, (1, 1)), init_width="select")
-    with pytest.raises(ValidationError, match="Give one of the two"):
-        TextModelConfig(source="somewhere", init="teacher")
+    for init in ("teacher", "auto"):
+        with pytest.raises(ValidationError, match="Give one of the two"):
+            TextModelConfig(source="somewhere", init=init)
     with pytest.raises(KDUserError, match="teacher.args.init"):
         Seq2SeqFactory().build(TextModelConfig(config=_marian(tiny, (1, 1)), init="teacher"), _context(tmp_path))
+
+
+def test_auto_copies_where_the_teacher_allows_and_otherwise_keeps_random_weights_and_says_why(
+        tiny: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    teacher = _build(tmp_path, _marian(tiny, (2, 2)))
+    copied = _build(tmp_path, _marian(tiny, (1, 1), d_model=16), teacher, init="auto", init_width="select")
+    selected = _build(tmp_path, _marian(tiny, (1, 1), d_model=16), teacher, init="teacher", init_width="select")
+    assert all(torch.equal(a, b) for a, b in zip(copied.hf_model.state_dict().values(),
+                                                 selected.hf_model.state_dict().values()))
+    # Other head counts: init: teacher refuses; auto builds the student as init: random would (same seed).
+    with caplog.at_level(logging.INFO):
+        fallback = _build(tmp_path, _marian(tiny, (1, 1), heads=4), teacher, init="auto", init_width="select")
+    assert "starts from random weights" in caplog.text and "attention_heads is 4" in caplog.text
+    random_student = _build(tmp_path, _marian(tiny, (1, 1), heads=4), teacher)
+    assert all(torch.equal(a, b) for a, b in zip(fallback.hf_model.state_dict().values(),
+                                                 random_student.hf_model.state_dict().values()))
+    # A teacher without a transformers model in memory (a stored teacher): random weights, said in the log.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _build(tmp_path, _marian(tiny, (1, 1)), SimpleNamespace(vocab_size=tiny.VOCAB), init="auto")
+    assert "holds no transformers model" in caplog.text
 
 
 def test_a_refused_selection_leaves_the_student_as_built(tiny: SimpleNamespace, tmp_path: Path) -> None:

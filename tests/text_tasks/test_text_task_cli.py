@@ -171,7 +171,8 @@ def test_a_student_initialised_from_the_teacher_starts_as_the_teacher(tiny_wmt_r
     assert metrics["teacher"]["chrf"] > 0
     # The tiny preset's narrower student (d=32) needs weight selection, and says so when it is not asked for.
     code = main(["run", "--task", "wmt", "--plugin", "word-kd", "--preset", "tiny", *SAMPLE_DATA, "--dry-run",
-                 "--set", "student.args.init=teacher", "--out", str(tmp_path / "narrow")])
+                 "--set", "student.args.init=teacher", "--set", "student.args.init_width=match",
+                 "--out", str(tmp_path / "narrow")])
     assert code == 2
     caplog.clear()
     with caplog.at_level(logging.INFO):
