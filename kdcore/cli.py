@@ -244,12 +244,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary_table(groups: list[tuple[str, list[Path]]], metric_names: list[str] | None, *, include_teacher: bool,
+                   decimals: int, baseline: str | None, bootstrap: bool,
+                   resamples: int | None) -> tuple[list, list[str], str, str]:
+    """The summary table of ``kd summarize`` and ``kd sweep``: mean ± std per group, then, against ``baseline``,
+    Welch's t over seeds and (``bootstrap``) the paired bootstrap over test items. Returns rows, metrics, task and
+    the Markdown text."""
+    from kdcore.summary import markdown_table, markdown_welch, summarize, welch_tests
+
+    rows, metrics, task = summarize(groups, metric_names, include_teacher=include_teacher)
+    table = markdown_table(rows, metrics, decimals)
+    single = sorted({row.label for row in rows if row.label != "teacher"
+                     and any(len(row.values.get(metric, [])) < 2 for metric in metrics)})
+    if baseline and bootstrap and single:
+        # one seed per group still has a paired bootstrap over the items; Welch's test over seeds needs two
+        table += (f"\nWelch's t-test over seeds: not computed, since {', '.join(single)} "
+                  f"{'has' if len(single) == 1 else 'have'} fewer than two runs.\n")
+    elif baseline:
+        table += "\n" + markdown_welch(welch_tests(rows, metrics, baseline), baseline, decimals)
+    if bootstrap and baseline:
+        from kdcore.significance import DEFAULT_RESAMPLES, bootstrap_groups, markdown_bootstrap
+
+        results, skipped = bootstrap_groups(dict(groups), baseline, metrics, resamples or DEFAULT_RESAMPLES)
+        table += "\n" + markdown_bootstrap(results, baseline, skipped, decimals)
+    return rows, metrics, task, table
+
+
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from kdcore.summary import markdown_table, markdown_welch, parse_group, summarize, welch_tests
+    from kdcore.summary import parse_group
 
     groups = [parse_group(spec, args.skip_unfinished) for spec in args.groups]
-    rows, metrics, task = summarize(groups, args.metrics, include_teacher=not args.no_teacher)
-    table = markdown_table(rows, metrics, args.decimals)
     if args.bootstrap and not args.baseline:
         raise KDUserError("kd summarize --bootstrap compares every group with a baseline group; name it with "
                           "--baseline LABEL.")
@@ -258,20 +282,9 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
                           "--baseline LABEL), or leave --resamples out.")
     if args.resamples is not None and args.resamples < 1:
         raise KDUserError(f"kd summarize --resamples {args.resamples}: give a positive number of resamples.")
-    single = sorted({row.label for row in rows if row.label != "teacher"
-                     and any(len(row.values.get(metric, [])) < 2 for metric in metrics)})
-    if args.baseline and args.bootstrap and single:
-        # one seed per group still has a paired bootstrap over the items; Welch's test over seeds needs two
-        table += (f"\nWelch's t-test over seeds: not computed, since {', '.join(single)} "
-                  f"{'has' if len(single) == 1 else 'have'} fewer than two runs.\n")
-    elif args.baseline:
-        table += "\n" + markdown_welch(welch_tests(rows, metrics, args.baseline), args.baseline, args.decimals)
-    if args.bootstrap:
-        from kdcore.significance import DEFAULT_RESAMPLES, bootstrap_groups, markdown_bootstrap
-
-        results, skipped = bootstrap_groups(dict(groups), args.baseline, metrics,
-                                            args.resamples or DEFAULT_RESAMPLES)
-        table += "\n" + markdown_bootstrap(results, args.baseline, skipped, args.decimals)
+    rows, metrics, task, table = _summary_table(groups, args.metrics, include_teacher=not args.no_teacher,
+                                                decimals=args.decimals, baseline=args.baseline,
+                                                bootstrap=args.bootstrap, resamples=args.resamples)
     print(table, end="")
     if args.out:
         out = Path(args.out)
@@ -292,7 +305,6 @@ def _write_summary(path: Path, rows: list, metrics: list[str], task: str, table:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import shlex
 
-    from kdcore.summary import markdown_table, summarize
     from kdcore.sweep import load_sweep, plan_jobs, run_sweep, summary_groups, validate_entries
 
     if args.jobs is not None and args.jobs < 1:
@@ -311,8 +323,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     failed = [job for job, returncode in results if returncode != 0]
     groups = summary_groups(config, out)
     if groups:
-        rows, metrics, task = summarize(groups, config.metrics, include_teacher=config.include_teacher)
-        table = markdown_table(rows, metrics, config.decimals)
+        rows, metrics, task, table = _summary_table(groups, config.metrics, include_teacher=config.include_teacher,
+                                                    decimals=config.decimals, baseline=config.baseline,
+                                                    bootstrap=config.bootstrap, resamples=config.resamples)
         print(table, end="")
         _write_summary(out / "summary.md", rows, metrics, task, table)
     if failed:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kdcore.config import load_yaml_file, validate_model
 from kdcore.errors import KDUserError
@@ -75,6 +75,22 @@ class SweepConfig(BaseModel):
     metrics: list[str] | None = Field(None, description="summary columns (null: every shared student metric)")
     include_teacher: bool = True
     decimals: int = Field(3, ge=0)
+    baseline: str | None = Field(None, description="a label of runs: the summary compares every other row with it "
+                                                   "(Welch's t over seeds; kd summarize --baseline)")
+    bootstrap: bool = Field(False, description="also the paired bootstrap over test items against the baseline "
+                                               "(kd summarize --bootstrap)")
+    resamples: int | None = Field(None, ge=1, description="the paired bootstrap's resamples (null: 1,000)")
+
+    @model_validator(mode="after")
+    def _baseline_is_a_row(self) -> "SweepConfig":
+        if self.baseline is not None and self.baseline not in self.runs:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the runs' labels ({', '.join(self.runs)})")
+        if (self.bootstrap or self.resamples is not None) and self.baseline is None:
+            raise ValueError("bootstrap and resamples compare every row with a baseline row; name it with "
+                             "baseline: LABEL")
+        if self.resamples is not None and not self.bootstrap:
+            raise ValueError("resamples sets the paired bootstrap's resamples; add bootstrap: true or remove it")
+        return self
 
     @field_validator("runs")
     @classmethod

@@ -21,6 +21,8 @@ SWEEP = {
              "vanilla (lr 1e-2)": {"plugin": "vanilla", "set": {"trainer.lr": 0.01}}},
     "decimals": 4,
 }
+#: The summary's tests against a baseline row (kd summarize --baseline --bootstrap --resamples).
+STATISTICS = {"baseline": "vanilla", "bootstrap": True, "resamples": 200}
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -31,7 +33,7 @@ def _write(path: Path, data: dict) -> Path:
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
-    assert main(["sweep", str(_write(root / "toy.yaml", SWEEP)), "--out", str(root / "out")]) == 0
+    assert main(["sweep", str(_write(root / "toy.yaml", {**SWEEP, **STATISTICS})), "--out", str(root / "out")]) == 0
     return root / "out"
 
 
@@ -53,7 +55,15 @@ def test_every_run_finishes_with_its_own_settings_and_the_summary_has_a_row_per_
     # score_teacher: once — only the grid's first run (seed 0, first label) scored the teacher.
     scored = {name for name in runs if json.loads((finished_sweep / name / "metrics.json").read_text())["teacher"]}
     assert scored == {"vanilla-s0"}
-    assert "| vanilla (lr 1e-2) |" in (finished_sweep / "summary.md").read_text()
+    text = (finished_sweep / "summary.md").read_text()
+    assert "| vanilla (lr 1e-2) |" in text
+    # baseline/bootstrap: the sweep's summary carries the same tests kd summarize --baseline --bootstrap prints.
+    welch = text.split("Welch's t-test against `vanilla`", 1)[1]
+    assert "| vanilla (lr 1e-2) | " in welch
+    bootstrap = text.split("Paired bootstrap over test items against `vanilla`", 1)[1]
+    # (the toy task records no per-item statistics, so the bootstrap says what it could not test; the resampling
+    # itself is tested in test_summarize.py)
+    assert "Not tested: accuracy (no per-item statistics in runs of vanilla, vanilla (lr 1e-2))" in bootstrap
     assert sorted(path.name for path in (finished_sweep / "logs").iterdir()) == [f"{name}.log" for name in runs]
 
 
@@ -92,6 +102,9 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path: Path, capsys: py
     ({"runs": {"x y": {"plugin": "vanilla"}, "x-y": {"plugin": "vanilla"}}}, "would share the directories 'x-y-s*'"),
     ({"runs": {"a": {"plugin": "vanila"}}}, "run 'a'"),
     ({"runs": {"a": {"plugin": "vanilla", "set": {"trainer.lrr": 1}}}}, "trainer.lrr"),
+    ({"baseline": "vanila", "bootstrap": True}, "baseline 'vanila' is not one of the runs' labels"),
+    ({"bootstrap": True}, "name it with baseline: LABEL"),
+    ({"baseline": "vanilla", "resamples": 10}, "add bootstrap: true"),
 ])
 def test_bad_sweep_files_fail_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              change: dict, expected: str) -> None:
@@ -108,14 +121,15 @@ def test_slugify_names_directories(tmp_path: Path) -> None:
         load_sweep(_write(tmp_path / "bad.yaml", {**SWEEP, "runs": {"()": {"plugin": "vanilla"}}}))
 
 
-@pytest.mark.parametrize("name", ["wmt", "summarization"])
-def test_the_shipped_sweeps_of_the_docs_validate(name: str) -> None:
+@pytest.mark.parametrize(("name", "rows"), [("wmt", 5), ("summarization", 5), ("superb", 3)])
+def test_the_shipped_sweeps_of_the_docs_validate(name: str, rows: int) -> None:
     from kdcore.sweep import validate_entries
 
     path = Path(__file__).resolve().parents[2] / "examples" / "sweeps" / f"{name}.yaml"
     config = load_sweep(path)
     validate_entries(config, path)
-    assert config.task == name and len(config.runs) == 5 and config.seeds == [0, 1, 2]
+    assert config.task == name and len(config.runs) == rows and config.seeds == [0, 1, 2, 3, 4]
+    assert config.baseline in config.runs and config.bootstrap
 
 
 def test_ctrl_c_lets_no_further_run_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
