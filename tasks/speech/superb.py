@@ -202,10 +202,12 @@ class SuperbTask(Task):
         # Real checkpoints for users who have them (a local directory or the hub cache).
         "wavlm-base-plus": _hub_preset("microsoft/wavlm-base-plus", "wavlm"),
         "hubert-base": _hub_preset("facebook/hubert-base-ls960", "hubert"),
-        # CI: a few steps, a few dozen clips, heads trained for a handful of steps.
+        # CI: a few steps, a few dozen clips, heads trained for a handful of steps; 70/15/15 splits (the default's
+        # half-test split is for telling students apart, which a CI run does not do).
         "tiny": {
             "data": {"synthetic": {"clips_per_keyword": 3, "unknown_clips": 6, "silence_clips": 4,
-                                   "asr_utterances": 30, "voices": ["en-US", "en-GB-x-rp"], "variants": ["m3", "f2"]},
+                                   "asr_utterances": 30, "voices": ["en-US", "en-GB-x-rp"], "variants": ["m3", "f2"],
+                                   "valid_fraction": 0.15, "test_fraction": 0.15},
                      "evaluation": {"keyword": {"steps": 30}, "asr": {"steps": 10, "lstm_layers": 0},
                                     "speaker": {"steps": 30}}},
             "student": {"args": dict(TINY_STUDENT)},
