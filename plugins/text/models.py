@@ -487,16 +487,14 @@ class _TextModelFactory(ModelFactory):
                               f"model: init is for the student (student.args.init). Remove teacher.args.init.")
         wrapper: Model = TextTeacher(model, tokenizer) if role == "teacher" else TextStudent(model, tokenizer)
         if role == "student":
-            if config.init == "teacher":
-                check_vocab_compatible(context.teacher, wrapper, where="student.args.init: teacher")
-                init_student_from_teacher(model, context.teacher, config.init_layers, config.init_width,
-                                          "student.args")
-            elif config.init == "auto":
+            if config.init != "random":
                 try:
-                    check_vocab_compatible(context.teacher, wrapper, where="student.args.init: auto")
+                    check_vocab_compatible(context.teacher, wrapper, where=f"student.args.init: {config.init}")
                     init_student_from_teacher(model, context.teacher, config.init_layers, config.init_width,
                                               "student.args")
                 except KDUserError as why_not:
+                    if config.init == "teacher":
+                        raise
                     # A refused copy leaves the student as built (the copy is staged), i.e. randomly initialised.
                     log.info("student.args.init is 'auto': the student starts from random weights, because the "
                              "teacher's cannot be copied into it: %s", why_not)
