@@ -5,8 +5,12 @@ bf16 is fast only where the CPU has bf16 units). With ``trainer.time_budget_minu
 time_budget_minutes`` for a task-trained teacher) the engine times the first steps, projects the whole loop (the
 remaining steps at the measured rate, plus the validations still to come at the measured cost of one) and, when
 the projection is over the budget, lowers ``max_steps`` to the most steps that fit. It checks again after every
-validation (the first one gives its cost) and only ever lowers the plan. The learning-rate schedule follows the
-new ``max_steps``, so a shortened run still ends its decay. Every change is logged (a ``budget`` record in
+validation (the first one gives its cost) at the rate of the steps since the previous check, because the cost of a
+step drifts: the first epoch of a speech run also computes the teacher's states that later epochs read from its
+cache, and ImitKD's rollouts grow as β decays. A check may therefore also raise a lowered plan again, never above the
+configured ``max_steps`` and only by at least :data:`RAISE_MARGIN`, so timing noise does not move the schedules at
+every validation. The learning-rate schedule follows the new ``max_steps``, so a shortened run still ends its
+decay. Every change is logged (a ``budget`` record in
 log.jsonl, a warning naming the measured rates) and reported in metrics.json and report.md; the plan is saved in
 each checkpoint, so ``--resume`` continues it.
 
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 #: Steps timed before the first projection; the very first steps (allocation, warm caches) are not timed.
 CALIBRATION_STEPS = 20
 UNTIMED_STEPS = 3
+#: A check raises a lowered plan only when this share more steps fit (each change bends the schedules).
+RAISE_MARGIN = 0.05
 
 
 def validations_between(done: int, total: int, eval_every: int | None) -> int:
@@ -75,12 +81,23 @@ class BudgetPlanner:
     validations: int = 0
     validation_seconds: float = 0.0
     calibrated: bool = False
+    recent_steps: int = 0
+    recent_seconds: float = 0.0
 
     def record_step(self, step_index: int, seconds: float) -> None:
         """A training step took ``seconds`` (``step_index`` counts this process's steps from 0)."""
         if step_index >= UNTIMED_STEPS:
             self.timed_steps += 1
             self.step_seconds += seconds
+            self.recent_steps += 1
+            self.recent_seconds += seconds
+
+    def seconds_per_step(self) -> float:
+        """The latest rate: of the steps since the previous check when there are enough of them, else of every timed
+        step."""
+        if self.recent_steps >= CALIBRATION_STEPS:
+            return self.recent_seconds / self.recent_steps
+        return self.step_seconds / self.timed_steps
 
     def record_validation(self, seconds: float) -> None:
         """A validation took ``seconds``."""
@@ -96,23 +113,34 @@ class BudgetPlanner:
             return False
         return after_validation
 
-    def plan(self, *, done: int, planned: int, elapsed: float) -> tuple[int, str] | None:
-        """A lower step count and its reason when the projection of ``planned`` steps is over budget, else None."""
+    def plan(self, *, done: int, planned: int, elapsed: float, ceiling: int | None = None) -> tuple[int, str] | None:
+        """A new total of steps and its reason when the projection says the plan should change, else None.
+
+        Lower when ``planned`` steps are projected over the budget; higher, up to ``ceiling`` (the configured
+        ``max_steps``; None: ``planned``), when at least :data:`RAISE_MARGIN` more steps fit at the latest rate.
+        """
         if not self.timed_steps:
             return None
-        per_step = self.step_seconds / self.timed_steps
+        ceiling = planned if ceiling is None else max(ceiling, planned)
+        per_step = self.seconds_per_step()
+        self.recent_steps, self.recent_seconds = 0, 0.0  # the next check rates the steps after this one
         per_validation = self.validation_seconds / self.validations if self.validations else 0.0
-        fitting = steps_that_fit(done=done, planned=planned, elapsed=elapsed, budget=self.budget_seconds,
+        fitting = steps_that_fit(done=done, planned=ceiling, elapsed=elapsed, budget=self.budget_seconds,
                                  seconds_per_step=per_step, seconds_per_validation=per_validation,
                                  eval_every=self.eval_every)
-        if fitting >= planned:
+        if planned > fitting:
+            total = planned
+        elif planned < ceiling and fitting >= planned * (1.0 + RAISE_MARGIN):
+            total = ceiling
+        else:
             return None
-        projection = projected_seconds(done=done, total=planned, elapsed=elapsed, seconds_per_step=per_step,
+        projection = projected_seconds(done=done, total=total, elapsed=elapsed, seconds_per_step=per_step,
                                        seconds_per_validation=per_validation, eval_every=self.eval_every)
         validations = (f" and {per_validation:.1f} s per validation" if self.validations else
                        " (no validation timed yet)")
-        reason = (f"projected {_minutes(projection)} for {planned} steps at {per_step:.3f} s per step{validations}, "
-                  f"over the time budget of {_minutes(self.budget_seconds)}; {fitting} steps fit")
+        verdict = "over" if projection > self.budget_seconds else "within"
+        reason = (f"projected {_minutes(projection)} for {total} steps at {per_step:.3f} s per step{validations}, "
+                  f"{verdict} the time budget of {_minutes(self.budget_seconds)}; {fitting} steps fit")
         return fitting, reason
 
 
@@ -120,4 +148,4 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if math.isfinite(seconds) else "inf"
 
 
-__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "projected_seconds", "steps_that_fit", "validations_between"]
+__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "RAISE_MARGIN", "projected_seconds", "steps_that_fit", "validations_between"]

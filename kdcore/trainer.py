@@ -234,14 +234,15 @@ class Trainer:
         return state
 
     def _apply_budget(self, budget: BudgetPlanner, step: int, elapsed: float, progress: Progress) -> None:
-        """Lower ``max_steps`` when the time budget's projection says so (rank 0 decides for every rank)."""
-        plan = budget.plan(done=step, planned=self.trainer_config.max_steps, elapsed=elapsed)
+        """Change ``max_steps`` when the time budget's projection says so (rank 0 decides for every rank): lower it
+        when the plan does not fit, raise a lowered plan again (at most to the configured steps) when more fit."""
+        state = self.state
+        planned = state.time_budget["planned_steps"] if state.time_budget else self.trainer_config.max_steps
+        plan = budget.plan(done=step, planned=self.trainer_config.max_steps, elapsed=elapsed, ceiling=planned)
         plan = distributed.broadcast_object(plan)
         if plan is None:
             return
         steps, reason = plan
-        state = self.state
-        planned = state.time_budget["planned_steps"] if state.time_budget else self.trainer_config.max_steps
         self.trainer_config.max_steps = state.max_steps = steps
         state.time_budget = {"planned_steps": planned, "max_steps": steps,
                              "budget_minutes": self.trainer_config.time_budget_minutes, "reason": reason}
