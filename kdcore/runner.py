@@ -164,10 +164,13 @@ def finish(built: BuiltRun, splits: Any, out_dir: Path, registry: Registry, stat
         else:
             load_weights(built.student, best)
     batch_size = trainer.eval_batch_size()
+    log.info("Test split: evaluating the student.")
     student_metrics = evaluate_and_record_items(built, built.student, splits.test, out_dir / ITEMS_FILE, batch_size)
     teacher_metrics: dict[str, Any] = {}
     if built.resolved.config.trainer.evaluate_teacher:
         recorded = built.teacher.recorded_metrics()
+        if recorded is None:
+            log.info("Test split: evaluating the teacher.")
         teacher_metrics = recorded if recorded is not None else evaluate_model(built, built.teacher, splits.test,
                                                                                 batch_size)
         student_metrics.update(compare_with_teacher(built, splits.test, batch_size))

@@ -368,6 +368,12 @@ class Trainer:
             if better:
                 state.best_metric, state.best_step = value, step
             self._log({"type": "eval", "step": step, "split": "valid", **metrics})
+            # A line per validation: without a terminal the progress lines pause while it runs.
+            if self.trainer_config.select == "last":
+                log.info("Validation at step %d: %s %.4g.", step, state.metric, value)
+            else:
+                log.info("Validation at step %d: %s %.4g (best %.4g, at step %d).", step, state.metric, value,
+                         state.best_metric, state.best_step)
             self.registry.hook.kd_on_evaluation_end(context=self.context, step=step, metrics=metrics)
         # Every process's method sees the same metrics, so adaptive schedules stay in step across ranks.
         self.built.method.on_validation(step, distributed.broadcast_object(metrics if self.dist.is_main else None))

@@ -31,6 +31,11 @@ def test_run_writes_every_artifact(tmp_path: Path, run_kd) -> None:
                           "objectives": {"kd": {"name": "forward_kl", "weight": 1.0}, "nll": {"name": "nll", "weight": 0.5}}}
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(5, 41, 5))
     assert [r["step"] for r in records if r["type"] == "eval"] == [20, 40]
+    # stderr is not a terminal here: every validation and each test evaluation says so in a line of its own
+    assert "Validation at step 20: accuracy" in result.stderr and "Validation at step 40: accuracy" in result.stderr
+    assert "(best " in result.stderr and "at step 20)" in result.stderr
+    assert "Test split: evaluating the student." in result.stderr
+    assert "Test split: evaluating the teacher." in result.stderr
     assert (out / "config.yaml").exists() and (out / "best" / "student.safetensors").exists()
     # keep_checkpoints=2 by default: only the two newest survive
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000030", "step-00000040"]
