@@ -5,7 +5,8 @@ bf16 is fast only where the CPU has bf16 units). With ``trainer.time_budget_minu
 time_budget_minutes`` for a task-trained teacher) the engine times the first steps, projects the whole loop (the
 remaining steps at the measured rate, plus the validations still to come at the measured cost of one) and, when
 the projection is over the budget, lowers ``max_steps`` to the most steps that fit. It checks again after every
-validation (the first one gives its cost) at the rate of the steps since the previous check, because the cost of a
+validation (the first one gives its cost), and every :data:`RECHECK_STEPS` steps (a teacher stage validates
+nothing), at the rate of the steps since the previous check, because the cost of a
 step drifts: the first epoch of a speech run also computes the teacher's states that later epochs read from its
 cache, and ImitKD's rollouts grow as β decays. A check may therefore also raise a lowered plan again, never above the
 configured ``max_steps`` and only by at least :data:`RAISE_MARGIN`, so timing noise does not move the schedules at
@@ -28,6 +29,8 @@ CALIBRATION_STEPS = 20
 UNTIMED_STEPS = 3
 #: A check raises a lowered plan only when this share more steps fit (each change bends the schedules).
 RAISE_MARGIN = 0.05
+#: Steps between two checks where no validation comes first.
+RECHECK_STEPS = 100
 
 
 def validations_between(done: int, total: int, eval_every: int | None) -> int:
@@ -105,13 +108,14 @@ class BudgetPlanner:
         self.validation_seconds += seconds
 
     def due(self, after_validation: bool) -> bool:
-        """Whether to project now: once calibrated by :data:`CALIBRATION_STEPS` timed steps, then after validations."""
+        """Whether to project now: once calibrated by :data:`CALIBRATION_STEPS` timed steps, then after validations
+        and after every :data:`RECHECK_STEPS` timed steps since the previous check."""
         if not self.calibrated:
             if self.timed_steps >= CALIBRATION_STEPS:
                 self.calibrated = True
                 return True
             return False
-        return after_validation
+        return after_validation or self.recent_steps >= RECHECK_STEPS
 
     def plan(self, *, done: int, planned: int, elapsed: float, ceiling: int | None = None) -> tuple[int, str] | None:
         """A new total of steps and its reason when the projection says the plan should change, else None.
@@ -148,4 +152,4 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if math.isfinite(seconds) else "inf"
 
 
-__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "RAISE_MARGIN", "projected_seconds", "steps_that_fit", "validations_between"]
+__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "RAISE_MARGIN", "RECHECK_STEPS", "projected_seconds", "steps_that_fit", "validations_between"]

@@ -109,6 +109,25 @@ def test_a_check_rates_the_latest_steps_and_raises_a_lowered_plan_at_most_to_the
     assert planner.plan(done=130, planned=100 + 0, elapsed=165.7, ceiling=100) is None
 
 
+def test_without_validations_the_plan_is_checked_every_hundred_steps() -> None:
+    # a teacher stage: no validation, and steps that slow down after the calibration (another job took a core)
+    planner = BudgetPlanner(budget_seconds=400.0, eval_every=None)
+    step, elapsed, checks = 0, 0.0, []
+    planned = 1000
+    while step < planned:
+        seconds = 0.3 if step < 50 else 0.6
+        planner.record_step(step, seconds)
+        step, elapsed = step + 1, elapsed + seconds
+        if planner.due(after_validation=False):
+            plan = planner.plan(done=step, planned=planned, elapsed=elapsed)
+            checks.append(step)
+            if plan is not None:
+                planned = plan[0]
+    assert checks[:3] == [23, 123, 223]
+    # the calibration alone (0.3 s per step) kept all 1,000 steps, 550 s; the checks at 123 and 223 end it in time
+    assert planned == 691 and elapsed <= 400.0
+
+
 def test_a_small_gain_does_not_move_the_plan() -> None:
     planner = BudgetPlanner(budget_seconds=100.0, eval_every=None)
     for index in range(23):
