@@ -9,8 +9,9 @@ validation (the first one gives its cost), and every :data:`RECHECK_STEPS` steps
 nothing), at the rate of the steps since the previous check, because the cost of a
 step drifts: the first epoch of a speech run also computes the teacher's states that later epochs read from its
 cache, and ImitKD's rollouts grow as β decays. A check may therefore also raise a lowered plan again, never above the
-configured ``max_steps`` and only by at least :data:`RAISE_MARGIN`, so timing noise does not move the schedules at
-every validation. The learning-rate schedule follows the new ``max_steps``, so a shortened run still ends its
+configured ``max_steps``, only by at least :data:`RAISE_MARGIN`, so timing noise does not move the schedules at
+every check, and only in the first half of the plan, where it does not re-open a learning-rate decay that has nearly
+ended. The learning-rate schedule follows the new ``max_steps``, so a shortened run still ends its
 decay. Every change is logged (a ``budget`` record in
 log.jsonl, a warning naming the measured rates) and reported in metrics.json and report.md; the plan is saved in
 each checkpoint, so ``--resume`` continues it.
@@ -121,7 +122,8 @@ class BudgetPlanner:
         """A new total of steps and its reason when the projection says the plan should change, else None.
 
         Lower when ``planned`` steps are projected over the budget; higher, up to ``ceiling`` (the configured
-        ``max_steps``; None: ``planned``), when at least :data:`RAISE_MARGIN` more steps fit at the latest rate.
+        ``max_steps``; None: ``planned``), when at least :data:`RAISE_MARGIN` more steps fit at the latest rate and
+        less than half of ``planned`` is done.
         """
         if not self.timed_steps:
             return None
@@ -134,7 +136,7 @@ class BudgetPlanner:
                                  eval_every=self.eval_every)
         if planned > fitting:
             total = planned
-        elif planned < ceiling and fitting >= planned * (1.0 + RAISE_MARGIN):
+        elif planned < ceiling and fitting >= planned * (1.0 + RAISE_MARGIN) and done < planned / 2:
             total = ceiling
         else:
             return None

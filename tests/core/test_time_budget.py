@@ -91,22 +91,30 @@ def test_no_plan_change_while_the_projection_fits() -> None:
 
 
 def test_a_check_rates_the_latest_steps_and_raises_a_lowered_plan_at_most_to_the_configured_steps() -> None:
-    planner = BudgetPlanner(budget_seconds=300.0, eval_every=None)
+    planner = BudgetPlanner(budget_seconds=600.0, eval_every=None)
     for index in range(23):  # 20 timed steps at 4 s: a slow start (teacher states computed on the first epoch)
         planner.record_step(index, 4.0)
-    steps, _ = planner.plan(done=23, planned=400, elapsed=92.0)
-    assert steps == 75  # 92 s spent + 52 steps at 4 s
+    steps, _ = planner.plan(done=23, planned=1000, elapsed=92.0)
+    assert steps == 150  # 92 s spent + 127 steps at 4 s
     for index in range(23, 63):  # then 40 steps at 1 s: the latest rate, not the average of all 60
         planner.record_step(index, 1.0)
-    steps, reason = planner.plan(done=63, planned=75, elapsed=132.0, ceiling=400)
-    assert steps == 231 and "at 1.000 s per step" in reason  # 132 s + 168 steps at 1 s
+    steps, reason = planner.plan(done=63, planned=150, elapsed=132.0, ceiling=1000)
+    assert steps == 531 and "at 1.000 s per step" in reason  # 132 s + 468 steps at 1 s
     for index in range(63, 100):
         planner.record_step(index, 0.1)
-    steps, _ = planner.plan(done=100, planned=231, elapsed=135.7, ceiling=400)
-    assert steps == 400  # never above the configured steps
-    for index in range(100, 130):
-        planner.record_step(index, 1.0)
-    assert planner.plan(done=130, planned=100 + 0, elapsed=165.7, ceiling=100) is None
+    steps, _ = planner.plan(done=100, planned=531, elapsed=135.7, ceiling=1000)
+    assert steps == 1000  # never above the configured steps
+
+
+def test_a_lowered_plan_is_not_raised_in_its_second_half() -> None:
+    planner = BudgetPlanner(budget_seconds=600.0, eval_every=None)
+    for index in range(200):
+        planner.record_step(index, 0.5)
+    # 2,000 steps would fit at 0.1 s per step, but 200 of a 300-step plan are done: its decay has nearly ended
+    for index in range(200, 230):
+        planner.record_step(index, 0.1)
+    assert planner.plan(done=230, planned=300, elapsed=300.0, ceiling=2000) is None
+    assert planner.plan(done=100, planned=300, elapsed=50.0, ceiling=2000) is not None
 
 
 def test_without_validations_the_plan_is_checked_every_hundred_steps() -> None:
@@ -175,14 +183,15 @@ def test_a_slow_first_epoch_lowers_the_plan_and_the_faster_steps_after_it_raise_
     monkeypatch.setattr(trainer, "BudgetPlanner", _SlowFirstEpoch)
     registry = _registry()
     sets = ["trainer.max_steps=300", "trainer.eval_every=40", "trainer.checkpoint_every=10",
-            "trainer.time_budget_minutes=3", "trainer.progress=off"]
+            "trainer.time_budget_minutes=6", "trainer.progress=off"]
     metrics = runner.run(resolve_run(registry, task="toy", plugin="vanilla", preset="tiny", sets=sets), registry,
                          tmp_path / "run")
     records = read_jsonl(tmp_path / "run" / "log.jsonl")
     plans = [r["max_steps"] for r in records if r["type"] == "budget"]
-    # step 23, 3 s per step so far: 69 s spent, (180 - 69) / 3 = 37 more steps fit, so 60 in all; at the validation
-    # of step 40 the steps since then have taken 1 s, and the plan rises again, within the configured 300
-    assert plans[0] == 60 and len(plans) >= 2, plans
+    # step 23, 3 s per step so far: 69 s spent, (360 - 69) / 3 = 97 more steps fit, so 120 in all; at the validation
+    # of step 40 (a third of the plan) the steps since step 25 have taken 1 s, and the plan rises again, within the
+    # configured 300
+    assert plans[0] == 120 and len(plans) >= 2, plans
     assert plans[-1] > plans[0] and plans[-1] <= 300
     final = metrics["time_budget"]
     assert final["planned_steps"] == 300 and final["max_steps"] == plans[-1]
