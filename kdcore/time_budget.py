@@ -6,7 +6,7 @@ time_budget_minutes`` for a task-trained teacher) the engine times the first ste
 remaining steps at the measured rate, plus the validations still to come at the measured cost of one) and, when
 the projection is over the budget, lowers ``max_steps`` to the most steps that fit. It checks again after every
 validation (the first one gives its cost), and every :data:`RECHECK_STEPS` steps (a teacher stage validates
-nothing), at the rate of the steps since the previous check, because the cost of a
+nothing), at the rate of the later half of the steps so far, because the cost of a
 step drifts: the first epoch of a speech run also computes the teacher's states that later epochs read from its
 cache, and ImitKD's rollouts grow as β decays. A check may therefore also raise a lowered plan again, never above the
 configured ``max_steps``, only by at least :data:`RAISE_MARGIN`, so timing noise does not move the schedules at
@@ -23,7 +23,7 @@ config).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: Steps timed before the first projection; the very first steps (allocation, warm caches) are not timed.
 CALIBRATION_STEPS = 20
@@ -80,28 +80,28 @@ class BudgetPlanner:
     budget_seconds: float
     eval_every: int | None
     first_timed_step: int = 0
-    timed_steps: int = 0
-    step_seconds: float = 0.0
     validations: int = 0
     validation_seconds: float = 0.0
     calibrated: bool = False
-    recent_steps: int = 0
-    recent_seconds: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+    since_check: int = 0
+
+    @property
+    def timed_steps(self) -> int:
+        return len(self.step_times)
 
     def record_step(self, step_index: int, seconds: float) -> None:
         """A training step took ``seconds`` (``step_index`` counts this process's steps from 0)."""
         if step_index >= UNTIMED_STEPS:
-            self.timed_steps += 1
-            self.step_seconds += seconds
-            self.recent_steps += 1
-            self.recent_seconds += seconds
+            self.step_times.append(seconds)
+            self.since_check += 1
 
     def seconds_per_step(self) -> float:
-        """The latest rate: of the steps since the previous check when there are enough of them, else of every timed
-        step."""
-        if self.recent_steps >= CALIBRATION_STEPS:
-            return self.recent_seconds / self.recent_steps
-        return self.step_seconds / self.timed_steps
+        """The latest rate: the mean of the later half of the timed steps (at least :data:`CALIBRATION_STEPS`), which
+        leaves a slow start behind and follows a drift, while a longer run averages over more steps, so the noise of a
+        short window does not move the plan up and down."""
+        latest = self.step_times[-max(CALIBRATION_STEPS, len(self.step_times) // 2):]
+        return sum(latest) / len(latest)
 
     def record_validation(self, seconds: float) -> None:
         """A validation took ``seconds``."""
@@ -116,7 +116,7 @@ class BudgetPlanner:
                 self.calibrated = True
                 return True
             return False
-        return after_validation or self.recent_steps >= RECHECK_STEPS
+        return after_validation or self.since_check >= RECHECK_STEPS
 
     def plan(self, *, done: int, planned: int, elapsed: float, ceiling: int | None = None) -> tuple[int, str] | None:
         """A new total of steps and its reason when the projection says the plan should change, else None.
@@ -129,7 +129,7 @@ class BudgetPlanner:
             return None
         ceiling = planned if ceiling is None else max(ceiling, planned)
         per_step = self.seconds_per_step()
-        self.recent_steps, self.recent_seconds = 0, 0.0  # the next check rates the steps after this one
+        self.since_check = 0
         per_validation = self.validation_seconds / self.validations if self.validations else 0.0
         fitting = steps_that_fit(done=done, planned=ceiling, elapsed=elapsed, budget=self.budget_seconds,
                                  seconds_per_step=per_step, seconds_per_validation=per_validation,
