@@ -70,13 +70,15 @@ Loaded = TypeVar("Loaded")
 
 def ensure_teacher_cached(cache_entry: Path, kind: str, built_from: Mapping[str, Any], train: Callable[[], Trained],
                           write: Callable[[Trained, Path], dict[str, Any] | None], load: Callable[[], Loaded], *,
-                          what: str) -> Loaded:
+                          what: str, reject: Callable[[dict[str, Any]], str | None] | None = None) -> Loaded:
     """The teacher cached at ``cache_entry``, loaded by ``load()``; trained first when the cache has no usable one.
 
     When the entry is missing or damaged (moved aside, with a warning), ``train()`` runs the teacher stage and
     ``write(trained, directory)`` writes its files into the entry's staging directory; the content manifest
     (``kind``, ``built_from``, and ``write``'s returned dict as its info) goes last, then the entry is renamed into
     place and the partial directory removed. ``what`` names the teacher in the log line of a process that waits.
+    ``reject(manifest)`` may name why a complete entry does not serve this run (it is then trained again and
+    replaced).
 
     Under torchrun every rank calls this together (its factory sets ``builds_on_all_ranks``): rank 0 takes the
     lock and decides for all, every rank trains (the stage is data-parallel), rank 0 alone writes, and every rank
@@ -84,9 +86,16 @@ def ensure_teacher_cached(cache_entry: Path, kind: str, built_from: Mapping[str,
     """
     rank = distributed.current()
     with entry_lock(cache_entry, what) if rank.is_main else contextlib.nullcontext():
-        cached = usable_entry(cache_entry, kind) is not None if rank.is_main else None
+        cached = None
+        if rank.is_main:
+            manifest = usable_entry(cache_entry, kind)
+            reason = reject(manifest) if manifest is not None and reject is not None else None
+            if reason is not None:
+                log.warning("Teacher stage: %s cached in %s does not serve this run: %s; training it again.", what,
+                            cache_entry, reason)
+            cached = manifest is not None and reason is None
         if not distributed.broadcast_object(cached):
-            if rank.is_main:
+            if rank.is_main and not cache_entry.exists():
                 log.info("Teacher stage: %s is not cached (%s); training it.", what, cache_entry)
             trained = train()
             if rank.is_main:

@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -78,10 +78,12 @@ class _TeacherStageConfig(StrictModel):
     log_every: PositiveInt = Field(50, description="steps between the teacher stage's log.jsonl records")
     checkpoint_every: PositiveInt = Field(
         100, description="steps between the teacher stage's checkpoints (a killed stage continues from the last)")
-    time_budget_minutes: PositiveFloat | None = Field(
-        None, description="wall-clock minutes for the teacher stage (null: the task's default); a slower machine "
-                          "trains fewer steps, logged and recorded in the entry's kd-cache.json (not part of the "
-                          "cache key)")
+    # strict: YAML's true must not pass as 1.0 minute
+    time_budget_minutes: Annotated[float, Field(gt=0, strict=True)] | Literal[False] | None = Field(
+        None, description="wall-clock minutes for the teacher stage (null: the task's default; false: no budget, "
+                          "every one of train_steps, and a cached teacher that a budget cut is trained again); a "
+                          "slower machine trains fewer steps, logged and recorded in the entry's kd-cache.json (not "
+                          "part of the cache key)")
 
 
 class TaskTeacherConfig(_TeacherStageConfig):
@@ -193,10 +195,23 @@ def stage_trainer_config(settings: dict[str, Any], config: _TeacherStageConfig,
 
 
 def stage_time_budget(config: _TeacherStageConfig, task: Any) -> float | None:
-    """The teacher stage's time budget in minutes: ``teacher.args.time_budget_minutes``, else the task's default."""
+    """The teacher stage's time budget in minutes: ``teacher.args.time_budget_minutes``, else the task's default;
+    None when it is ``false`` (no budget)."""
+    if config.time_budget_minutes is False:
+        return None
     if config.time_budget_minutes is not None:
         return config.time_budget_minutes
     return (getattr(task, "teacher_defaults", {}) or {}).get("time_budget_minutes")
+
+
+def budget_cut(manifest: dict[str, Any], config: _TeacherStageConfig) -> str | None:
+    """Why a cached teacher cannot serve a stage whose budget is off (``time_budget_minutes: false``): a budget cut
+    its training short. None when it can: the budget is on, or the teacher trained all its steps."""
+    cut = (manifest.get("info") or {}).get("time_budget")
+    if config.time_budget_minutes is not False or not cut:
+        return None
+    return (f"a time budget cut its training to {cut['max_steps']} of {cut['planned_steps']} steps, and "
+            f"teacher.args.time_budget_minutes is false")
 
 
 class NextTokenStageMethod(Method):
@@ -271,7 +286,8 @@ class TaskTrainedTeacherFactory(ModelFactory):
             lambda: train_teacher(task, settings, directory, context.device, config, registry=context.registry,
                                   factory=type(self)),
             lambda trained, staging: _write_teacher(task, staging, *trained),
-            lambda: self.load(directory), what=f"the {task.name} teacher")
+            lambda: self.load(directory), what=f"the {task.name} teacher",
+            reject=lambda manifest: budget_cut(manifest, config))
         log.info("Using the task-trained teacher cached in %s.", directory)
         return TextTeacher(hf_model.eval(), task.teacher_tokenizer)
 

@@ -135,3 +135,40 @@ def test_an_interrupted_stage_is_not_a_cached_teacher_and_the_finished_one_leave
     reference = _reference_teacher(tmp_path / "reference-cache", sets)
     continued = load_file(str(entry / "model.safetensors"))
     assert all(torch.equal(continued[k], reference[k]) for k in reference)
+
+
+def test_a_budget_cut_teacher_serves_budgeted_runs_and_is_trained_again_in_full_when_the_budget_is_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``teacher.args.time_budget_minutes: false`` means every step: a cached teacher that a budget cut short is not
+    silently reused by such a run (it is trained again and replaces the entry), while budgeted runs reuse it."""
+    import json
+    import logging
+
+    from kdcore.errors import KDUserError
+
+    cache = tmp_path / "cache"
+    base = [s.replace("train_steps=60", "train_steps=40") for s in SETS if "dropout" not in s]
+    registry = Registry.discover(entry_points=False)
+
+    def build(*extra: str) -> dict:
+        resolved = resolve_run(registry, task="wmt", plugin="imitation", preset="tiny", sets=[*base, *extra])
+        task = resolved.task_cls(resolved.data_config, cache)
+        context = BuildContext(task=task, cache_dir=cache, device=torch.device("cpu"), seed=0)
+        resolved.teacher_factory().build(resolved.teacher_config, context)
+        (entry,) = [p for p in _teachers(cache).iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+        return json.loads((entry / "kd-cache.json").read_text())["info"]
+
+    cut = build("teacher.args.time_budget_minutes=0.0001")  # 6 ms: the first check keeps one more step
+    assert cut["time_budget"]["planned_steps"] == 40 and cut["time_budget"]["max_steps"] < 40
+    caplog.set_level(logging.INFO)
+    assert build()["time_budget"] == cut["time_budget"]  # the task's budget: the cut teacher serves
+    assert "training it again" not in caplog.text
+    full = build("teacher.args.time_budget_minutes=false")
+    assert "time_budget" not in full and full["steps"] == 40
+    assert "a time budget cut its training to" in caplog.text and "training it again" in caplog.text
+    caplog.clear()
+    assert build("teacher.args.time_budget_minutes=false") == full  # a full teacher serves: reused
+    assert "training it again" not in caplog.text
+    with pytest.raises(KDUserError, match="time_budget_minutes.*Expected a number .float. or one of False or null"):
+        resolve_run(registry, task="wmt", plugin="imitation", preset="tiny",
+                    sets=[*base, "teacher.args.time_budget_minutes=true"])
