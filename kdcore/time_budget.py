@@ -5,14 +5,13 @@ bf16 is fast only where the CPU has bf16 units). With ``trainer.time_budget_minu
 time_budget_minutes`` for a task-trained teacher) the engine times the first steps, projects the whole loop (the
 remaining steps at the measured rate, plus the validations still to come at the measured cost of one) and, when
 the projection is over the budget, lowers ``max_steps`` to the most steps that fit. It checks again after every
-validation (the first one gives its cost), and every :data:`RECHECK_STEPS` steps (a teacher stage validates
-nothing), at the rate of the later half of the steps so far, because the cost of a
-step drifts: the first epoch of a speech run also computes the teacher's states that later epochs read from its
-cache, and ImitKD's rollouts grow as β decays. A check may therefore also raise a lowered plan again, never above the
-configured ``max_steps``, only by at least :data:`RAISE_MARGIN`, so timing noise does not move the schedules at
-every check, and only in the first half of the plan, where it does not re-open a learning-rate decay that has nearly
-ended. The learning-rate schedule follows the new ``max_steps``, so a shortened run still ends its
-decay. Every change is logged (a ``budget`` record in
+validation (the first one gives its cost) and every :data:`RECHECK_STEPS` steps (a teacher stage validates nothing),
+at the rate of the later half of the steps so far, because the cost of a step drifts: the first epoch of a speech run
+also computes the teacher's states that later epochs read from its cache, and ImitKD's rollouts grow as β decays. A
+check may therefore also raise a lowered plan again: never above the configured ``max_steps``, only by at least
+:data:`RAISE_MARGIN` (so timing noise does not move the schedules at every check) and only in the first half of the
+plan (where it does not re-open a learning-rate decay that has nearly ended). The learning-rate schedule follows the
+new ``max_steps``, so a shortened run still ends its decay. Every change is logged (a ``budget`` record in
 log.jsonl, a warning naming the measured rates) and reported in metrics.json and report.md; the plan is saved in
 each checkpoint, so ``--resume`` continues it.
 
@@ -79,7 +78,6 @@ class BudgetPlanner:
 
     budget_seconds: float
     eval_every: int | None
-    first_timed_step: int = 0
     validations: int = 0
     validation_seconds: float = 0.0
     calibrated: bool = False
@@ -154,4 +152,5 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if math.isfinite(seconds) else "inf"
 
 
-__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "RAISE_MARGIN", "RECHECK_STEPS", "projected_seconds", "steps_that_fit", "validations_between"]
+__all__ = ["BudgetPlanner", "CALIBRATION_STEPS", "RAISE_MARGIN", "RECHECK_STEPS", "projected_seconds", "steps_that_fit",
+           "validations_between"]
